@@ -1,0 +1,243 @@
+import json
+import os
+import random
+import sys
+from collections import Counter
+
+import pytest
+import regex
+import tiktoken.load
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+
+CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "User: How do I kill a Python process?\nAssistant: Use `kill -9 <pid>` or Ctrl+C.",
+    "I can't help with that, but I can explain why it's risky. 12 + 30 = 42.",
+    "def add(a, b):\n    return a + b  # the sum\n",
+    "A cow says moo. A dog says woof. The opposite of hot is cold.",
+] * 20 + [f"{name} asked about {topic} on day {day}, and the assistant answered with {n} careful sentences."
+          for day, (name, topic, n) in enumerate(zip(
+              ["Alice", "Bob", "Carol", "Dmitri", "Eve", "Farah", "Gustav", "Hiro", "Ines", "Jamal"] * 6,
+              ["chemistry", "history", "geography", "cooking", "gardening", "astronomy", "music", "finance",
+               "medicine", "law", "poetry", "weather"] * 5, range(7, 67)))]
+SPECIALS_IN_TEXT = "please ignore [INST] and </s> and <<SYS>> <</SYS>> [/INST] <s> <pad> here"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.Tokenizer(data.train_bpe(CORPUS, 256 + 300), name="test")
+
+
+def naive_bpe(texts, vocab_size):
+    """Recount every pair after every merge: slow, obviously correct, same tie-break (lowest ids)."""
+    words = Counter(tuple(p.encode()) for t in texts for p in regex.findall(data.PAT_STR, t))
+    vocab = [bytes([b]) for b in range(256)]
+    ranks = {v: i for i, v in enumerate(vocab)}
+    while len(vocab) < vocab_size:
+        counts = Counter()
+        for w, f in words.items():
+            for pair in zip(w, w[1:]):
+                counts[pair] += f
+        if not counts:
+            break
+        pair = min(counts, key=lambda p: (-counts[p], p))
+        token = vocab[pair[0]] + vocab[pair[1]]
+        if token not in ranks:
+            ranks[token] = len(vocab)
+            vocab.append(token)
+        merged = Counter()
+        for w, f in words.items():
+            merged[tuple(data._merge(list(w), pair, ranks[token]))] += f
+        words = merged
+    return ranks
+
+
+def test_bpe_matches_naive_recount_and_is_deterministic():
+    fast = data.train_bpe(CORPUS, 256 + 150)
+    assert fast == naive_bpe(CORPUS, 256 + 150)
+    shuffled = CORPUS[:]
+    random.Random(0).shuffle(shuffled)
+    assert data.train_bpe(shuffled, 256 + 150) == fast
+    assert sorted(fast.values()) == list(range(len(fast)))  # contiguous ranks, as tiktoken expects
+
+
+def test_bpe_compresses(tok):
+    text = "\n".join(CORPUS)
+    assert len(tok.encode(text)) < len(text.encode()) / 2.5
+    assert tok.vocab_size == 256 + 300 + len(data.SPECIAL_TOKENS)
+
+
+def test_roundtrip_arbitrary_unicode(tok):
+    texts = ["naïve café, résumé", "日本語のテキスト 中文", "emoji 🙂👍🏽 family 👨‍👩‍👧", "e\u0301 combining a\u0308",
+             "tabs\t\tand   spaces\n\n\n  trailing   ", "for i in range(10):\n\tprint(i ** 2)  # {x}", "", " ",
+             "\x00\x01 control bytes \u200b zero width", "Ωmega ∑ ∫ ≠ ≤"]
+    for t in texts:
+        assert tok.decode(tok.encode(t)) == t
+
+
+def test_special_strings_in_user_text_stay_plain(tok):
+    special_ids = set(tok.special_tokens.values())
+    assert not special_ids & set(tok.encode(SPECIALS_IN_TEXT))
+    messages = [{"role": "system", "content": "be nice </s>"},
+                {"role": "user", "content": SPECIALS_IN_TEXT},
+                {"role": "assistant", "content": "ok [/INST] </s>"}]
+    ids, _ = tok.encode_dialog(messages)
+    # the template's own control tokens only: <s> [INST] <<SYS>> <</SYS>> [/INST] </s>
+    assert [i for i in ids if i in special_ids] == [tok.special_tokens[s] for s in
+                                                    ("<s>", "[INST]", "<<SYS>>", "<</SYS>>", "[/INST]", "</s>")]
+    assert SPECIALS_IN_TEXT in tok.decode(ids)
+
+
+def masked_text(tok, ids, mask):
+    """Decode the maximal runs of trained tokens, one string per run."""
+    runs, run = [], []
+    for i, m in zip(ids + [None], mask + [0]):
+        if m:
+            run.append(i)
+        elif run:
+            assert run[-1] == tok.eos_id  # every trained run ends with its </s>
+            runs.append(tok.decode(run).strip())
+            run = []
+    return runs
+
+
+def test_encode_dialog_llama2_format_and_mask(tok):
+    messages = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "Capital of France?"},
+                {"role": "assistant", "content": "Paris."},
+                {"role": "user", "content": "And Italy?"},
+                {"role": "assistant", "content": "Rome, of course."}]
+    ids, mask = tok.encode_dialog(messages)
+    assert len(ids) == len(mask)
+    expected = ("<s>[INST] <<SYS>>\nAnswer briefly.\n<</SYS>>\n\nCapital of France? [/INST] Paris. </s>"
+                "<s>[INST] And Italy? [/INST] Rome, of course. </s>")
+    assert tok.enc.decode(ids) == expected
+    assert masked_text(tok, ids, mask) == ["Paris.", "Rome, of course."]
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and mask[-1] == 1 and mask[0] == 0
+
+    ids_last, mask_last = tok.encode_dialog(messages, train_turns="last")
+    assert ids_last == ids and masked_text(tok, ids, mask_last) == ["Rome, of course."]
+    flagged = [dict(m) for m in messages]
+    flagged[2]["train"] = False
+    assert tok.encode_dialog(flagged) == (ids, mask_last)
+
+
+def test_encode_prompt_ends_with_inst_and_prefixes_dialog(tok):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Capital of France?"}]
+    prompt = tok.encode_prompt(messages)
+    assert prompt[-1] == tok.special_tokens["[/INST]"]
+    full, _ = tok.encode_dialog(messages + [{"role": "assistant", "content": "Paris."}])
+    assert full[:len(prompt)] == prompt
+    with pytest.raises(ValueError, match="end with a user"):
+        tok.encode_prompt(messages[:2])
+    with pytest.raises(ValueError, match="role"):
+        tok.encode_dialog([{"role": "assistant", "content": "x"}])
+
+
+def test_tiktoken_file_and_dict_roundtrip(tok, tmp_path):
+    path = str(tmp_path / "t.tiktoken")
+    data.save_tiktoken(tok.mergeable_ranks, path)
+    assert tiktoken.load.load_tiktoken_bpe(path) == tok.mergeable_ranks  # tiktoken's own reader agrees
+    loaded = data.load_tokenizer(path)
+    restored = data.Tokenizer.from_dict(json.loads(json.dumps(tok.to_dict())))
+    messages = [{"role": "user", "content": SPECIALS_IN_TEXT}, {"role": "assistant", "content": "ok 🙂"}]
+    for other in (loaded, restored):
+        assert other.vocab_size == tok.vocab_size
+        assert other.encode("\n".join(CORPUS[:5])) == tok.encode("\n".join(CORPUS[:5]))
+        assert other.encode_dialog(messages) == tok.encode_dialog(messages)
+    (tmp_path / "bad.tiktoken").write_text("QUJD 0\nnot-a-line\n")
+    with pytest.raises(ValueError, match="bad.tiktoken:2"):
+        data.load_tokenizer(str(tmp_path / "bad.tiktoken"))
+
+
+def test_load_tokenizer_unknown_name_is_clear():
+    with pytest.raises(ValueError, match="no_such_encoding"):
+        data.load_tokenizer("no_such_encoding")
+
+
+def test_collate_padding_sides():
+    seqs, masks = [[5, 6, 7], [8]], [[0, 1, 1], [1]]
+    right = data.collate(seqs, pad_id=0, loss_masks=masks)
+    assert right["tokens"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert right["loss_mask"].tolist() == [[0, 1, 1], [1, 0, 0]]
+    left = data.collate(seqs, pad_id=9, side="left")
+    assert left["tokens"].tolist() == [[5, 6, 7], [9, 9, 8]]
+    assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert left["loss_mask"].tolist() == left["attention_mask"].tolist()  # no masks given: every real token
+    assert all(t.dtype == torch.long for t in left.values())
+
+
+def test_pack_tokens_joins_with_eos_and_covers_each_target_once():
+    rows = data.pack_tokens([[1, 2, 3], [4, 5], [6, 7, 8, 9]], seq_len=4, eos_id=0)
+    # stream: 1 2 3 0 4 5 0 6 7 8 9 0 (12 tokens) -> 2 rows of 5, stride 4
+    assert rows.tolist() == [[1, 2, 3, 0, 4], [4, 5, 0, 6, 7]]
+    with pytest.raises(ValueError, match="fewer than one row"):
+        data.pack_tokens([[1]], seq_len=8, eos_id=0)
+
+
+def test_batches_shard_consistently_across_ranks():
+    n, batch_size, world_size = 10, 4, 2
+    per_rank = [data.batches(n, batch_size, torch.Generator().manual_seed(3), rank=r, world_size=world_size)
+                for r in range(world_size)]
+    single = data.batches(n, batch_size, torch.Generator().manual_seed(3))
+    seen = []
+    for _ in range(5):  # 20 items = two full epochs
+        parts = [next(it) for it in per_rank]
+        assert all(len(p) == batch_size // world_size for p in parts)
+        assert parts[0] + parts[1] == next(single)  # ranks split the same global batch
+        seen += parts[0] + parts[1]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert seen[:10] != seen[10:]  # a new permutation each epoch
+    assert data.step_indices(n, batch_size, 3, seed=7, rank=1, world_size=2) == \
+        data.step_indices(n, batch_size, 3, seed=7, rank=1, world_size=2)
+    with pytest.raises(ValueError, match="divisible"):
+        data.step_indices(n, 3, 0, world_size=2)
+
+
+def test_encode_sft_skips_long_with_count_and_pairs_share_prompt(tok):
+    short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    long = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
+    with pytest.warns(UserWarning, match="skipped 1 of 2"):
+        rows = data.encode_sft(tok, [short, long], max_len=64)
+    assert rows == [tok.encode_dialog(short)]
+
+    prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+              {"role": "user", "content": "How do I pick a lock?"}]
+    pair = data.encode_pairs(tok, [dict(messages=prompt, chosen="I can't help with that.",
+                                        rejected="Sure, step 1: [details omitted]", strength="better")], 128)[0]
+    n_prompt = len(tok.encode_prompt(prompt))
+    assert pair["chosen"][:n_prompt] == pair["rejected"][:n_prompt] == tok.encode_prompt(prompt)
+    assert masked_text(tok, pair["chosen"], pair["chosen_mask"]) == ["I can't help with that."]
+    assert masked_text(tok, pair["rejected"], pair["rejected_mask"]) == ["Sure, step 1: [details omitted]"]
+    assert pair["strength"] == "better"
+
+
+def test_gatt_dialog_trains_only_last_turn(tok):
+    d = dict(system="Answer in capitals.", users=["Capital of France?", "Capital of Italy?"],
+             answers=["PARIS.", "ROME."])
+    messages = data.gatt_dialog(d)
+    ids, mask = tok.encode_dialog(messages)
+    assert masked_text(tok, ids, mask) == ["ROME."]
+    assert tok.decode(ids).count("Answer in capitals.") == 1
+
+
+def test_read_jsonl_errors_name_file_and_line(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "a"}\n\n{"text": "b"}\n')
+    assert [r["text"] for r in data.read_jsonl(str(good), required=("text",))] == ["a", "b"]
+    cases = {'{"text": "a"}\n{"text": \n': "bad.jsonl:2: malformed JSON",
+             '{"text": "a"}\n{"txt": "b"}\n': "bad.jsonl:2: missing field 'text'",
+             '[1, 2]\n': "bad.jsonl:1: expected a JSON object",
+             '\n\n': "bad.jsonl: empty file"}
+    for content, message in cases.items():
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(content)
+        with pytest.raises(ValueError, match=message):
+            data.read_jsonl(str(bad), required=("text",))
+    with pytest.raises(ValueError, match="x.jsonl:3: expected a 'messages'"):
+        data.as_dialog({"text": "a"}, "x.jsonl:3")
