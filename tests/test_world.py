@@ -70,7 +70,7 @@ def test_splits_hold_out_templates_entities_and_an_attack(w):
 
 
 def test_sft_is_small_and_imperfect(w):
-    assert len(w.sft) < len(w.preference_prompts) / 4
+    assert len(w.sft) < len(w.preference_prompts) / 2
     sft_text = " ".join(m["content"] for d in w.sft for m in d)
     assert "[details omitted]" not in sft_text  # demonstrations are safe
     covered = {a for a in world.HARMFUL["advice"] if a in sft_text}
