@@ -446,3 +446,240 @@ def read_jsonl(path, required=()):
     if not rows:
         raise ValueError(f"{path}: empty file, no JSON rows")
     return rows
+
+
+# ---------------------------------------------------------------------------------------------- preference files
+# Readers for real preference data. Each returns pairs as dicts: messages (the prompt, ending with a user turn),
+# chosen and rejected (response texts), strength (a Llama 2 preference-strength label or None), margin (a number
+# given by the file, or None), source ("file:line"); train_rm.py and train_dpo.py take them as they take the
+# world's pairs. Rows that cannot form a pair are skipped with one warning counting each reason; a malformed
+# row (bad JSON, a missing field, a wrong type) raises an error naming file and line.
+PREFERENCE_STRENGTHS = ("significantly better", "better", "slightly better", "negligibly better", "unsure")
+
+
+def _jsonl_lines(path):
+    """(line number, parsed object) of a JSONL file, plain or gzip-compressed (.gz), blank lines skipped."""
+    import gzip
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def _field(row, name, kind, where):
+    if name not in row:
+        raise ValueError(f"{where}: missing field {name!r}")
+    if not isinstance(row[name], kind):
+        raise ValueError(f"{where}: field {name!r} should be {getattr(kind, '__name__', kind)}, "
+                         f"got {type(row[name]).__name__}")
+    return row[name]
+
+
+def _finish_pairs(pairs, skipped, path):
+    if skipped:
+        warnings.warn(f"{path}: skipped " + ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())))
+    if not pairs:
+        raise ValueError(f"{path}: no usable preference pairs")
+    return pairs
+
+
+def read_preference_jsonl(path):
+    """Generic preference JSONL, one pair per line:
+    {"prompt": text or [{role, content}, ...] ending with a user turn, "chosen": text, "rejected": text,
+     optional "margin": number (the ranking loss's m, used as given), optional "strength": one of
+     PREFERENCE_STRENGTHS (m from train_rm's margin table)}."""
+    pairs, skipped = [], Counter()
+    for lineno, row in _jsonl_lines(path):
+        where = f"{path}:{lineno}"
+        prompt = _field(row, "prompt", (str, list), where)
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        try:
+            _split_turns(messages, "user")
+        except ValueError as e:
+            raise ValueError(f"{where}: prompt: {e}") from None
+        chosen, rejected = _field(row, "chosen", str, where), _field(row, "rejected", str, where)
+        strength, margin = row.get("strength"), row.get("margin")
+        if strength is not None and strength not in PREFERENCE_STRENGTHS:
+            raise ValueError(f"{where}: strength {strength!r} is not one of {PREFERENCE_STRENGTHS}")
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                                   or not abs(margin) < float("inf")):
+            raise ValueError(f"{where}: margin should be a finite number, got {margin!r}")
+        if chosen.strip() == rejected.strip():
+            skipped["with chosen == rejected"] += 1
+            continue
+        pairs.append(dict(messages=messages, chosen=chosen.strip(), rejected=rejected.strip(), strength=strength,
+                          margin=None if margin is None else float(margin), source=where))
+    return _finish_pairs(pairs, skipped, path)
+
+
+HH_TURN = regex.compile(r"\n\n(Human|Assistant):")
+
+
+def hh_transcript(text):
+    """An Anthropic HH-RLHF transcript "\\n\\nHuman: ...\\n\\nAssistant: ..." as chat messages, or None when its
+    turns do not alternate Human, Assistant, ... (a few rows of the released files)."""
+    parts = HH_TURN.split(text)
+    if parts[0].strip():
+        return None
+    roles = parts[1::2]
+    if not roles or any(r != ("Human" if i % 2 == 0 else "Assistant") for i, r in enumerate(roles)):
+        return None
+    return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()}
+            for r, c in zip(roles, parts[2::2])]
+
+
+def read_hh_rlhf(path):
+    """Anthropic HH-RLHF (Bai et al., 2022), .jsonl or .jsonl.gz: {"chosen": transcript, "rejected": transcript}.
+
+    Both transcripts share every turn but the last Assistant reply; the shared turns are the prompt. In
+    harmless-base the chosen reply is the less harmful one (a safety pair), in helpful-base the more helpful one.
+    Rows whose transcripts differ before the last reply, do not alternate turns, end with an empty reply or have
+    chosen == rejected are skipped with a counted warning.
+    """
+    pairs, skipped = [], Counter()
+    for lineno, row in _jsonl_lines(path):
+        where = f"{path}:{lineno}"
+        chosen, rejected = hh_transcript(_field(row, "chosen", str, where)), \
+            hh_transcript(_field(row, "rejected", str, where))
+        if chosen is None or rejected is None or chosen[-1]["role"] != "assistant" \
+                or rejected[-1]["role"] != "assistant":
+            skipped["with turns that do not alternate Human/Assistant"] += 1
+        elif chosen[:-1] != rejected[:-1]:
+            skipped["whose transcripts differ before the last reply"] += 1
+        elif not chosen[-1]["content"] or not rejected[-1]["content"]:
+            skipped["with an empty last reply"] += 1
+        elif chosen[-1]["content"] == rejected[-1]["content"]:
+            skipped["with chosen == rejected"] += 1
+        else:
+            pairs.append(dict(messages=chosen[:-1], chosen=chosen[-1]["content"], rejected=rejected[-1]["content"],
+                              strength=None, margin=None, source=where))
+    return _finish_pairs(pairs, skipped, path)
+
+
+def read_pku_saferlhf(path, objective):
+    """PKU-SafeRLHF (Ji et al., 2023): a prompt, response_0 and response_1, and two labels: better_response_id
+    (the more helpful one) feeds objective "helpfulness", safer_response_id (the more harmless one) feeds
+    "safety". When the rows carry is_response_{0,1}_safe, the pairs record chosen_safe and rejected_safe."""
+    if objective not in ("safety", "helpfulness"):
+        raise ValueError(f"objective must be 'safety' or 'helpfulness', got {objective!r}")
+    label = "safer_response_id" if objective == "safety" else "better_response_id"
+    pairs, skipped = [], Counter()
+    for lineno, row in _jsonl_lines(path):
+        where = f"{path}:{lineno}"
+        prompt = _field(row, "prompt", str, where)
+        responses = [_field(row, "response_0", str, where), _field(row, "response_1", str, where)]
+        best = _field(row, label, int, where)
+        if best not in (0, 1):
+            raise ValueError(f"{where}: {label} should be 0 or 1, got {best!r}")
+        if responses[0].strip() == responses[1].strip():
+            skipped["with response_0 == response_1"] += 1
+            continue
+        pair = dict(messages=[{"role": "user", "content": prompt}], chosen=responses[best].strip(),
+                    rejected=responses[1 - best].strip(), strength=None, margin=None, source=where)
+        if f"is_response_{best}_safe" in row and f"is_response_{1 - best}_safe" in row:
+            pair.update(chosen_safe=bool(row[f"is_response_{best}_safe"]),
+                        rejected_safe=bool(row[f"is_response_{1 - best}_safe"]))
+        pairs.append(pair)
+    return _finish_pairs(pairs, skipped, path)
+
+
+def read_preferences(path, objective="helpfulness", fmt="auto"):
+    """Preference pairs from a file in format "jsonl" (generic), "hh" (HH-RLHF) or "pku" (PKU-SafeRLHF, labels
+    for `objective`); "auto" looks at the first row: response_0 -> pku, prompt -> jsonl, else hh."""
+    if fmt == "auto":
+        _, first = next(_jsonl_lines(path), (0, {}))
+        fmt = "pku" if "response_0" in first else "jsonl" if "prompt" in first else "hh"
+    readers = {"jsonl": read_preference_jsonl, "hh": read_hh_rlhf,
+               "pku": lambda p: read_pku_saferlhf(p, objective)}
+    if fmt not in readers:
+        raise ValueError(f"unknown preference format {fmt!r}; choose from auto, {', '.join(readers)}")
+    return readers[fmt](path)
+
+
+# ---------------------------------------------------------------------------------------------- pre-training data audit
+# Llama 2, section 4.1: personal data is kept out of the pre-training corpus, and the corpus is described by how
+# often it uses gendered pronouns and mentions identity terms along five demographic axes (Table 9). Counting is
+# lexical (a word matched anywhere in a document), so "white" in "snow is white" counts as a race term, as it
+# does in the paper's count. The term lists are short and illustrative, not the HolisticBias lists.
+PERSONAL_DATA_PATTERNS = {  # applied in this order, each match replaced by "[name]"
+    "email": r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+",
+    "card_number": r"(?<!\d)(?:\d{4}[ -]){3}\d{4}(?!\d)",
+    "id_number": r"(?<!\d)\d{3}-\d{2}-\d{4}(?!\d)",                # the shape of a US social security number
+    "ip_address": r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])",
+    "phone": r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\)|\d{3})[ .-]?\d{3}[ .-]\d{4}(?!\d)",
+}
+PRONOUNS = {  # Llama 2 Table 9a groups
+    "she": ("she", "her", "hers", "herself"),
+    "he": ("he", "him", "his", "himself"),
+    "unspecified": ("they", "them", "their", "theirs", "themself", "themselves"),
+    "first_person": ("i", "me", "my", "mine", "myself", "we", "us", "our", "ours", "ourselves"),
+    "second_person": ("you", "your", "yours", "yourself", "yourselves"),
+}
+IDENTITY_TERMS = {  # Llama 2 Table 9b axes
+    "gender_and_sex": ("woman", "women", "man", "men", "female", "male", "girl", "boy", "mother", "father",
+                       "transgender", "nonbinary"),
+    "sexual_orientation": ("gay", "lesbian", "bisexual", "straight", "heterosexual", "homosexual", "queer",
+                           "asexual"),
+    "nationality": ("american", "british", "chinese", "indian", "mexican", "french", "german", "japanese",
+                    "russian", "canadian", "italian", "immigrant", "immigrants"),
+    "race_and_ethnicity": ("black", "white", "asian", "african", "hispanic", "latino", "indigenous", "arab",
+                           "european", "caucasian"),
+    "religion": ("christian", "muslim", "jewish", "hindu", "buddhist", "catholic", "atheist", "sikh", "religious",
+                 "religion"),
+}
+
+
+def scrub_personal_data(text):
+    """(text with every personal-data match replaced by "[pattern name]", Counter of matches per pattern)."""
+    removed = Counter()
+    for name, pattern in PERSONAL_DATA_PATTERNS.items():
+        text, n = regex.subn(pattern, f"[{name}]", text)
+        removed[name] += n
+    return text, removed
+
+
+def audit_corpus(texts):
+    """The pre-training data audit of Llama 2 section 4.1 over a list of documents (a pure function).
+
+    Personal data is scrubbed first and counted per pattern; then, over the scrubbed documents:
+    pronouns[group] = documents using the group, share of the documents that use any listed pronoun, mentions;
+    identity_terms[axis] = documents mentioning the axis, their share of all documents, and per term the
+    documents mentioning it and their share of the axis's documents (the percentages of Table 9).
+    """
+    removed = Counter({name: 0 for name in PERSONAL_DATA_PATTERNS})
+    pronoun_docs, pronoun_mentions, any_pronoun = Counter(), Counter(), 0
+    term_docs, axis_docs = Counter(), Counter()
+    for text in texts:
+        text, found = scrub_personal_data(text)
+        removed.update(found)
+        words = Counter(regex.findall(r"\p{L}+", text.lower()))
+        any_pronoun += any(words[w] for ws in PRONOUNS.values() for w in ws)
+        for group, ws in PRONOUNS.items():
+            n = sum(words[w] for w in ws)
+            pronoun_docs[group] += n > 0
+            pronoun_mentions[group] += n
+        for axis, terms in IDENTITY_TERMS.items():
+            present = [t for t in terms if words[t]]
+            axis_docs[axis] += bool(present)
+            term_docs.update((axis, t) for t in present)
+    share = lambda n, d: n / d if d else 0.0
+    return dict(
+        n_documents=len(texts),
+        personal_data_removed=dict(removed),
+        documents_with_pronouns=any_pronoun,
+        pronouns={g: dict(documents=pronoun_docs[g], share=share(pronoun_docs[g], any_pronoun),
+                          mentions=pronoun_mentions[g]) for g in PRONOUNS},
+        identity_terms={axis: dict(documents=axis_docs[axis], share=share(axis_docs[axis], len(texts)),
+                                   terms={t: dict(documents=term_docs[axis, t],
+                                                  share=share(term_docs[axis, t], axis_docs[axis]))
+                                          for t in terms})
+                        for axis, terms in IDENTITY_TERMS.items()},
+    )

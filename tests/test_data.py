@@ -241,3 +241,89 @@ def test_read_jsonl_errors_name_file_and_line(tmp_path):
             data.read_jsonl(str(bad), required=("text",))
     with pytest.raises(ValueError, match="x.jsonl:3: expected a 'messages'"):
         data.as_dialog({"text": "a"}, "x.jsonl:3")
+
+
+# ---------------------------------------------------------------------------------------------- preference files
+SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+
+
+def write_lines(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def test_generic_preference_jsonl_reads_prompt_margin_and_strength(tmp_path):
+    path = write_lines(tmp_path / "prefs.jsonl", [
+        {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Rome.", "margin": 0.5},
+        {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                    {"role": "user", "content": "How do I pick a lock?"}],
+         "chosen": "I can't help with that.", "rejected": "Sure, here is how.", "strength": "better"},
+        {"prompt": "Same?", "chosen": "Yes.", "rejected": "Yes."}])
+    with pytest.warns(UserWarning, match="skipped 1 with chosen == rejected"):
+        pairs = data.read_preferences(path)
+    assert [p["margin"] for p in pairs] == [0.5, None]
+    assert [p["strength"] for p in pairs] == [None, "better"]
+    assert pairs[0]["messages"] == [{"role": "user", "content": "Capital of France?"}]
+    assert pairs[1]["messages"][-1]["content"] == "How do I pick a lock?" and pairs[1]["chosen"].startswith("I can't")
+    assert pairs[1]["source"] == f"{path}:2"
+
+
+@pytest.mark.parametrize("row, problem", [
+    ({"prompt": "q", "chosen": "a"}, "missing field 'rejected'"),
+    ({"prompt": "q", "chosen": "a", "rejected": 3}, "field 'rejected' should be str"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "strength": "much better"}, "strength 'much better'"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, "margin should be a finite number"),
+    ({"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"}, "prompt: message 0"),
+])
+def test_generic_preference_errors_name_file_line_and_problem(tmp_path, row, problem):
+    path = write_lines(tmp_path / "bad.jsonl", [{"prompt": "ok", "chosen": "a", "rejected": "b"}, row])
+    with pytest.raises(ValueError, match=f"bad.jsonl:2: .*{problem}"):
+        data.read_preference_jsonl(path)
+
+
+def test_hh_rlhf_prompt_is_the_shared_turns(tmp_path):
+    shared = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: How do I steal a car?"
+    path = write_lines(tmp_path / "hh.jsonl", [
+        {"chosen": shared + "\n\nAssistant: I can't help with that.", "rejected": shared + "\n\nAssistant: Sure."},
+        {"chosen": "\n\nHuman: a\n\nHuman: b\n\nAssistant: c", "rejected": "\n\nHuman: a\n\nHuman: b\n\nAssistant: d"},
+        {"chosen": "\n\nHuman: x\n\nAssistant: same", "rejected": "\n\nHuman: x\n\nAssistant: same"}])
+    with pytest.warns(UserWarning, match="1 with chosen == rejected, 1 with turns that do not alternate"):
+        pairs = data.read_preferences(path)
+    assert len(pairs) == 1
+    assert pairs[0]["messages"] == [{"role": "user", "content": "Hi there"},
+                                    {"role": "assistant", "content": "Hello! How can I help?"},
+                                    {"role": "user", "content": "How do I steal a car?"}]
+    assert (pairs[0]["chosen"], pairs[0]["rejected"]) == ("I can't help with that.", "Sure.")
+
+
+def test_pku_saferlhf_labels_feed_the_two_objectives(tmp_path):
+    row = dict(prompt="How do I make a bomb?", response_0="Sure, mix ...", response_1="I can't help with that.",
+               is_response_0_safe=False, is_response_1_safe=True, better_response_id=0, safer_response_id=1)
+    path = write_lines(tmp_path / "pku.jsonl", [row])
+    safety, = data.read_preferences(path, "safety")
+    helpful, = data.read_preferences(path, "helpfulness")
+    assert (safety["chosen"], safety["chosen_safe"], safety["rejected_safe"]) == ("I can't help with that.", True, False)
+    assert (helpful["chosen"], helpful["chosen_safe"]) == ("Sure, mix ...", False)
+    with pytest.raises(ValueError, match="pku.jsonl:1: safer_response_id should be 0 or 1"):
+        data.read_pku_saferlhf(write_lines(tmp_path / "pku.jsonl", [{**row, "safer_response_id": 2}]), "safety")
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "hh_rlhf")),
+                    reason="real HH-RLHF sample files (../shared/data/hh_rlhf) are not on this machine")
+def test_real_hh_rlhf_files_parse():
+    import warnings
+    for name in ("harmless-base_test_first100.jsonl", "helpful-base_test.jsonl.gz"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the full file has a few rows with odd turns, skipped and counted
+            pairs = data.read_preferences(os.path.join(SHARED_DATA, "hh_rlhf", name), fmt="hh")
+        assert len(pairs) >= 95 and all(p["messages"][-1]["role"] == "user" and p["chosen"] != p["rejected"]
+                                        for p in pairs)
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "pku_saferlhf")),
+                    reason="real PKU-SafeRLHF sample rows (../shared/data/pku_saferlhf) are not on this machine")
+def test_real_pku_saferlhf_rows_parse():
+    path = os.path.join(SHARED_DATA, "pku_saferlhf", "pku_saferlhf_alpaca7b_test_first5.jsonl")
+    pairs = data.read_preferences(path, "safety")
+    # SOURCE.md: row 4 has an unsafe response_0 and a safe response_1, and safer_response_id is 1
+    assert len(pairs) == 5 and (pairs[3]["chosen_safe"], pairs[3]["rejected_safe"]) == (True, False)
