@@ -603,3 +603,84 @@ def read_preferences(path, objective="helpfulness", fmt="auto"):
         raise ValueError(f"unknown preference format {fmt!r}; choose from auto, {', '.join(readers)}")
     return readers[fmt](path)
 
+
+
+# ---------------------------------------------------------------------------------------------- pre-training data audit
+# Llama 2, section 4.1: personal data is kept out of the pre-training corpus, and the corpus is described by how
+# often it uses gendered pronouns and mentions identity terms along five demographic axes (Table 9). Counting is
+# lexical (a word matched anywhere in a document), so "white" in "snow is white" counts as a race term, as it
+# does in the paper's count. The term lists are short and illustrative, not the HolisticBias lists.
+PERSONAL_DATA_PATTERNS = {  # applied in this order, each match replaced by "[name]"
+    "email": r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+",
+    "card_number": r"(?<!\d)(?:\d{4}[ -]){3}\d{4}(?!\d)",
+    "id_number": r"(?<!\d)\d{3}-\d{2}-\d{4}(?!\d)",                # the shape of a US social security number
+    "ip_address": r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])",
+    "phone": r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\)|\d{3})[ .-]?\d{3}[ .-]\d{4}(?!\d)",
+}
+PRONOUNS = {  # Llama 2 Table 9a groups
+    "she": ("she", "her", "hers", "herself"),
+    "he": ("he", "him", "his", "himself"),
+    "unspecified": ("they", "them", "their", "theirs", "themself", "themselves"),
+    "first_person": ("i", "me", "my", "mine", "myself", "we", "us", "our", "ours", "ourselves"),
+    "second_person": ("you", "your", "yours", "yourself", "yourselves"),
+}
+IDENTITY_TERMS = {  # Llama 2 Table 9b axes
+    "gender_and_sex": ("woman", "women", "man", "men", "female", "male", "girl", "boy", "mother", "father",
+                       "transgender", "nonbinary"),
+    "sexual_orientation": ("gay", "lesbian", "bisexual", "straight", "heterosexual", "homosexual", "queer",
+                           "asexual"),
+    "nationality": ("american", "british", "chinese", "indian", "mexican", "french", "german", "japanese",
+                    "russian", "canadian", "italian", "immigrant", "immigrants"),
+    "race_and_ethnicity": ("black", "white", "asian", "african", "hispanic", "latino", "indigenous", "arab",
+                           "european", "caucasian"),
+    "religion": ("christian", "muslim", "jewish", "hindu", "buddhist", "catholic", "atheist", "sikh", "religious",
+                 "religion"),
+}
+
+
+def scrub_personal_data(text):
+    """(text with every personal-data match replaced by "[pattern name]", Counter of matches per pattern)."""
+    removed = Counter()
+    for name, pattern in PERSONAL_DATA_PATTERNS.items():
+        text, n = regex.subn(pattern, f"[{name}]", text)
+        removed[name] += n
+    return text, removed
+
+
+def audit_corpus(texts):
+    """The pre-training data audit of Llama 2 section 4.1 over a list of documents (a pure function).
+
+    Personal data is scrubbed first and counted per pattern; then, over the scrubbed documents:
+    pronouns[group] = documents using the group, share of the documents that use any listed pronoun, mentions;
+    identity_terms[axis] = documents mentioning the axis, their share of all documents, and per term the
+    documents mentioning it and their share of the axis's documents (the percentages of Table 9).
+    """
+    removed = Counter({name: 0 for name in PERSONAL_DATA_PATTERNS})
+    pronoun_docs, pronoun_mentions, any_pronoun = Counter(), Counter(), 0
+    term_docs, axis_docs = Counter(), Counter()
+    for text in texts:
+        text, found = scrub_personal_data(text)
+        removed.update(found)
+        words = Counter(regex.findall(r"\p{L}+", text.lower()))
+        any_pronoun += any(words[w] for ws in PRONOUNS.values() for w in ws)
+        for group, ws in PRONOUNS.items():
+            n = sum(words[w] for w in ws)
+            pronoun_docs[group] += n > 0
+            pronoun_mentions[group] += n
+        for axis, terms in IDENTITY_TERMS.items():
+            present = [t for t in terms if words[t]]
+            axis_docs[axis] += bool(present)
+            term_docs.update((axis, t) for t in present)
+    share = lambda n, d: n / d if d else 0.0
+    return dict(
+        n_documents=len(texts),
+        personal_data_removed=dict(removed),
+        documents_with_pronouns=any_pronoun,
+        pronouns={g: dict(documents=pronoun_docs[g], share=share(pronoun_docs[g], any_pronoun),
+                          mentions=pronoun_mentions[g]) for g in PRONOUNS},
+        identity_terms={axis: dict(documents=axis_docs[axis], share=share(axis_docs[axis], len(texts)),
+                                   terms={t: dict(documents=term_docs[axis, t],
+                                                  share=share(term_docs[axis, t], axis_docs[axis]))
+                                          for t in terms})
+                        for axis, terms in IDENTITY_TERMS.items()},
+    )
