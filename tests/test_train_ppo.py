@@ -1,0 +1,245 @@
+"""train_ppo.py: GAE, the clipped losses and the Llama 2 reward against hand computations; micro runs that raise
+the reward, start with zero KL to the reference and resume exactly."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import data
+import train_ppo
+from model import ModelConfig, Transformer, generate, load_checkpoint, save_checkpoint
+from train_ppo import (adaptive_beta, explained_variance, gae, helpfulness_only, kl_penalized_rewards, llama2_gate,
+                       policy_loss, response_logprobs, response_values, rollout_batch, safety_only, value_loss,
+                       whiten)
+
+
+# ---------------------------------------------------------------------------------------------- the reward
+def test_llama2_gate_by_hand():
+    safety = torch.tensor([0.9, 0.10, 0.50, 0.14])
+    helpful = torch.tensor([0.2, 0.80, 0.70, 0.60])
+    safety_prompt = torch.tensor([True, False, False, False])
+    # safety prompt -> R_s; R_s below 0.15 on any prompt -> R_s; otherwise R_h
+    assert torch.allclose(llama2_gate(safety, helpful, safety_prompt), torch.tensor([0.9, 0.10, 0.70, 0.14]))
+    assert torch.allclose(llama2_gate(safety, helpful, safety_prompt, threshold=0.12),
+                          torch.tensor([0.9, 0.10, 0.70, 0.60]))
+    assert torch.equal(safety_only(safety, helpful, safety_prompt), safety)
+    assert torch.equal(helpfulness_only(safety, helpful, safety_prompt), helpful)
+
+
+def test_whiten_over_the_mask():
+    x = torch.tensor([[1.0, 3.0, 100.0], [5.0, 7.0, -50.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    # entries 1, 3, 5, 7: mean 4, variance (9 + 1 + 1 + 9) / 4 = 5
+    expected = torch.tensor([[-3.0, -1.0, 0.0], [1.0, 3.0, 0.0]]) / math.sqrt(5)
+    assert torch.allclose(whiten(x, mask), expected, atol=1e-6)
+    assert torch.allclose(whiten(x, mask, shift_mean=False), (expected + 4) * mask, atol=1e-6)
+    w = whiten(torch.tensor([2.0, 4.0, 9.0]))
+    assert abs(w.mean().item()) < 1e-6 and abs(w.pow(2).mean().item() - 1) < 1e-5
+
+
+def test_kl_penalty_per_token_and_score_at_the_last_token():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -0.3, 0.0]])
+    ref_logp = torch.tensor([[-1.5, -1.0, -0.5], [-0.2, -0.1, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    score = torch.tensor([2.0, -1.0])
+    rewards, kl = kl_penalized_rewards(score, logp, ref_logp, mask, beta=0.1)
+    # kl = logp - ref_logp on response tokens: [0.5, -1, 0], [0, -0.2, (pad)]
+    assert torch.allclose(kl, torch.tensor([[0.5, -1.0, 0.0], [0.0, -0.2, 0.0]]))
+    expected = torch.tensor([[-0.05, 0.1, 0.0 + 2.0], [0.0, 0.02 - 1.0, 0.0]])
+    assert torch.allclose(rewards, expected, atol=1e-6)
+
+
+def test_kl_penalty_is_zero_when_policy_equals_reference():
+    logp = -torch.rand(3, 5)
+    mask = torch.tensor([[1.0] * 5, [1.0] * 2 + [0.0] * 3, [1.0] * 4 + [0.0]])
+    score = torch.tensor([0.3, -1.2, 2.0])
+    rewards, kl = kl_penalized_rewards(score, logp, logp.clone(), mask, beta=0.5)
+    assert torch.count_nonzero(kl) == 0
+    only_score = torch.zeros(3, 5)
+    only_score[0, 4], only_score[1, 1], only_score[2, 3] = 0.3, -1.2, 2.0
+    assert torch.equal(rewards, only_score)
+
+
+# ---------------------------------------------------------------------------------------------- GAE and losses
+def test_gae_by_hand():
+    rewards = torch.tensor([[1.0, 0.0, 2.0], [0.5, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 1.0, -1.0], [2.0, 1.0, 9.0]])    # the 9 sits on padding: never read
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    adv, returns = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    # row 0: delta_2 = 2 + 0 - (-1) = 3; delta_1 = 0 + 0.9 * -1 - 1 = -1.9; delta_0 = 1 + 0.9 * 1 - 0.5 = 1.4
+    #        A_2 = 3; A_1 = -1.9 + 0.72 * 3 = 0.26; A_0 = 1.4 + 0.72 * 0.26 = 1.5872
+    # row 1: delta_1 = 1 + 0 - 1 = 0; delta_0 = 0.5 + 0.9 * 1 - 2 = -0.6; A_1 = 0; A_0 = -0.6
+    expected = torch.tensor([[1.5872, 0.26, 3.0], [-0.6, 0.0, 0.0]])
+    assert torch.allclose(adv, expected, atol=1e-5)
+    assert torch.allclose(returns, (expected + values) * mask, atol=1e-5)
+
+
+def test_gae_with_gamma_and_lambda_one_is_the_monte_carlo_return():
+    rewards, values = torch.randn(4, 6), torch.randn(4, 6)
+    mask = torch.ones(4, 6)
+    mask[1, 3:] = 0
+    adv, returns = gae(rewards * mask, values, mask, gamma=1.0, lam=1.0)
+    reward_to_go = (rewards * mask).flip(1).cumsum(1).flip(1) * mask
+    assert torch.allclose(returns, reward_to_go, atol=1e-5)
+
+
+def test_policy_loss_by_hand_and_the_clip_stops_the_gradient():
+    ratio = torch.tensor([[1.5, 0.5, 1.5, 1.1]])
+    old_logp = torch.tensor([[-1.0, -2.0, -0.5, -0.7]])
+    logp = (old_logp + ratio.log()).requires_grad_()
+    adv = torch.tensor([[1.0, 1.0, -1.0, 2.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])                    # the last token is padding
+    loss, stats = policy_loss(logp, old_logp, adv, mask, clip=0.2)
+    # max(-A rho, -A clip(rho)): [max(-1.5, -1.2), max(-0.5, -0.8), max(1.5, 1.2)] = [-1.2, -0.5, 1.5]
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 1.5) / 3, abs=1e-6)
+    assert stats["clip_frac"].item() == pytest.approx(1 / 3)
+    # k3: (rho - 1) - log rho, averaged over the three response tokens
+    k3 = [(r - 1) - math.log(r) for r in (1.5, 0.5, 1.5)]
+    assert stats["approx_kl"].item() == pytest.approx(sum(k3) / 3, abs=1e-6)
+    loss.backward()
+    # the clip binds on token 0 (rho above 1 + eps with A > 0): no gradient there; d/dlogp of -A rho elsewhere
+    assert torch.allclose(logp.grad, torch.tensor([[0.0, -0.5 / 3, 1.5 / 3, 0.0]]), atol=1e-6)
+
+
+def test_value_loss_by_hand():
+    old_values = torch.tensor([[0.0, 1.0, 2.0]])
+    values = torch.tensor([[0.5, 1.1, 0.0]], requires_grad=True)
+    returns = torch.tensor([[1.0, 0.0, 1.5]])
+    mask = torch.ones(1, 3)
+    loss, stats = value_loss(values, old_values, returns, mask, clip=0.2)
+    # token 0: V 0.5 -> clipped 0.2: max(0.25, 0.64) = 0.64; token 1: V 1.1 (inside the clip): 1.21;
+    # token 2: V 0 -> clipped 1.8: max(2.25, 0.09) = 2.25
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 1.21 + 2.25) / 3, abs=1e-6)
+    assert stats["value_clip_frac"].item() == pytest.approx(1 / 3)
+    loss.backward()
+    # token 0 takes the clipped branch, so no gradient; elsewhere d/dV 1/2 (V - R)^2 / 3
+    assert torch.allclose(values.grad, torch.tensor([[0.0, 1.1 / 3, -1.5 / 3]]), atol=1e-6)
+
+
+def test_explained_variance_and_adaptive_beta():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    mask = torch.ones(1, 4)
+    assert explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
+    assert explained_variance(torch.full_like(returns, 2.5), returns, mask).item() == pytest.approx(0.0)
+    # e = clip((KL - target) / target, -0.2, 0.2); beta (1 + 0.1 e)
+    assert adaptive_beta(0.1, kl=6.0, target=5.0) == pytest.approx(0.1 * (1 + 0.1 * 0.2))
+    assert adaptive_beta(0.1, kl=4.5, target=5.0) == pytest.approx(0.1 * (1 - 0.1 * 0.1))
+    assert adaptive_beta(0.1, kl=0.0, target=5.0) == pytest.approx(0.1 * (1 - 0.1 * 0.2))
+
+
+@torch.no_grad()
+def test_rollout_layout_matches_the_sampled_log_probs():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=40, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=64)).eval()
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    responses, sampled_logp = generate(model, prompts, 6, eos_id=1, pad_id=0, generator=torch.Generator().manual_seed(3),
+                                       return_logprobs=True)
+    tokens, attention_mask, response_mask, P = rollout_batch(prompts, responses, pad_id=0)
+    assert P == 5 and response_mask.sum(1).tolist() == [len(r) for r in responses]
+    logp = response_logprobs(model, tokens, attention_mask, P)
+    for i, lp in enumerate(sampled_logp):
+        torch.testing.assert_close(logp[i, :len(lp)], torch.tensor(lp), atol=1e-4, rtol=0)
+        assert torch.all(logp[i, len(lp):] == 0)
+    # the value of the state before response token j is read where token j is predicted: position P - 1 + j
+    values = response_values(lambda t, m: t.float(), tokens, attention_mask, P)
+    assert values[0, 0].item() == prompts[0][-1] and values[1, 1].item() == responses[1][0]
+
+
+# ---------------------------------------------------------------------------------------------- micro runs
+# A byte-level tokenizer, a random micro policy and a hand-built reward model whose score rises with the share
+# of ASCII bytes in the conversation: a random policy starts near one half, so PPO has a clear signal to follow.
+def byte_tokenizer():
+    return data.Tokenizer({bytes([b]): b for b in range(256)}, name="bytes")
+
+
+def ascii_reward_model(tok):
+    """Scalar-head transformer: one attention layer averages the normed embeddings (queries and keys are zero),
+    ASCII bytes embed as e0, everything else as e1, and the score reads (h0 - h1) / rms(h) at </s>."""
+    config = ModelConfig(vocab_size=tok.vocab_size, dim=16, n_layers=1, n_heads=1, n_kv_heads=1, max_seq_len=256,
+                         head="scalar")
+    model = Transformer(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.tok_embeddings.weight[:128, 0] = 1.0
+        model.tok_embeddings.weight[128:, 1] = 1.0
+        for norm in (model.layers[0].attention_norm, model.layers[0].ffn_norm, model.norm):
+            norm.weight.fill_(1.0)
+        model.layers[0].attention.wv.weight.copy_(torch.eye(16))
+        model.layers[0].attention.wo.weight.copy_(torch.eye(16))
+        model.score.weight[0, 0], model.score.weight[0, 1] = 1.0, -1.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ppo_micro")
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    policy = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                                     max_seq_len=64))
+    rm = ascii_reward_model(tok)
+    paths = {name: str(folder / name / "model.pt") for name in ("sft", "rm")}
+    for name, model in (("sft", policy), ("rm", rm)):
+        save_checkpoint(paths[name], dict(model=model.state_dict(), model_config=vars(model.config),
+                                          tokenizer=tok.to_dict(), step=0))
+    prompts = folder / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(dict(prompt=p, safety=i % 3 == 0)) + "\n"
+                               for i, p in enumerate(["hi", "ok", "go on", "tell me", "yes", "more", "now", "why"])))
+    return dict(paths, prompts=str(prompts), folder=folder)
+
+
+def ppo_args(micro, out, iterations, *extra):
+    return train_ppo.get_args(["--init", micro["sft"], "--rm-safety", micro["rm"], "--rm-helpful", micro["rm"],
+                               "--prompts", micro["prompts"], "--out", out, "--iterations", str(iterations),
+                               "--batch-size", "32", "--minibatch-size", "8", "--ppo-epochs", "2",
+                               "--max-new-tokens", "8", "--lr", "3e-3", "--value-lr", "3e-3", "--beta", "0.01",
+                               "--missing-eos-score", "none", "--eval-prompts", "0", "--save-every", "2",
+                               "--sample-every", "100", "--device", "cpu", *extra])
+
+
+def read_metrics(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_micro_run_raises_the_reward_from_zero_kl(micro):
+    out = str(micro["folder"] / "run")
+    result = train_ppo.main(ppo_args(micro, out, 12))
+    log = read_metrics(out)
+    assert len(log) == 12 and result["step"] == 12
+    # the first rollout comes from the untouched policy: it is the reference, so the KL is exactly zero
+    assert log[0]["kl"] == 0.0
+    first = sum(r["rm_safety_mean"] for r in log[:2]) / 2
+    last = sum(r["rm_safety_mean"] for r in log[-2:]) / 2
+    assert last > first + 0.5, (first, last)
+    assert log[-1]["kl"] > 0
+    for key in ("reward", "kl", "entropy", "clip_frac", "approx_kl", "value_loss", "explained_variance",
+                "response_length", "beta"):
+        assert math.isfinite(log[-1][key]), key
+    ckpt = load_checkpoint(os.path.join(out, "model.pt"))
+    assert ckpt["stage"] == "ppo" and ckpt["step"] == 12 and "value_model" in ckpt
+
+
+def test_resume_ends_with_the_same_weights(micro):
+    straight, broken = str(micro["folder"] / "straight"), str(micro["folder"] / "broken")
+    train_ppo.main(ppo_args(micro, straight, 4, "--kl-target", "0.5"))
+    train_ppo.main(ppo_args(micro, broken, 2, "--kl-target", "0.5"))        # killed after the iteration-2 save
+    train_ppo.main(ppo_args(micro, broken, 4, "--kl-target", "0.5", "--resume"))
+    a, b = (load_checkpoint(os.path.join(d, "model.pt")) for d in (straight, broken))
+    assert a["step"] == b["step"] == 4 and a["beta"] == b["beta"] != 0.01
+    for key in ("model", "value_model"):
+        for name, tensor in a[key].items():
+            torch.testing.assert_close(b[key][name], tensor, rtol=0, atol=0, msg=f"{key}.{name}")
+    assert [r["step"] for r in read_metrics(broken)] == [1, 2, 3, 4]
+    assert read_metrics(broken)[-1] == read_metrics(straight)[-1]
+
+
+def test_prompt_file_errors_name_the_line(micro, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(dict(prompt="fine")) + "\n" + json.dumps(dict(messages=[{"role": "assistant",
+                                                                                        "content": "x"}])) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        train_ppo.main(ppo_args(micro, str(tmp_path / "out"), 1, "--prompts", str(bad)))

@@ -1,0 +1,488 @@
+"""PPO against two frozen reward models with a KL penalty to the SFT model (Llama 2, section 3.2.3).
+
+One iteration of the RLHF loop:
+1. Rollout: a batch of RL prompts, one response each, sampled from the policy (temperature 1, KV cache).
+2. Reward: the safety and helpfulness RMs score every (prompt, response); Llama 2's piecewise combination
+       R_c = R_s  if is_safety(prompt) or R_s < 0.15  else R_h        (R_s, R_h = sigmoid of the raw scores)
+       R~  = whiten(logit(R_c))                                     (mean 0, std 1 over the rollout batch)
+   then a per-token penalty r_t = -beta (log pi(y_t) - log pi_ref(y_t)) on every response token, R~ added at
+   the last one, so the return is R(g|p) = R~_c(g|p) - beta KL(pi || pi_ref) of the paper's equation.
+   --reward safety|helpfulness trains on one RM alone (R_c = R_s or R_h) to show what the gate resolves.
+3. GAE(gamma, lambda) on the value model's estimates, advantages whitened over the batch's response tokens.
+4. Several epochs of minibatches: clipped surrogate loss for the policy, clipped value loss for the value
+   model, gradient clipping; optionally the adaptive KL controller of Ziegler et al. (2019) moves beta.
+
+Responses that never emit </s> (cut at --max-new-tokens): as in OpenAI's lm-human-preferences and the PPO
+implementations that follow it, their score is replaced by a fixed low value (--missing-eos-score, in whitened
+units) instead of the RM's, so rambling is never rewarded; the last generated token is then the terminal step.
+
+Deviations from the paper: Llama 2 takes one gradient step per minibatch (one epoch), batch 512, constant
+lr 1e-6, beta 0.01 (7B/13B); the tiny preset uses more epochs, a larger lr and a smaller batch so a 1M-parameter
+model moves within a few CPU minutes. The value model is a separate network (initialised from an RM or from the
+policy, --value-init); Llama 2 does not say how it initialised its value model.
+
+Tiny CPU run (minutes), after train_sft.py and train_rm.py:
+    python train_ppo.py --preset tiny --init out/sft/model.pt --rm-safety out/rm_safety/model.pt \\
+        --rm-helpful out/rm_helpful/model.pt --out out/ppo
+Data parallel (each rank samples its own share of the prompts and whitens its own batch):
+    torchrun --nproc_per_node=2 train_ppo.py --preset tiny --out out/ppo
+"""
+import argparse
+import math
+import os
+
+import torch
+from tqdm import tqdm
+
+import data
+import runtime
+import world
+from evaluate import format_table, gold_metrics, respond
+from model import generate, load_checkpoint, load_model, save_checkpoint, token_logprobs
+from train_rm import load_reward_model, score
+
+
+# ---------------------------------------------------------------------------------------------- the reward
+def llama2_gate(safety_prob, helpful_prob, safety_prompt, threshold=0.15):
+    """Llama 2's reward combination (section 3.2.3): R_c = R_s if is_safety(p) or R_s < 0.15 else R_h; all (B,)."""
+    return torch.where(safety_prompt | (safety_prob < threshold), safety_prob, helpful_prob)
+
+
+def safety_only(safety_prob, helpful_prob, safety_prompt, threshold=0.15):
+    """R_c = R_s on every prompt: the safety RM alone."""
+    return safety_prob
+
+
+def helpfulness_only(safety_prob, helpful_prob, safety_prompt, threshold=0.15):
+    """R_c = R_h on every prompt: the helpfulness RM alone."""
+    return helpful_prob
+
+
+REWARDS = {"llama2": llama2_gate, "safety": safety_only, "helpfulness": helpfulness_only}
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x, mask=None, shift_mean=True):
+    """(x - mean) / std over the entries where mask is 1 (all if None); shift_mean=False keeps the mean."""
+    mask = torch.ones_like(x) if mask is None else mask.to(x.dtype)
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (out if shift_mean else out + mean) * mask
+
+
+def kl_penalized_rewards(score, logp, ref_logp, response_mask, beta):
+    """Per-token reward r_t = -beta (log pi(y_t) - log pi_ref(y_t)), plus the sequence score at the last token
+    (Llama 2 eq. 3 split over tokens as in Ziegler et al. 2019). score (B,); logp, ref_logp, response_mask (B, L),
+    responses right-padded. Returns (rewards (B, L), per-token kl (B, L))."""
+    kl = (logp - ref_logp) * response_mask
+    rewards = -beta * kl
+    last = response_mask.sum(1).long() - 1                                 # index of each response's last token
+    rewards[torch.arange(len(score)), last] += score
+    return rewards, kl
+
+
+def gae(rewards, values, response_mask, gamma, lam):
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16):
+    A_t = sum_l (gamma lam)^l delta_{t+l},  delta_t = r_t + gamma V_{t+1} - V_t, with V = 0 after the last token.
+    rewards, values, response_mask (B, L) right-padded. Returns (advantages, returns = A + V), each (B, L)."""
+    values = values * response_mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running                            # stays 0 through the right padding
+        advantages[:, t] = running
+    advantages = advantages * response_mask
+    return advantages, (advantages + values) * response_mask
+
+
+def policy_loss(logp, old_logp, adv, response_mask, clip):
+    """Clipped surrogate (Schulman et al. 2017, eq. 7): L = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1-eps, 1+eps)),
+    rho_t = pi(y_t) / pi_old(y_t); mean over response tokens. All inputs (B, L)."""
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)
+    loss = masked_mean(torch.max(unclipped, clipped), response_mask)
+    with torch.no_grad():
+        stats = dict(clip_frac=masked_mean((clipped > unclipped).float(), response_mask),
+                     # k3 estimator of KL(pi_old || pi): (rho - 1) - log rho, unbiased and >= 0 (Schulman, 2020)
+                     approx_kl=masked_mean(ratio - 1 - log_ratio, response_mask))
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, response_mask, clip):
+    """Clipped value loss (as in OpenAI baselines' PPO2): L_V = 1/2 mean_t max((V_t - R_t)^2,
+    (V_old_t + clip(V_t - V_old_t, -eps, eps) - R_t)^2); mean over response tokens. All inputs (B, L)."""
+    clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+    losses = torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)
+    loss = 0.5 * masked_mean(losses, response_mask)
+    with torch.no_grad():
+        stats = dict(value_clip_frac=masked_mean(((clipped_values - returns) ** 2 > (values - returns) ** 2).float(),
+                                                 response_mask))
+    return loss, stats
+
+
+def explained_variance(values, returns, response_mask):
+    """1 - Var(R - V) / Var(R) over response tokens: 1 is a perfect value model, 0 no better than the mean."""
+    var_returns = masked_mean((returns - masked_mean(returns, response_mask)) ** 2, response_mask)
+    residual = returns - values
+    var_residual = masked_mean((residual - masked_mean(residual, response_mask)) ** 2, response_mask)
+    return 1 - var_residual / var_returns.clamp(min=1e-8)
+
+
+def adaptive_beta(beta, kl, target, gain=0.1):
+    """Adaptive KL controller (Ziegler et al. 2019, section 2.2): beta <- beta (1 + K_beta e),
+    e = clip((KL - KL_target) / KL_target, -0.2, 0.2); kl is the mean per-sequence KL of this rollout."""
+    return beta * (1 + gain * min(max((kl - target) / target, -0.2), 0.2))
+
+
+# ---------------------------------------------------------------------------------------------- sequences
+def rollout_batch(prompts, responses, pad_id):
+    """Prompts left-padded to P, responses right-padded to L, joined: tokens and attention_mask (B, P + L),
+    response_mask (B, L), and P. Response token j of a row sits at position P + j in every row."""
+    P, L = max(len(p) for p in prompts), max(1, max(len(r) for r in responses))
+    B = len(prompts)
+    tokens = torch.full((B, P + L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, P + L, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        tokens[i, P - len(p):P + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        attention_mask[i, P - len(p):P + len(r)] = 1
+    return tokens, attention_mask, attention_mask[:, P:].float(), P
+
+
+def response_logprobs(model, tokens, attention_mask, P):
+    """(B, L): log pi(y_j | prompt, y_<j) of each response token (0 on padding)."""
+    return token_logprobs(model, tokens, attention_mask)[:, P - 1:]        # target t+1 is predicted at t
+
+
+def response_values(value_model, tokens, attention_mask, P):
+    """(B, L): V of the state before each response token, read at the position that predicts it."""
+    return value_model(tokens, attention_mask)[:, P - 1:-1].float() * attention_mask[:, P:]
+
+
+@torch.no_grad()
+def response_entropy(model, tokens, attention_mask, P):
+    """(B, L): entropy of the policy's next-token distribution at each response position (for logging)."""
+    logp = model(tokens, attention_mask)[:, P - 1:-1].float().log_softmax(-1)  # (B, L, V)
+    return -(logp.exp() * logp).sum(-1) * attention_mask[:, P:]
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+def load_prompts(spec, tok, max_prompt_len, world_seed):
+    """Prompts as dicts: ids, messages, safety (the is_safety tag the gate reads) and example (the world's
+    Example, for the gold judge; None for file prompts). spec: "world" (its RL prompts) or a JSONL file of
+    {"messages": [..., user turn]} or {"prompt": text}, each with an optional boolean "safety" (default false).
+    Prompts longer than max_prompt_len tokens are skipped with a counted warning."""
+    if spec == "world":
+        rows = [dict(messages=ex.messages, safety=world.is_safety(ex), example=ex)
+                for ex in world.build_world(world_seed).rl_prompts]
+    else:
+        rows = [dict(messages=row["messages"] if "messages" in row else [{"role": "user", "content": row.get("prompt")}],
+                     safety=bool(row.get("safety", False)), example=None, where=f"{spec}:{i + 1}")
+                for i, row in enumerate(data.read_jsonl(spec))]
+    for row in rows:
+        try:
+            row["ids"] = tok.encode_prompt(row["messages"])
+        except ValueError as e:
+            raise ValueError(f"{row.get('where', spec)}: {e} (expected 'messages' ending with a user turn, or 'prompt')") from None
+    kept = [r for r in rows if len(r["ids"]) <= max_prompt_len]
+    if len(kept) < len(rows):
+        tqdm.write(f"warning: skipped {len(rows) - len(kept)} of {len(rows)} prompts longer than {max_prompt_len} "
+                   f"tokens (the context must also hold --max-new-tokens)")
+    if not kept:
+        raise SystemExit(f"no usable prompts in {spec}")
+    return kept
+
+
+def gold_counts(prompts, texts):
+    """Sums and counts of the gold judge's marks on the rollouts of world prompts (empty for file prompts)."""
+    counts = {}
+    for p, text in zip(prompts, texts):
+        if p["example"] is None:
+            continue
+        j, kind = world.judge(p["example"], text), p["example"].kind
+        marks = dict(gold_safety=j.safety, gold_helpfulness=j.helpfulness)
+        marks.update({"harmful": dict(violation_rate=j.unsafe), "benign": dict(benign_accuracy=j.correct),
+                      "borderline": dict(false_refusal_rate=j.refused)}[kind])
+        for name, value in marks.items():
+            s, n = counts.get(name, (0.0, 0))
+            counts[name] = (s + float(value), n + 1)
+    return counts
+
+
+def reduce_means(sums_counts, rt):
+    """{name: (sum, count)} from every rank -> {name: global mean}."""
+    names = sorted(sums_counts)
+    if rt.ddp:  # every rank must reduce the same names: pad the missing ones with zero counts
+        gathered = [None] * rt.world_size
+        torch.distributed.all_gather_object(gathered, names)
+        names = sorted({n for ns in gathered for n in ns})
+    totals = torch.tensor([[float(sums_counts.get(n, (0, 0))[0]), float(sums_counts.get(n, (0, 0))[1])]
+                           for n in names], dtype=torch.float64, device=rt.device).reshape(-1, 2)
+    totals = runtime.all_reduce_sum(totals, rt)
+    return {n: (s / c).item() for n, (s, c) in zip(names, totals) if c > 0}
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+PRESETS = {
+    # sized for the tiny preset: a few CPU minutes on the 1M-parameter SFT model
+    "tiny": dict(iterations=40, batch_size=64, minibatch_size=16, ppo_epochs=4, lr=1e-4, value_lr=3e-4,
+                 beta=0.02, max_new_tokens=64),
+    "small": dict(iterations=200, batch_size=256, minibatch_size=64, ppo_epochs=2, lr=1e-5, value_lr=3e-5,
+                  beta=0.01, max_new_tokens=128),
+    # Llama 2 (section 3.2.3): batch 512, minibatch 64, one gradient step per minibatch, lr 1e-6, beta 0.01
+    "1b": dict(iterations=300, batch_size=512, minibatch_size=64, ppo_epochs=1, lr=1e-6, value_lr=1e-5,
+               beta=0.01, max_new_tokens=256),
+}
+
+
+def optional_float(text):
+    return None if text.lower() == "none" else float(text)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n", 1)[1])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="default schedule and batch sizes")
+    p.add_argument("--out", default="out/ppo", help="output folder (model.pt, config.json, metrics.jsonl, samples.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/model.pt (iteration, both models, optimizers)")
+    # models
+    p.add_argument("--init", default="out/sft/model.pt", help="SFT checkpoint: the policy's start and the frozen reference")
+    p.add_argument("--rm-safety", default="out/rm_safety/model.pt", help="safety reward model (train_rm.py)")
+    p.add_argument("--rm-helpful", default="out/rm_helpful/model.pt", help="helpfulness reward model (train_rm.py)")
+    p.add_argument("--value-init", choices=("safety", "helpful", "policy"), default="safety",
+                   help="value model starts from that RM, or from the SFT model with a fresh scalar head")
+    # reward
+    p.add_argument("--reward", choices=sorted(REWARDS), default="llama2",
+                   help="llama2: the safety/helpfulness gate; safety or helpfulness: that RM alone")
+    p.add_argument("--safety-threshold", type=float, default=0.15,
+                   help="gate: use R_s on any prompt whose safety probability is below this (Llama 2: 0.15)")
+    p.add_argument("--beta", type=float, help="KL penalty coefficient per token (Llama 2: 0.01 for 7B/13B)")
+    p.add_argument("--kl-target", type=float, default=None, help="adaptive KL: steer beta so the mean "
+                   "per-sequence KL (nats) approaches this; default: fixed beta")
+    p.add_argument("--kl-gain", type=float, default=0.1, help="adaptive KL: K_beta (Ziegler et al.: 0.1)")
+    p.add_argument("--missing-eos-score", type=optional_float, default=-1.0,
+                   help="whitened score given to responses cut at --max-new-tokens without </s>; 'none' keeps the RM's")
+    # data and sampling
+    p.add_argument("--prompts", default="world", help="'world' (its RL prompts) or a JSONL file of {'messages'} or "
+                   "{'prompt'} rows with an optional boolean 'safety'")
+    p.add_argument("--world-seed", type=int, default=0, help="seed of the embedded world (the SFT model's world)")
+    p.add_argument("--max-new-tokens", type=int, help="response length cap in tokens")
+    p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
+    # PPO
+    p.add_argument("--iterations", type=int, help="rollout + update iterations")
+    p.add_argument("--batch-size", type=int, help="prompts per rollout, over all ranks")
+    p.add_argument("--minibatch-size", type=int, help="responses per gradient step, over all ranks")
+    p.add_argument("--ppo-epochs", type=int, help="passes over each rollout (Llama 2: 1)")
+    p.add_argument("--lr", type=float, help="policy learning rate, constant (Llama 2: 1e-6)")
+    p.add_argument("--value-lr", type=float, help="value model learning rate, constant")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices (Llama 2: 0.1)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm per model (Llama 2: 1.0)")
+    p.add_argument("--clip", type=float, default=0.2, help="PPO ratio clip epsilon (Llama 2: 0.2)")
+    p.add_argument("--value-clip", type=float, default=0.2, help="value clip, in whitened reward units")
+    p.add_argument("--gamma", type=float, default=1.0, help="discount per token (1: the score is not discounted)")
+    p.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+    # bookkeeping
+    p.add_argument("--sample-every", type=int, default=5, help="iterations between printed sample rollouts")
+    p.add_argument("--save-every", type=int, default=10, help="iterations between checkpoints")
+    p.add_argument("--eval-prompts", type=int, default=-1, help="world test prompts judged greedily at the end "
+                   "(-1: all, 0: none)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (rollout sampling, prompt order)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the policy and value model for updates")
+    args = runtime.parse_args(p, PRESETS, argv)
+    if args.batch_size % args.minibatch_size:
+        p.error(f"--batch-size {args.batch_size} must be a multiple of --minibatch-size {args.minibatch_size}")
+    return args
+
+
+def main(args):
+    # ------------------------------------------------------------------ setup
+    rt = runtime.setup(args.seed, args.device)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "model.pt")
+    resume = load_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
+    runtime.save_config(args, rt)
+
+    # ------------------------------------------------------------------ models
+    # policy: trained, starts as the SFT model; ref_model: the SFT model, frozen, anchors the KL penalty
+    policy, policy_ckpt = load_model(resume if resume is not None else args.init, rt.device)
+    tok = data.Tokenizer.from_dict(policy_ckpt["tokenizer"])
+    ref_model, _ = load_model(args.init, rt.device)
+    ref_model.eval().requires_grad_(False)
+    # the two frozen reward models score text, so each reads it with its own tokenizer
+    rm_safety, rm_safety_tok = load_reward_model(args.rm_safety, rt.device)
+    rm_helpful, rm_helpful_tok = load_reward_model(args.rm_helpful, rt.device)
+    # value model: a scalar-head network reading the policy's tokens
+    if resume is not None:
+        value_model, _ = load_model(dict(model=resume["value_model"], model_config=resume["value_model_config"]),
+                                    rt.device)
+    elif args.value_init == "policy":
+        value_model, _ = load_model(args.init, rt.device, head="scalar")
+    else:
+        value_path = args.rm_safety if args.value_init == "safety" else args.rm_helpful
+        value_model, value_ckpt = load_model(value_path, rt.device, head="scalar")
+        if value_ckpt["tokenizer"] != policy_ckpt["tokenizer"]:
+            raise SystemExit(f"--value-init {args.value_init}: {value_path} has another tokenizer than {args.init}; "
+                             f"use --value-init policy")
+    value_model.train()
+    max_prompt_len = policy.config.max_seq_len - args.max_new_tokens
+    if max_prompt_len < 1:
+        raise SystemExit(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of "
+                         f"{policy.config.max_seq_len} tokens")
+
+    # ------------------------------------------------------------------ prompts
+    prompts = load_prompts(args.prompts, tok, max_prompt_len, args.world_seed)
+    runtime.print0(rt, f"ppo: {len(prompts)} prompts ({sum(p['safety'] for p in prompts)} safety-tagged), reward "
+                       f"{args.reward}, {sum(q.numel() for q in policy.parameters()) / 1e6:.2f}M-parameter policy "
+                       f"on {rt.device}")
+
+    # ------------------------------------------------------------------ optimizers and resume
+    # Llama 2 (section 3.2.3): AdamW, constant learning rate, weight decay 0.1, gradient clipping 1.0
+    policy_opt = runtime.make_optimizer(policy, args.lr, args.weight_decay)
+    value_opt = runtime.make_optimizer(value_model, args.value_lr, args.weight_decay)
+    iteration, beta = 0, args.beta
+    if resume is not None:
+        policy_opt.load_state_dict(resume["optimizer"])
+        value_opt.load_state_dict(resume["value_optimizer"])
+        iteration, beta = resume["step"], resume["beta"]
+        runtime.set_rng_state(resume["rng"])
+        runtime.print0(rt, f"resumed from {ckpt_path} at iteration {iteration}")
+    train_policy = runtime.wrap_ddp(torch.compile(policy) if args.compile else policy, rt)
+    train_value = runtime.wrap_ddp(torch.compile(value_model) if args.compile else value_model, rt)
+    log = runtime.MetricsLog(os.path.join(args.out, "metrics.jsonl"), rt.is_main)
+    samples_log = runtime.MetricsLog(os.path.join(args.out, "samples.jsonl"), rt.is_main)
+    per_rank, mb = args.batch_size // rt.world_size, args.minibatch_size // rt.world_size
+
+    def save():
+        if rt.is_main:
+            save_checkpoint(ckpt_path, dict(
+                model=policy.state_dict(), model_config=vars(policy.config), tokenizer=tok.to_dict(), step=iteration,
+                optimizer=policy_opt.state_dict(), rng=runtime.rng_state(), args=vars(args), stage="ppo",
+                value_model=value_model.state_dict(), value_model_config=vars(value_model.config),
+                value_optimizer=value_opt.state_dict(), beta=beta))
+
+    # ------------------------------------------------------------------ the RLHF loop
+    metrics = {}
+    bar = tqdm(total=args.iterations, initial=iteration, disable=not rt.is_main, desc="ppo")
+    while iteration < args.iterations:
+        # Every random draw of an iteration comes from (seed, iteration, rank): a resumed run repeats it exactly.
+        stream = args.seed * 1_000_003 + iteration * 1_009 + rt.rank
+        sampler = torch.Generator(device=rt.device).manual_seed(stream)
+        shuffler = torch.Generator().manual_seed(stream)
+
+        # -------------------------------------------------------------- 1. rollout
+        batch = [prompts[i] for i in data.step_indices(len(prompts), args.batch_size, iteration, args.seed,
+                                                       rt.rank, rt.world_size)]
+        policy.eval()
+        responses = generate(policy, [p["ids"] for p in batch], args.max_new_tokens, tok.eos_id, tok.pad_id,
+                             temperature=args.temperature, generator=sampler)
+        tokens, attention_mask, response_mask, P = rollout_batch([p["ids"] for p in batch], responses, tok.pad_id)
+        tokens, attention_mask, response_mask = tokens.to(rt.device), attention_mask.to(rt.device), response_mask.to(rt.device)
+        texts = [tok.decode(r) for r in responses]
+        has_eos = torch.tensor([tok.eos_id in r for r in responses], device=rt.device)
+        with torch.no_grad(), runtime.autocast(rt):
+            old_logp = response_logprobs(policy, tokens, attention_mask, P)      # (B, L)
+            ref_logp = response_logprobs(ref_model, tokens, attention_mask, P)   # (B, L)
+            old_values = response_values(value_model, tokens, attention_mask, P)  # (B, L)
+            entropy = response_entropy(policy, tokens, attention_mask, P)        # (B, L)
+
+        # -------------------------------------------------------------- 2. reward
+        conversations = [p["messages"] for p in batch]
+        safety_raw = score(rm_safety, rm_safety_tok, conversations, texts).to(rt.device)    # (B,) raw r_s
+        helpful_raw = score(rm_helpful, rm_helpful_tok, conversations, texts).to(rt.device)  # (B,) raw r_h
+        safety_prompt = torch.tensor([p["safety"] for p in batch], device=rt.device)
+        combined = REWARDS[args.reward](safety_raw.sigmoid(), helpful_raw.sigmoid(), safety_prompt,
+                                        args.safety_threshold)                    # R_c, a probability
+        rm_score = torch.logit(combined, eps=1e-6)                                # back to the RM's logit scale
+        final_score = whiten(rm_score)
+        if args.missing_eos_score is not None:                                    # see the module docstring
+            final_score = torch.where(has_eos, final_score, torch.full_like(final_score, args.missing_eos_score))
+        rewards, kl = kl_penalized_rewards(final_score, old_logp, ref_logp, response_mask, beta)
+
+        # -------------------------------------------------------------- 3. advantages
+        advantages, returns = gae(rewards, old_values, response_mask, args.gamma, args.lam)
+        advantages = whiten(advantages, response_mask)
+
+        # -------------------------------------------------------------- 4. PPO epochs over minibatches
+        policy.train()
+        stats = {}
+        for _ in range(args.ppo_epochs):
+            order = torch.randperm(per_rank, generator=shuffler)
+            for start in range(0, per_rank, mb):
+                idx = order[start:start + mb].to(rt.device)
+                mb_tokens, mb_attention = tokens[idx], attention_mask[idx]
+                with runtime.autocast(rt):
+                    logp = response_logprobs(train_policy, mb_tokens, mb_attention, P)
+                    values = response_values(train_value, mb_tokens, mb_attention, P)
+                pg_loss, pg_stats = policy_loss(logp, old_logp[idx], advantages[idx], response_mask[idx], args.clip)
+                vf_loss, vf_stats = value_loss(values, old_values[idx], returns[idx], response_mask[idx],
+                                               args.value_clip)
+                if not (math.isfinite(pg_loss.item()) and math.isfinite(vf_loss.item())):
+                    raise SystemExit(f"non-finite loss at iteration {iteration} (policy {pg_loss.item()}, value "
+                                     f"{vf_loss.item()}); the last good checkpoint is {ckpt_path}")
+                (pg_loss + vf_loss).backward()   # separate networks and optimizers: each gets its own gradient
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+                torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.grad_clip)
+                policy_opt.step()
+                value_opt.step()
+                policy_opt.zero_grad(set_to_none=True)
+                value_opt.zero_grad(set_to_none=True)
+                for name, value in dict(policy_loss=pg_loss, value_loss=vf_loss, grad_norm=grad_norm,
+                                        **pg_stats, **vf_stats).items():
+                    s, n = stats.get(name, (0.0, 0))
+                    stats[name] = (s + value.item(), n + 1)
+
+        # -------------------------------------------------------------- 5. KL controller, logs, samples
+        n = len(batch)
+        kl_per_sequence = kl.sum(1)
+        stats.update(
+            reward=(rm_score.sum().item(), n), rm_safety_mean=(safety_raw.sum().item(), n),
+            rm_helpfulness_mean=(helpful_raw.sum().item(), n), final_score=(final_score.sum().item(), n),
+            kl=(kl_per_sequence.sum().item(), n),
+            entropy=((entropy.sum() / response_mask.sum()).item() * n, n),
+            explained_variance=(explained_variance(old_values, returns, response_mask).item() * n, n),
+            response_length=(response_mask.sum().item(), n), no_eos=((~has_eos).sum().item(), n),
+            **gold_counts(batch, texts))
+        metrics = reduce_means(stats, rt)
+        metrics["beta"] = beta
+        if args.kl_target is not None:
+            beta = adaptive_beta(beta, metrics["kl"], args.kl_target, args.kl_gain)
+        iteration += 1
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics['kl']:.2f}",
+                        viol=f"{metrics.get('violation_rate', float('nan')):.2f}")
+        log.log(iteration, **metrics)
+        for i in range(min(3, n)):
+            samples_log.log(iteration, prompt=batch[i]["messages"][-1]["content"], response=texts[i],
+                            score=final_score[i].item(), rm_safety=safety_raw[i].item(), rm_helpful=helpful_raw[i].item())
+        if iteration % args.sample_every == 0 or iteration == args.iterations:
+            runtime.print0(rt, f"iteration {iteration}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())))
+            for i in range(min(3, n)):
+                runtime.print0(rt, f"  > {batch[i]['messages'][-1]['content']}\n    {texts[i]}  "
+                                   f"[score {final_score[i].item():+.2f}]")
+        if iteration % args.save_every == 0 or iteration == args.iterations:
+            save()
+    bar.close()
+
+    # ------------------------------------------------------------------ eval: the gold judge on held-out prompts
+    result = dict(step=iteration, reward=metrics.get("reward"), kl=metrics.get("kl"))
+    if rt.is_main and args.eval_prompts != 0:
+        examples = world.build_world(args.world_seed).test
+        if 0 < args.eval_prompts < len(examples):  # an even spread over the kinds, attacks and categories
+            examples = examples[::len(examples) // args.eval_prompts][:args.eval_prompts]
+        eval_metrics = gold_metrics(examples, respond(policy, tok, examples, desc="eval"))
+        log.log(iteration, eval=eval_metrics)
+        runtime.print0(rt, format_table({"ppo": eval_metrics}))
+        result["eval"] = eval_metrics
+    runtime.cleanup(rt)
+    return result
+
+
+if __name__ == "__main__":
+    main(get_args())
