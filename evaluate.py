@@ -251,22 +251,25 @@ def format_audit(audit):
 
 
 # ---------------------------------------------------------------------------------------------- plots
-REWARD_KEYS = ("rm_score", "reward", "score_mean", "reward_mean")   # first one a training log has is plotted
-KL_KEYS = ("kl", "kl_to_ref", "kl_ref", "kl_mean")
+# The first of these keys that a training log's rows hold is plotted: PPO logs its reward (the RM score on the
+# logit scale) and the per-sequence KL; DPO logs the implicit reward margin beta * (h_chosen - h_rejected).
+REWARD_KEYS = ("reward", "rm_score", "margin")
+KL_KEYS = ("kl", "kl_to_ref")
 
 
 def training_curve(path):
-    """[(kl, reward)] from a metrics.jsonl, using the first reward and KL keys its rows hold; [] if none."""
+    """(reward key, KL key, [(kl, reward)]) from a metrics.jsonl, or None when it logs no reward and KL."""
     if not os.path.exists(path):
-        return []
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+        return None
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
     for rk in REWARD_KEYS:
         for kk in KL_KEYS:
-            points = [(r[kk], r[rk]) for r in rows if isinstance(r.get(kk), (int, float))
-                      and isinstance(r.get(rk), (int, float))]
+            points = [(r[kk], r[rk]) for r in rows if number(r.get(kk)) and number(r.get(rk))]
             if points:
-                return points
-    return []
+                return rk, kk, points
+    return None
 
 
 def make_plots(rows, generations, log_paths, out):
@@ -293,17 +296,16 @@ def make_plots(rows, generations, log_paths, out):
     ax.set_ylabel("violation rate on harmful prompts (%)")
     ax.set_title("safety / helpfulness trade-off per stage")
     written.append(_save(fig, plt, os.path.join(out, "tradeoff.png")))
-    # reward against KL to the reference over training (the RLHF logs)
+    # reward against KL to the reference over training, one panel per log (their rewards have different units)
     curves = {name: training_curve(p) for name, p in log_paths.items()}
     curves = {k: v for k, v in curves.items() if v}
     if curves:
-        fig, ax = plt.subplots(figsize=(5.5, 4.5))
-        for name, points in curves.items():
-            ax.plot([p[0] for p in points], [p[1] for p in points], ".-", label=name)
-        ax.set_xlabel("KL to the reference policy")
-        ax.set_ylabel("reward")
-        ax.set_title("reward vs KL during training")
-        ax.legend()
+        fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 4), squeeze=False)
+        for ax, (name, (rk, kk, points)) in zip(axes[0], curves.items()):
+            ax.plot([p[0] for p in points], [p[1] for p in points], ".-")
+            ax.set_xlabel(f"{kk} (KL to the reference, nats per sequence)")
+            ax.set_ylabel(rk)
+            ax.set_title(f"{name}: {rk} vs KL during training")
         written.append(_save(fig, plt, os.path.join(out, "reward_kl.png")))
     else:
         written.append("reward_kl.png skipped: no training log with reward and KL keys")

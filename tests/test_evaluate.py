@@ -214,7 +214,7 @@ def test_plots_or_a_note(run, micro, tmp_path, monkeypatch):
     rows, out, printed = run
     paths, _ = micro
     assert evaluate.training_curve(os.path.join(os.path.dirname(paths["b"]), "metrics.jsonl")) \
-        == [(0.0, 0.1), (0.5, 0.4), (1.0, 0.6)]
+        == ("rm_score", "kl", [(0.0, 0.1), (0.5, 0.4), (1.0, 0.6)])
     try:
         import matplotlib  # noqa: F401
         for name in ("tradeoff.png", "reward_kl.png", "rm_scores.png"):
