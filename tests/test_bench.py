@@ -1,0 +1,80 @@
+"""bench.py on micro configs: every rate is positive and agrees with the counts it is made of. No timing bars:
+the speed of a shared CPU says nothing about the code."""
+import json
+
+import pytest
+import torch
+
+import bench
+from model import ModelConfig, flops_per_token
+
+MICRO = ModelConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=32)
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("attention", ["causal", "masked"])
+def test_bench_train_counts(attention):
+    r = bench.bench_train(MICRO, batch_size=2, seq_len=8, steps=2, device=CPU, attention=attention, warmup_steps=1,
+                          peak=1e12)
+    assert (r["batch_size"], r["seq_len"], r["steps"], r["attention"]) == (2, 8, 2, attention)
+    assert r["step_s"] > 0 and r["tokens_per_s"] == pytest.approx(2 * 8 / r["step_s"])
+    assert r["flops_per_token"] == flops_per_token(MICRO, 8)
+    assert r["achieved_tflops"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / 1e12)
+    assert r["mfu"] == pytest.approx(r["achieved_tflops"])   # a peak of 1 TFLOP/s: MFU equals TFLOP/s
+    assert r["bf16"] is False                                  # autocast is CUDA only
+    assert r["params"] == sum(p.numel() for p in bench.Transformer(MICRO).parameters())
+
+
+def test_bench_train_without_a_known_peak_has_no_mfu():
+    assert bench.peak_flops(CPU) is None and bench.peak_flops(CPU, override_tflops=2.0) == 2e12
+    assert bench.bench_train(MICRO, 1, 4, 1, CPU, warmup_steps=0)["mfu"] is None
+    with pytest.raises(ValueError, match="max_seq_len"):
+        bench.bench_train(MICRO, 1, 64, 1, CPU)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_bench_generate_makes_every_token(use_cache):
+    model = bench.Transformer(MICRO)
+    r = bench.bench_generate(model, batch_size=3, prompt_len=5, new_tokens=6, use_cache=use_cache)
+    assert (r["batch_size"], r["new_tokens"], r["use_cache"]) == (3, 6, use_cache)
+    assert r["seconds"] > 0 and r["tokens_per_s"] == pytest.approx(3 * 6 / r["seconds"])
+    with pytest.raises(ValueError, match="max_seq_len"):
+        bench.bench_generate(model, 1, 30, 6, use_cache)
+
+
+def test_bench_generation_speedup_is_the_ratio():
+    rows = bench.bench_generation(MICRO, [1, 2], prompt_len=4, new_tokens=4, device=CPU)
+    assert [r["batch_size"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["kv_cache_tokens_per_s"] > 0 and r["recompute_tokens_per_s"] > 0
+        assert r["speedup"] == pytest.approx(r["kv_cache_tokens_per_s"] / r["recompute_tokens_per_s"])
+
+
+def test_bench_config_uses_the_train_sft_presets():
+    from train_sft import MODEL_PRESETS
+    small = bench.bench_config("small")
+    assert (small.dim, small.n_layers, small.vocab_size) == (MODEL_PRESETS["small"]["dim"], 12, 32000)
+    # the 124M class: 768 wide, 12 layers, Llama 2's vocabulary, untied embeddings
+    with torch.device("meta"):                                 # shapes only, no memory or init time
+        assert 120e6 < sum(p.numel() for p in bench.Transformer(small).parameters()) < 130e6
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_main_writes_json(tmp_path, restore_threads):
+    out = tmp_path / "bench.json"
+    args = bench.get_args(["--device", "cpu", "--threads", "1", "--presets", "tiny", "--train-batch", "2", "--seq-len", "16",
+                           "--steps", "1", "--warmup-steps", "0", "--gen-presets", "tiny", "--gen-batch-sizes", "1,2",
+                           "--prompt-len", "4", "--new-tokens", "4", "--out", str(out)])
+    report = bench.main(args)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert [r["attention"] for r in report["train"]["tiny"]] == ["causal", "masked"]
+    assert all(r["tokens_per_s"] > 0 for r in report["train"]["tiny"])
+    assert [r["batch_size"] for r in report["generate"]["tiny"]] == [1, 2]
+    assert report["machine"]["device"] == "cpu" and report["peak_flops"] is None
+    assert report["machine"]["torch_threads"] == 1
