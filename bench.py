@@ -11,6 +11,10 @@ mask that train_sft.py passes, which rules the flash kernel out). On CUDA the st
 Generation: model.generate with the KV cache (one new token per forward) against recomputing the whole sequence
 every step (use_cache=False), at batch 1 and 32, 128 new tokens; EOS is disabled so every row makes all of them.
 
+PPO: one iteration of train_ppo.main (its tiny or small preset) split into rollout (generation), scoring (the two
+reward models, and the no-grad passes of policy, reference and value model) and update (the PPO epochs) time.
+Timers wrap train_ppo's own calls for the length of the run, so the loop measured is the script's real one.
+
 Weights are random: speed does not depend on what the model has learnt. Every figure is a wall-clock rate on this
 machine at this moment; the JSON records the load average before and after, so runs on a shared CPU can be told.
 
@@ -22,13 +26,15 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
+import data
 import runtime
-from model import ModelConfig, Transformer, flops_per_token, generate, masked_nll, num_params
+from model import ModelConfig, Transformer, flops_per_token, generate, masked_nll, num_params, save_checkpoint
 from train_sft import MODEL_PRESETS
 
 # Dense bf16 tensor-core peak FLOP/s by GPU name (vendor data sheets, without sparsity), first match wins; more
@@ -43,9 +49,9 @@ VOCAB_SIZE = {"tiny": 2048, "small": 32000, "1b": 32000}
 # Sizes per device: on CPU small enough to finish in minutes on two cores; on CUDA large enough to fill the GPU.
 SIZES = {
     "cpu": dict(train_batch={"tiny": 32, "small": 4, "1b": 1}, seq_len={"tiny": 192, "small": 256, "1b": 256},
-                steps={"tiny": 5, "small": 2, "1b": 1}, gen_presets="tiny"),
+                steps={"tiny": 5, "small": 2, "1b": 1}, gen_presets="tiny", ppo_presets="tiny"),
     "cuda": dict(train_batch={"tiny": 64, "small": 32, "1b": 8}, seq_len={"tiny": 192, "small": 512, "1b": 1024},
-                 steps={"tiny": 20, "small": 10, "1b": 5}, gen_presets="tiny,small"),
+                 steps={"tiny": 20, "small": 10, "1b": 5}, gen_presets="tiny,small", ppo_presets="tiny,small"),
 }
 
 
@@ -174,6 +180,78 @@ def bench_generation(config, batch_sizes, prompt_len, new_tokens, device, bf16=T
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- PPO
+@contextmanager
+def phase_timers(module, phases, device):
+    """Wrap module-level functions of `module` so each call adds its wall time to a phase; restored on exit.
+
+    phases maps a function name to a phase name, or to a function of torch.is_grad_enabled() giving it (the
+    same log-prob pass is scoring under no_grad and update with gradients). Yields the list of
+    (phase, start, end) records, CUDA work included (synchronised at both ends).
+    """
+    records, originals = [], {name: getattr(module, name) for name in phases}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            phase = phases[name](torch.is_grad_enabled()) if callable(phases[name]) else phases[name]
+            synchronize(device)
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            synchronize(device)
+            records.append((phase, start, time.perf_counter()))
+            return out
+        return wrapper
+
+    try:
+        for name, fn in originals.items():
+            setattr(module, name, timed(name, fn))
+        yield records
+    finally:
+        for name, fn in originals.items():
+            setattr(module, name, fn)
+
+
+def bench_ppo(preset, device, iterations=2, seed=0, extra_args=()):
+    """Seconds of the last of `iterations` train_ppo.py iterations, split into rollout, scoring and update.
+
+    The policy and both reward models are random-weight models of the preset with the world tokenizer, so each
+    response runs to --max-new-tokens (a random policy seldom samples </s>): the longest, steadiest rollout.
+    The earlier iterations are warm-up. update = the iteration's time minus rollout and scoring.
+    """
+    import train_ppo  # here, not at the top: the training and generation benchmarks need no PPO code
+
+    tok = data.world_tokenizer(2048)
+    config = ModelConfig(vocab_size=tok.vocab_size, **MODEL_PRESETS[preset])
+    with tempfile.TemporaryDirectory() as workdir:
+        paths = {}
+        for i, head in enumerate(("lm", "scalar")):
+            torch.manual_seed(seed + i)
+            head_config = ModelConfig(**{**vars(config), "head": head})
+            paths[head] = os.path.join(workdir, f"{head}.pt")
+            save_checkpoint(paths[head], dict(model=Transformer(head_config).state_dict(), tokenizer=tok.to_dict(),
+                                              model_config=vars(head_config), step=0))
+        args = train_ppo.get_args(["--preset", preset, "--init", paths["lm"], "--rm-safety", paths["scalar"],
+                                   "--rm-helpful", paths["scalar"], "--out", os.path.join(workdir, "ppo"),
+                                   "--iterations", str(iterations), "--save-every", str(10 * iterations),
+                                   "--sample-every", str(10 * iterations), "--eval-prompts", "0",
+                                   "--device", str(device), "--seed", str(seed), *extra_args])
+        scoring_or_update = lambda grad: "update" if grad else "scoring"
+        phases = dict(generate="rollout", score="scoring", response_logprobs=scoring_or_update,
+                      response_values=scoring_or_update, response_entropy="scoring", save_checkpoint="end")
+        with phase_timers(train_ppo, phases, device) as records:
+            train_ppo.main(args)
+    # the last iteration runs from the start of the last rollout to the final checkpoint's save
+    start = [r[1] for r in records if r[0] == "rollout"][-1]
+    end = [r[1] for r in records if r[0] == "end"][-1]
+    spent = {phase: sum(e - s for p, s, e in records if p == phase and s >= start) for phase in ("rollout", "scoring")}
+    total = end - start
+    return dict(preset=preset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                minibatch_size=args.minibatch_size, ppo_epochs=args.ppo_epochs, iteration_s=total,
+                rollout_s=spent["rollout"], scoring_s=spent["scoring"],
+                update_s=total - spent["rollout"] - spent["scoring"],
+                rollout_tokens_per_s=args.batch_size * args.max_new_tokens / spent["rollout"])
+
+
 # ---------------------------------------------------------------------------------------------- report
 def machine_info(device):
     info = dict(device=str(device), torch=torch.__version__, python=platform.python_version(),
@@ -212,6 +290,11 @@ def get_args(argv=None):
     p.add_argument("--gen-batch-sizes", default="1,32", help="comma-separated generation batch sizes")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per row")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row")
+    # PPO
+    p.add_argument("--ppo-presets", default=None, help="train_ppo.py presets to time one iteration of (default: "
+                   "tiny on CPU, tiny,small on CUDA); empty to skip")
+    p.add_argument("--ppo-iterations", type=int, default=2, help="PPO iterations run; the last one is timed")
+    p.add_argument("--ppo-args", default="", help="extra train_ppo.py flags, e.g. '--batch-size 16 --minibatch-size 8'")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice); on a "
                    "CPU shared with other jobs, 1 avoids threads waiting on each other")
     p.add_argument("--seed", type=int, default=0, help="random seed of weights and tokens")
@@ -225,10 +308,11 @@ def main(args):
     sizes = SIZES["cuda" if device.type == "cuda" else "cpu"]
     bf16 = not args.no_bf16
     peak = peak_flops(device, args.peak_tflops)
-    report = dict(machine=machine_info(device), peak_flops=peak, train={}, generate={})
+    report = dict(machine=machine_info(device), peak_flops=peak, train={}, generate={}, ppo={})
     presets = [p for p in args.presets.split(",") if p]
     gen_presets = [p for p in (sizes["gen_presets"] if args.gen_presets is None else args.gen_presets).split(",") if p]
-    for name in presets + gen_presets:
+    ppo_presets = [p for p in (sizes["ppo_presets"] if args.ppo_presets is None else args.ppo_presets).split(",") if p]
+    for name in presets + gen_presets + ppo_presets:
         if name not in MODEL_PRESETS:
             raise SystemExit(f"unknown preset {name!r}; choose from {sorted(MODEL_PRESETS)}")
 
@@ -253,6 +337,13 @@ def main(args):
             print(f"generate {name:6s} batch {r['batch_size']:3d}, {r['new_tokens']} new tokens: KV cache "
                   f"{fmt(r['kv_cache_tokens_per_s'])} tokens/s, recompute {fmt(r['recompute_tokens_per_s'])} "
                   f"tokens/s, speedup {r['speedup']:.1f}x", flush=True)
+
+    for name in ppo_presets:
+        r = bench_ppo(name, device, args.ppo_iterations, args.seed, args.ppo_args.split())
+        report["ppo"][name] = r
+        print(f"ppo {name:6s} batch {r['batch_size']} x {r['max_new_tokens']} new tokens, {r['ppo_epochs']} epochs: "
+              f"{r['iteration_s']:.2f} s per iteration = rollout {r['rollout_s']:.2f} + scoring {r['scoring_s']:.2f} "
+              f"+ update {r['update_s']:.2f}", flush=True)
 
     if hasattr(os, "getloadavg"):
         report["machine"]["loadavg_after"] = os.getloadavg()

@@ -70,7 +70,7 @@ def test_main_writes_json(tmp_path, restore_threads):
     out = tmp_path / "bench.json"
     args = bench.get_args(["--device", "cpu", "--threads", "1", "--presets", "tiny", "--train-batch", "2", "--seq-len", "16",
                            "--steps", "1", "--warmup-steps", "0", "--gen-presets", "tiny", "--gen-batch-sizes", "1,2",
-                           "--prompt-len", "4", "--new-tokens", "4", "--out", str(out)])
+                           "--prompt-len", "4", "--new-tokens", "4", "--ppo-presets", "", "--out", str(out)])
     report = bench.main(args)
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert [r["attention"] for r in report["train"]["tiny"]] == ["causal", "masked"]
@@ -78,3 +78,27 @@ def test_main_writes_json(tmp_path, restore_threads):
     assert [r["batch_size"] for r in report["generate"]["tiny"]] == [1, 2]
     assert report["machine"]["device"] == "cpu" and report["peak_flops"] is None
     assert report["machine"]["torch_threads"] == 1
+
+
+def test_phase_timers_attribute_calls_and_restore_the_module():
+    import types
+    module = types.SimpleNamespace(forward=lambda x: x + 1, other=lambda: 0)
+    original = module.forward
+    with bench.phase_timers(module, dict(forward=lambda grad: "update" if grad else "scoring"), CPU) as records:
+        assert module.forward(1) == 2
+        with torch.no_grad():
+            module.forward(2)
+    assert [r[0] for r in records] == ["update", "scoring"] and all(end >= start for _, start, end in records)
+    assert module.forward is original
+
+
+def test_bench_ppo_splits_the_iteration(restore_threads):
+    torch.set_num_threads(1)
+    r = bench.bench_ppo("tiny", CPU, iterations=2, extra_args=["--batch-size", "4", "--minibatch-size", "2",
+                                                               "--ppo-epochs", "1", "--max-new-tokens", "4"])
+    assert (r["batch_size"], r["max_new_tokens"], r["ppo_epochs"]) == (4, 4, 1)
+    assert r["rollout_s"] > 0 and r["scoring_s"] > 0 and r["update_s"] > 0
+    assert r["rollout_s"] + r["scoring_s"] + r["update_s"] == pytest.approx(r["iteration_s"])
+    assert r["rollout_tokens_per_s"] == pytest.approx(4 * 4 / r["rollout_s"])
+    import train_ppo
+    assert train_ppo.generate is bench.generate                 # the timers are gone after the run
