@@ -259,6 +259,14 @@ def test_checkpoint_with_another_tokenizer_is_a_clear_error(tmp_path):
         train_sft.main(train_sft.get_args(sft_argv(path, str(tmp_path / "out"), 2)))
 
 
+@pytest.mark.xfail(strict=True, reason="train_sft.py never checks the head of --init: a reward model's scalar head "
+                   "fails inside F.cross_entropy with 'Expected floating point type for target ...'")
+def test_reward_model_as_init_is_a_clear_error(tok, tmp_path):
+    path = micro_checkpoint(str(tmp_path / "rm.pt"), tok, head="scalar")
+    with pytest.raises((ValueError, SystemExit), match="head"):
+        train_sft.main(train_sft.get_args(sft_argv(path, str(tmp_path / "out"), 2)))
+
+
 @pytest.mark.xfail(strict=True, reason="train_sft.py --resume takes OUT/model.pt whatever stage wrote it: an SFT "
                    "run resumed onto a base checkpoint trains on without a word")
 def test_resume_onto_another_stages_checkpoint_is_a_clear_error(init, tmp_path):
