@@ -425,9 +425,10 @@ def as_dialog(row, where):
     return messages
 
 
-def read_jsonl(path, required=()):
+def read_jsonl(path, required=(), with_lines=False):
     """Rows of a JSONL file (blank lines skipped); malformed JSON, a non-object row or a missing required field
-    raises ValueError naming path:line, and so does a file without rows."""
+    raises ValueError naming path:line, and so does a file without rows. with_lines: (line number, row) pairs,
+    so that later checks can name the line too."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -442,7 +443,7 @@ def read_jsonl(path, required=()):
             missing = [k for k in required if k not in row]
             if missing:
                 raise ValueError(f"{path}:{lineno}: missing field {', '.join(map(repr, missing))}")
-            rows.append(row)
+            rows.append((lineno, row) if with_lines else row)
     if not rows:
         raise ValueError(f"{path}: empty file, no JSON rows")
     return rows

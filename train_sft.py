@@ -119,8 +119,7 @@ def load_text_data(args, tok):
         val_dialogs = [ex.messages + [{"role": "assistant", "content": w.gold_response(ex, gold_rng)}]
                        for ex in w.test[::4]]
     else:
-        rows = data.read_jsonl(args.data)
-        dialogs = [data.as_dialog(r, f"{args.data}:{i + 1}") for i, r in enumerate(rows)]
+        dialogs = [data.as_dialog(row, f"{args.data}:{line}") for line, row in data.read_jsonl(args.data, with_lines=True)]
         val_dialogs = dialogs[::20]
         dialogs = [d for i, d in enumerate(dialogs) if i % 20]
     return data.encode_sft(tok, dialogs, args.max_seq_len), data.encode_sft(tok, val_dialogs, args.max_seq_len)
@@ -164,12 +163,19 @@ def main(args):
         raise SystemExit("--stage sft needs --init CHECKPOINT (the base model to fine-tune)")
 
     # ------------------------------------------------------------------ model and tokenizer
-    if resume is not None:
-        model, ckpt = load_model(resume, rt.device)
+    if resume is not None and resume.get("stage") != args.stage:
+        raise SystemExit(f"{ckpt_path} holds a {resume.get('stage')!r} stage checkpoint; --resume of --stage "
+                         f"{args.stage} needs one this stage wrote (or use another --out)")
+    if resume is not None or args.init:
+        model, ckpt = load_model(resume if resume is not None else args.init, rt.device)
         tok = data.Tokenizer.from_dict(ckpt["tokenizer"])
-    elif args.init:
-        model, ckpt = load_model(args.init, rt.device)
-        tok = data.Tokenizer.from_dict(ckpt["tokenizer"])
+        source = ckpt_path if resume is not None else args.init
+        if model.config.head != "lm":
+            raise SystemExit(f"{source}: a model with a {model.config.head!r} head (a reward or value model); "
+                             f"next-token training needs a language model (head 'lm')")
+        if tok.vocab_size > model.config.vocab_size:
+            raise SystemExit(f"{source}: its tokenizer has {tok.vocab_size} tokens but the model's embedding has "
+                             f"{model.config.vocab_size} rows; the checkpoint pairs a model with another tokenizer")
     else:
         tok = data.load_tokenizer(args.tokenizer, vocab_size=args.vocab_size)
         config = ModelConfig(vocab_size=tok.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
@@ -208,6 +214,7 @@ def main(args):
 
     # ------------------------------------------------------------------ training loop
     micro = args.batch_size // args.grad_accum // rt.world_size
+    loss_value, metrics = None, {}
     bar = tqdm(total=args.steps, initial=step, disable=not rt.is_main, desc=args.stage)
     while step < args.steps:
         lr = runtime.cosine_lr(step, args.steps, args.lr, args.warmup, args.min_lr_ratio)
@@ -230,6 +237,9 @@ def main(args):
         if not math.isfinite(loss_value):
             raise SystemExit(f"loss became {loss_value} at step {step}; the last good checkpoint is {ckpt_path}")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        if not torch.isfinite(grad_norm):  # e.g. an overflow in the backward pass: never step into NaN weights
+            raise SystemExit(f"gradient norm became {grad_norm.item()} at step {step}; the last good checkpoint "
+                             f"is {ckpt_path}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
