@@ -8,6 +8,7 @@
   on either side, and a JSONL reader whose errors name file:line.
 """
 import base64
+import functools
 import hashlib
 import heapq
 import itertools
@@ -166,7 +167,48 @@ def llama2_template(system, turns):
     return segments
 
 
-TEMPLATES = {"llama2": llama2_template}
+def chatml_template(system, turns, default_system=None):
+    """ChatML (SmolLM2, Qwen, ...): every message is <|im_start|>{role}\\n{content}<|im_end|>\\n.
+
+    The turn to complete ends with <|im_start|>assistant\\n; a trained answer covers {answer} and its <|im_end|>.
+    Text between two control tokens is one segment, so it is split into tokens as the model's own template is.
+    """
+    segments = []
+    system = default_system if system is None else system
+    if system is not None:
+        segments += [_special("<|im_start|>"), _text(f"system\n{system}"), _special("<|im_end|>"), _text("\n")]
+    for user, answer, train in turns:
+        segments += [_special("<|im_start|>"), _text(f"user\n{user}"), _special("<|im_end|>"), _text("\n"),
+                     _special("<|im_start|>"), _text("assistant\n")]
+        if answer is not None:
+            segments += [_text(answer, train), _special("<|im_end|>", train), _text("\n")]
+    return segments
+
+
+# SmolLM2-Instruct's chat template puts this system prompt first when a conversation has none
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def llama3_template(system, turns):
+    """Llama 3 (Meta's chat format): <|begin_of_text|>, then per message
+    <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>; the turn to complete ends with the
+    assistant header and \\n\\n; a trained answer covers {answer} and its <|eot_id|>."""
+    def header(role):
+        return [_special("<|start_header_id|>"), _text(role), _special("<|end_header_id|>")]
+    segments = [_special("<|begin_of_text|>")]
+    if system is not None:
+        segments += header("system") + [_text(f"\n\n{system}"), _special("<|eot_id|>")]
+    for user, answer, train in turns:
+        segments += header("user") + [_text(f"\n\n{user}"), _special("<|eot_id|>")] + header("assistant")
+        segments.append(_text("\n\n"))
+        if answer is not None:
+            segments += [_text(answer, train), _special("<|eot_id|>", train)]
+    return segments
+
+
+# A real model's template is chosen from its checkpoint (loaders.chat_template_name), never by the script
+TEMPLATES = {"llama2": llama2_template, "chatml": chatml_template, "llama3": llama3_template,
+             "smollm2": functools.partial(chatml_template, default_system=SMOLLM2_SYSTEM)}
 
 
 def _split_turns(messages, last_role):

@@ -378,8 +378,14 @@ def load_checkpoint(path, map_location="cpu"):
 
 def load_model(path_or_ckpt, device="cpu", head=None):
     """(Transformer, checkpoint dict). head="scalar" on an lm checkpoint swaps the lm head for a fresh scalar
-    head: the reward and value models start from the SFT model (Llama 2, section 3.2.2)."""
-    ckpt = load_checkpoint(path_or_ckpt) if isinstance(path_or_ckpt, (str, os.PathLike)) else path_or_ckpt
+    head: the reward and value models start from the SFT model (Llama 2, section 3.2.2). A folder (HF or Meta
+    layout) or a .gguf file is a real model, read by loaders.py."""
+    is_path = isinstance(path_or_ckpt, (str, os.PathLike))
+    if is_path and (os.path.isdir(path_or_ckpt) or str(path_or_ckpt).endswith(".gguf")):
+        import loaders  # only when a real model is asked for
+        ckpt = loaders.load_real(path_or_ckpt)
+    else:
+        ckpt = load_checkpoint(path_or_ckpt) if is_path else path_or_ckpt
     where = path_or_ckpt if isinstance(path_or_ckpt, (str, os.PathLike)) else "checkpoint"
     known = {f.name for f in fields(ModelConfig)}
     if set(ckpt["model_config"]) - known:
