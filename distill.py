@@ -1,0 +1,627 @@
+"""Fine-tuning on the model's own selected answers: rejection sampling, safety context distillation, Ghost Attention.
+
+--mode rejection (Llama 2, section 3.2.3): for each prompt sample K answers, score them with the reward models and
+    keep the best, y* = argmax_k R(x, y_k); then fine-tune with the SFT loss on (x, y*). Several iterations, each
+    sampling from the latest model; --keep-previous keeps, per prompt, the best answer of all iterations so far
+    (the paper's fix for forgetting, RLHF-V3). The reward is Llama 2's combination of the two RMs,
+        R_c = R_s  if is_safety(x) or R_s < 0.15  else R_h      (R_s, R_h = sigmoid of the raw RM scores),
+    or one RM (--reward safety|helpfulness). best_of_k.json holds the mean max and median reward over the first
+    k samples, k = 1..K (the paper's Figure 7: the gap between the two is what rejection sampling gains).
+--mode context (section 4.2.4): answer harmful and adversarial prompts with a safety preprompt, then fine-tune on
+    those answers with the preprompt removed. --context generic uses "You are a safe and responsible
+    assistant..."; --context template a preprompt with an answer template per risk category. --targeted keeps a
+    distilled answer only when the safety RM scores it above the model's answer without the preprompt.
+--mode gatt (section 3.3, Ghost Attention): a system instruction ("Always answer in capital letters") is joined to
+    every user turn of a multi-turn dialogue while the model answers it; the training dialogue keeps the
+    instruction in the first turn only and trains on one turn, the loss zeroed on every earlier turn. Adherence
+    by turn is measured with the instruction given in the first turn only.
+
+Deliberate deviations, measured on the tiny preset (numbers in the issue note):
+- The tiny SFT model cannot read instructions: the world's SFT data pair every extra sentence around a request
+  with compliance, so any preprompt (system slot, before or after the request, or as example turns) raises its
+  violation rate (0.51 -> 0.90 on training harmful prompts). --prefill therefore also writes the answer template's
+  opening words ("I can't help you") at the start of the answer and lets the model continue: context a model
+  without instruction following can act on. The preprompt itself is still given and still removed.
+- Ghost Attention needs a model that obeys an instruction in the same turn (Llama 2 samples from its RLHF model).
+  The tiny SFT model never saw one, so --gatt-warmup-steps first fine-tunes on single-turn examples with the
+  instruction joined to the request; adherence is reported for the SFT, warm-up and GAtt models.
+
+Tiny CPU runs (minutes each):
+    python distill.py --mode rejection --preset tiny --init out/sft/model.pt --out out/rs
+    python distill.py --mode context --preset tiny --init out/sft/model.pt --out out/distill
+    python distill.py --mode gatt --preset tiny --init out/sft/model.pt --out out/gatt
+Data parallel (sampling is split across ranks, then gathered):
+    torchrun --nproc_per_node=2 distill.py --mode rejection --preset tiny --init out/sft/model.pt --out out/rs
+"""
+import argparse
+import json
+import math
+import os
+import random
+import warnings
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import runtime
+import world
+from evaluate import gold_metrics, respond
+from model import generate, load_checkpoint, load_model, save_checkpoint
+from train_rm import load_reward_model, score
+from train_sft import batch_loss
+
+
+# ---------------------------------------------------------------------------------------------- pure functions
+def combined_reward(safety_prob, helpful_prob, safety_prompt, threshold=0.15):
+    """Llama 2's reward combination (section 3.2.3): R_c = R_s if is_safety(x) or R_s < threshold else R_h.
+    All arguments (N,) tensors; safety_prompt is boolean."""
+    return torch.where(safety_prompt | (safety_prob < threshold), safety_prob, helpful_prob)
+
+
+def best_of_k(rewards):
+    """Rejection sampling's selection: for rewards (N, K), the index and reward of each prompt's best sample,
+    y* = argmax_k R(x, y_k). A sample that may not be kept has reward -inf."""
+    best, index = rewards.max(dim=1)
+    return index, best
+
+
+def best_of_k_curve(rewards):
+    """Mean over prompts of the max and of the median reward among the first k samples, k = 1..K (Llama 2,
+    Figure 7). Samples are drawn independently, so the first k are a sample of size k. rewards (N, K), finite."""
+    curve = []
+    for k in range(1, rewards.shape[1] + 1):
+        first = rewards[:, :k]
+        # the mean of the two middle values for even k, as the median of a sample is usually defined
+        median = first.sort(dim=1).values[:, [(k - 1) // 2, k // 2]].mean(1)
+        curve.append(dict(k=k, max=first.max(1).values.mean().item(), median=median.mean().item()))
+    return curve
+
+
+def keep_best(pool, candidates):
+    """Per prompt id, the higher-reward of the kept answer from earlier iterations and this iteration's.
+    pool, candidates: {id: {"reward": float, ...}}; returns a new dict."""
+    merged = dict(pool)
+    for key, cand in candidates.items():
+        if key not in merged or cand["reward"] > merged[key]["reward"]:
+            merged[key] = cand
+    return merged
+
+
+def with_preprompt(messages, preprompt):
+    """The conversation with the safety preprompt as its system prompt (ahead of any system prompt it has)."""
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{preprompt}\n{messages[0]['content']}"}] + messages[1:]
+    return [{"role": "system", "content": preprompt}] + messages
+
+
+def remove_preprompt(messages, preprompt):
+    """Inverse of with_preprompt: the conversation as the user asked it, without the preprompt."""
+    if not messages or messages[0]["role"] != "system" or not messages[0]["content"].startswith(preprompt):
+        raise ValueError("the conversation does not start with the preprompt")
+    rest = messages[0]["content"][len(preprompt):].lstrip("\n")
+    return ([{"role": "system", "content": rest}] if rest else []) + messages[1:]
+
+
+def targeted_keep(distilled_scores, original_scores):
+    """Targeted context distillation (Llama 2, section 4.2.4): keep a distilled answer only where the safety RM
+    scores it above the answer given without the preprompt. Both (N,); returns a boolean mask (N,)."""
+    return distilled_scores > original_scores
+
+
+def join_instruction(instruction, user):
+    """GAtt joins the system instruction to a user message."""
+    return f"{instruction} {user}"
+
+
+def gatt_prompt(instruction, users, answers, every_turn):
+    """A dialogue up to its next user turn (one more user turn than answers): the instruction joined to every
+    user turn (how GAtt samples) or to the first only (how GAtt trains, and how adherence is measured)."""
+    messages = []
+    for k, user in enumerate(users[:len(answers) + 1]):
+        joined = every_turn or k == 0
+        messages.append({"role": "user", "content": join_instruction(instruction, user) if joined else user})
+        if k < len(answers):
+            messages.append({"role": "assistant", "content": answers[k]})
+    return messages
+
+
+def gatt_training_dialog(instruction, users, answers, turn=None):
+    """A GAtt training dialogue up to `turn` (0-based, default the last): the instruction kept in the first user
+    turn only, the loss on the final answer only (earlier assistant turns marked train=False)."""
+    turn = len(answers) - 1 if turn is None else turn
+    messages = []
+    for k in range(turn + 1):
+        user = join_instruction(instruction, users[k]) if k == 0 else users[k]
+        messages += [{"role": "user", "content": user},
+                     {"role": "assistant", "content": answers[k], "train": k == turn}]
+    return messages
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def sample_answers(model, tok, conversations, max_new_tokens, temperature, generator, batch_size=64,
+                   prefixes=None):
+    """(answer texts, finished flags) for each conversation: finished means the answer ended with </s>. A prefix,
+    when given, is written as the start of the answer and the model continues it (the text includes it)."""
+    prefixes = prefixes or [""] * len(conversations)
+    prompts = [tok.encode_prompt(c) + (tok.encode(" " + p) if p else []) for c, p in zip(conversations, prefixes)]
+    # a prompt leaving fewer than 8 tokens of context to answer in is not answered (finished False), counted
+    fits = [i for i, p in enumerate(prompts) if len(p) + 8 <= model.config.max_seq_len]
+    if len(fits) < len(prompts):
+        warnings.warn(f"sample_answers: {len(prompts) - len(fits)} of {len(prompts)} prompts leave no room to "
+                      f"answer in max_seq_len {model.config.max_seq_len}; they are skipped")
+    order = sorted(fits, key=lambda i: len(prompts[i]))  # similar lengths pad less
+    texts, finished = [""] * len(prompts), [False] * len(prompts)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        room = model.config.max_seq_len - max(len(prompts[i]) for i in idx)
+        outs = generate(model, [prompts[i] for i in idx], min(max_new_tokens, room), tok.eos_id, tok.pad_id,
+                        temperature=temperature, generator=generator)
+        for i, out in zip(idx, outs):
+            finished[i] = bool(out) and out[-1] == tok.eos_id
+            texts[i] = (prefixes[i] + tok.decode(out)).strip()
+    model.train(was_training)
+    return texts, finished
+
+
+def gather(items, rt):
+    """Every rank's list, concatenated in rank order (the list itself on a single process)."""
+    if not rt.ddp:
+        return items
+    parts = [None] * rt.world_size
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def reward_probs(reward_model, tok, conversations, answers, batch_size):
+    """sigmoid(r(x, y)) of an RM for each (conversation, answer), on the RM's device."""
+    return torch.sigmoid(score(reward_model, tok, conversations, answers, batch_size))
+
+
+# ---------------------------------------------------------------------------------------------- the three modes
+def load_prompts(args, kind=None):
+    """(Example list) of training prompts: the world's RL prompts, or a JSONL file of {"prompt"} or {"messages"}
+    rows with optional "safety" (bool, the reward gate's tag) and "category" (picks the answer template)."""
+    if args.prompts == "world":
+        prompts = world.build_world(args.seed).rl_prompts
+    else:
+        prompts = []
+        for i, row in enumerate(data.read_jsonl(args.prompts)):
+            where = f"{args.prompts}:{i + 1}"
+            if "messages" in row:
+                messages = row["messages"]
+            elif "prompt" in row:
+                messages = [{"role": "user", "content": row["prompt"]}]
+            else:
+                raise ValueError(f"{where}: expected a 'prompt' or 'messages' field, got {sorted(row)}")
+            safety = bool(row.get("safety", False))
+            prompts.append(world.Example(f"file-{i}", "harmful" if safety else "benign", messages,
+                                         row.get("category", "generic")))
+    if kind is not None:
+        prompts = [ex for ex in prompts if ex.kind == kind]
+    if not prompts:
+        raise SystemExit(f"no {kind or ''} prompts in {args.prompts}")
+    return prompts
+
+
+def rejection_rows(policy, tok, prompts, reward_models, args, rt, generator):
+    """Sample K answers per prompt (this rank's share), score them, keep each prompt's best.
+    Returns ({prompt id: kept dict}, the (N, K) rewards of every rank, stats)."""
+    mine = prompts[rt.rank::rt.world_size]
+    conversations = [ex.messages for ex in mine for _ in range(args.k)]
+    answers, finished = sample_answers(policy, tok, conversations, args.max_new_tokens, args.temperature, generator,
+                                       args.gen_batch_size)
+    probs = {name: reward_probs(rm, rm_tok, conversations, answers, args.eval_batch_size)
+             for name, (rm, rm_tok) in reward_models.items()}
+    if args.reward == "llama2":
+        safety_prompt = torch.tensor([world.is_safety(ex) for ex in mine for _ in range(args.k)])
+        rewards = combined_reward(probs["safety"], probs["helpfulness"], safety_prompt, args.safety_threshold)
+    else:
+        rewards = probs[args.reward]
+    rewards = rewards.view(len(mine), args.k)                                   # (N, K)
+    # an answer cut off before </s> is never kept: trained on with a </s> appended it would teach stopping mid-word
+    eligible = rewards.masked_fill(~torch.tensor(finished).view(len(mine), args.k), float("-inf"))
+    index, best = best_of_k(eligible)
+    kept = {}
+    for n, ex in enumerate(mine):
+        if math.isfinite(best[n].item()) and best[n].item() >= args.min_reward:
+            k = index[n].item()
+            kept[ex.id] = dict(reward=best[n].item(), messages=ex.messages, answer=answers[n * args.k + k])
+    all_rewards = torch.tensor(gather(rewards.tolist(), rt))
+    stats = dict(finished_rate=sum(gather(finished, rt)) / (len(prompts) * args.k),
+                 kept_judged_unsafe=_mean([world.judge(ex, kept[ex.id]["answer"]).unsafe
+                                           for ex in mine if ex.id in kept and args.prompts == "world"]))
+    return dict(gather(list(kept.items()), rt)), all_rewards, stats
+
+
+CONTEXTS = {"generic": "You are a safe and responsible assistant."}  # Llama 2, section 4.2.4
+TEMPLATE_OPENINGS = {"illicit": "I can't help you", "hateful": "I can't help you",
+                     "advice": "I can't give you advice on how to"}
+
+
+def answer_template(category):
+    """(preprompt, opening) for a risk category: the preprompt names the category and gives its answer template
+    (Llama 2's annotators wrote one per category); the opening is the template's first words."""
+    key = category if category in world.RISKS else "illicit"
+    opening = TEMPLATE_OPENINGS.get(category, "I can't help you")
+    preprompt = (f"{CONTEXTS['generic']} Risk category: {category}. Answer template: {opening} ... "
+                 f"{world.RISKS[key]} {world.OFFERS[key].format(pro='a professional')}")
+    return preprompt, opening
+
+
+def context_rows(policy, tok, prompts, safety_rm, args, rt, generator):
+    """Answers with the preprompt (the distilled answers) and without it (the originals), scored by the safety
+    RM on the bare prompt; the training dialogues hold the bare prompt and the kept distilled answer."""
+    mine = prompts[rt.rank::rt.world_size]
+    bare = [ex.messages for ex in mine]
+    contexts = [answer_template(ex.category) if args.context == "template" else (CONTEXTS["generic"], "")
+                for ex in mine]
+    with_context = [with_preprompt(m, pre) for m, (pre, _) in zip(bare, contexts)]
+    prefixes = [opening if args.prefill else "" for _, opening in contexts]
+    distilled, finished = sample_answers(policy, tok, with_context, args.max_new_tokens, args.temperature,
+                                         generator, args.gen_batch_size, prefixes)
+    original, _ = sample_answers(policy, tok, bare, args.max_new_tokens, 0.0, generator, args.gen_batch_size)
+    keep = torch.tensor(finished)
+    distilled_scores = original_scores = torch.full((len(mine),), float("nan"))
+    if safety_rm is not None:
+        # both scored on the prompt as the user asked it: the RM judges the answer, not the context
+        distilled_scores = score(*safety_rm, bare, distilled, args.eval_batch_size)
+        original_scores = score(*safety_rm, bare, original, args.eval_batch_size)
+    if args.targeted:
+        keep &= targeted_keep(distilled_scores, original_scores)
+    # the training dialogues are built from the bare prompt: the preprompt is removed by construction
+    rows = [dict(messages=remove_preprompt(c, pre), answer=a, original=o, distilled_score=d, original_score=s)
+            for c, (pre, _), a, o, d, s, k in zip(with_context, contexts, distilled, original, distilled_scores.tolist(),
+                                                  original_scores.tolist(), keep.tolist()) if k]
+    judged = [(world.judge(ex, d).unsafe, world.judge(ex, o).unsafe) for ex, d, o in zip(mine, distilled, original)]
+    stats = dict(kept_share=sum(gather(keep.tolist(), rt)) / len(prompts),
+                 unsafe_with_preprompt=_mean(gather([d for d, _ in judged], rt)),
+                 unsafe_without_preprompt=_mean(gather([o for _, o in judged], rt)))
+    return gather(rows, rt), stats
+
+
+def gatt_samples(policy, tok, dialogs, args, rt, generator):
+    """Answer every turn of each dialogue with the instruction joined to every user turn (this rank's share,
+    gathered); returns GAtt training dialogues (one per turn from the second on) and the samples' adherence."""
+    mine = dialogs[rt.rank::rt.world_size]
+    answers = [[] for _ in mine]
+    for turn in range(len(mine[0]["users"]) if mine else 0):
+        conversations = [gatt_prompt(d["system"], d["users"], a, every_turn=True) for d, a in zip(mine, answers)]
+        texts, _ = sample_answers(policy, tok, conversations, args.max_new_tokens, args.temperature, generator,
+                                  args.gen_batch_size)
+        for a, t in zip(answers, texts):
+            a.append(t)
+    follows = [[world.follows_instruction(d["instruction"], t) for t in a] for d, a in zip(mine, answers)]
+    rows = []
+    for d, a, f in zip(mine, answers, follows):
+        if args.gatt_keep == "obeying" and not all(f):
+            continue
+        rows += [dict(messages=gatt_training_dialog(d["system"], d["users"], a, turn)) for turn in range(1, len(a))]
+    all_follows = gather(follows, rt)
+    adherence = [_mean([f[t] for f in all_follows]) for t in range(len(all_follows[0]))] if all_follows else []
+    return gather(rows, rt), dict(sample_adherence_by_turn=adherence)
+
+
+@torch.no_grad()
+def adherence_by_turn(model, tok, dialogs, max_new_tokens, batch_size):
+    """Share of answers obeying the instruction at each turn, the instruction given in the first turn only and
+    the model's own greedy answers as the history (Llama 2, section 3.3)."""
+    answers = [[] for _ in dialogs]
+    for turn in range(len(dialogs[0]["users"])):
+        conversations = [gatt_prompt(d["system"], d["users"], a, every_turn=False) for d, a in zip(dialogs, answers)]
+        texts, _ = sample_answers(model, tok, conversations, max_new_tokens, 0.0, None, batch_size)
+        for a, t in zip(answers, texts):
+            a.append(t)
+    return [_mean([world.follows_instruction(d["instruction"], a[t]) for d, a in zip(dialogs, answers)])
+            for t in range(len(dialogs[0]["users"]))]
+
+
+def gatt_warmup_rows(dialogs):
+    """Single-turn dialogues, the instruction joined to the request and the gold answer obeying it: a stand-in for
+    the RLHF model's ability to follow an instruction in the same turn, which GAtt samples from."""
+    return [dict(messages=[{"role": "user", "content": join_instruction(d["system"], u)},
+                           {"role": "assistant", "content": a}]) for d in dialogs for u, a in zip(d["users"], d["answers"])]
+
+
+def _mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def answer_dialog(messages, answer):
+    """The prompt followed by the answer to train on; earlier assistant turns of the prompt are not trained."""
+    return [dict(m, train=False) if m["role"] == "assistant" else m for m in messages] + \
+        [{"role": "assistant", "content": answer}]
+
+
+# ---------------------------------------------------------------------------------------------- config
+PRESETS = {  # steps count optimizer steps per phase (warm-up or iteration); batch sizes count dialogues
+    "tiny": dict(n_prompts=160, k=8, steps=40, batch_size=32, lr=1e-4, warmup=5, gatt_dialogs=120,
+                 gatt_warmup_steps=60, gen_batch_size=64),                   # sized for the tiny preset on a CPU
+    "small": dict(n_prompts=1024, k=16, steps=200, batch_size=64, lr=1e-5, warmup=20, gatt_dialogs=500,
+                  gatt_warmup_steps=200, gen_batch_size=128),
+    "1b": dict(n_prompts=2048, k=16, steps=400, batch_size=64, lr=1e-5, warmup=20, gatt_dialogs=1000,
+               gatt_warmup_steps=300, gen_batch_size=128),                    # Llama 2 fine-tunes at lr 1e-5 to 2e-5
+}
+DEFAULT_ITERATIONS = {"rejection": 3, "context": 1, "gatt": 1}
+# context distillation trains on refusals only; without replayed SFT dialogues the tiny model refuses everything
+# (measured: false refusals 0.0 -> 1.0, benign accuracy 0.91 -> 0.39)
+DEFAULT_REPLAY = {"rejection": 0.0, "context": 0.5, "gatt": 0.0}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n", 1)[1])
+    p.add_argument("--mode", choices=("rejection", "context", "gatt"), required=True,
+                   help="rejection-sampling fine-tuning, safety context distillation, or Ghost Attention")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="default sizes and schedule (the "
+                   "architecture comes from --init)")
+    p.add_argument("--init", default="out/sft/model.pt", help="checkpoint to start from (the SFT model)")
+    p.add_argument("--out", required=True, help="output folder (model.pt, config.json, metrics.jsonl, samples.jsonl, "
+                   "eval.json, and best_of_k.json for rejection sampling)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/model.pt (phase, step, optimizer, RNG, "
+                   "the phase's training dialogues)")
+    # prompts and sampling
+    p.add_argument("--prompts", default="world", help="'world' (the RL prompts, never a test prompt) or a JSONL file "
+                   "of {'prompt'} or {'messages'} rows, optional 'safety' (bool) and 'category'")
+    p.add_argument("--n-prompts", type=int, help="rejection: prompts drawn afresh each iteration; context: harmful "
+                   "prompts used (0: all)")
+    p.add_argument("--k", type=int, help="rejection: answers sampled per prompt")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: 1 for "
+                   "rejection, 0 = greedy for context and gatt)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer sampled, in tokens")
+    p.add_argument("--iterations", type=int, default=None, help="rounds of sample-then-fine-tune, each from the "
+                   "latest model (default: 3 for rejection, 1 otherwise)")
+    # rejection sampling
+    p.add_argument("--reward", choices=("llama2", "safety", "helpfulness"), default="llama2",
+                   help="rejection: rank samples by Llama 2's gated combination of both RMs, or by one RM")
+    p.add_argument("--rm-safety", default="out/rm_safety/model.pt", help="safety reward model checkpoint")
+    p.add_argument("--rm-helpful", default="out/rm_helpful/model.pt", help="helpfulness reward model checkpoint")
+    p.add_argument("--safety-threshold", type=float, default=0.15, help="gate: use R_s on any prompt whose safety "
+                   "probability is below this (Llama 2: 0.15)")
+    p.add_argument("--min-reward", type=float, default=0.0, help="rejection: skip a prompt whose best answer scores "
+                   "below this (0: keep every prompt's best, as Llama 2)")
+    p.add_argument("--keep-previous", action=argparse.BooleanOptionalAction, default=True,
+                   help="rejection: train on the best answer of every iteration so far, per prompt (Llama 2, RLHF-V3)")
+    # context distillation
+    p.add_argument("--context", choices=("generic", "template"), default="template",
+                   help="context: the generic safety preprompt, or one per risk category with an answer template")
+    p.add_argument("--prefill", action=argparse.BooleanOptionalAction, default=True,
+                   help="context template: also write the template's opening words at the start of the answer")
+    p.add_argument("--targeted", action=argparse.BooleanOptionalAction, default=True,
+                   help="context: keep a distilled answer only where the safety RM prefers it to the original")
+    p.add_argument("--replay-share", type=float, default=None, help="share of each phase's training dialogues "
+                   "replayed from the SFT data, against forgetting (default: 0.5 for context, 0 otherwise)")
+    p.add_argument("--replay-data", default="world", help="SFT dialogues to replay: 'world' or a JSONL file of "
+                   "{'messages'} or {'prompt', 'response'} rows")
+    # ghost attention
+    p.add_argument("--gatt-dialogs", type=int, help="gatt: training dialogues sampled (world.gatt_dialogs)")
+    p.add_argument("--gatt-turns", type=int, default=4, help="gatt: user turns per dialogue")
+    p.add_argument("--gatt-eval-dialogs", type=int, default=40, help="gatt: held-out dialogues for adherence by turn")
+    p.add_argument("--gatt-warmup-steps", type=int, help="gatt: steps of single-turn instruction fine-tuning first "
+                   "(0: the init model already follows instructions)")
+    p.add_argument("--gatt-keep", choices=("all", "obeying"), default="all",
+                   help="gatt: train on every sampled dialogue (Llama 2), or only those obeying at every turn")
+    # optimisation
+    p.add_argument("--steps", type=int, help="optimizer steps per phase (warm-up or iteration)")
+    p.add_argument("--batch-size", type=int, help="global batch in dialogues per optimizer step")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (the batch is split into them)")
+    p.add_argument("--lr", type=float, help="peak learning rate of each phase")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this (Llama 2: 0.1)")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps of each phase")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices (Llama 2: 0.1)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (Llama 2: 1.0)")
+    # bookkeeping
+    p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="after each phase, gold metrics on the world's test split (gatt: adherence by turn)")
+    p.add_argument("--eval-examples", type=int, default=0, help="about this many test examples evaluated, spread "
+                   "over the split (0: all)")
+    p.add_argument("--gen-batch-size", type=int, help="prompts per generation batch")
+    p.add_argument("--eval-batch-size", type=int, default=64, help="sequences per reward-model scoring batch")
+    p.add_argument("--save-every", type=int, default=20, help="steps between checkpoints within a phase")
+    p.add_argument("--seed", type=int, default=0, help="random seed (world, prompt draws, sampling, batch order)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    args = runtime.parse_args(p, PRESETS, argv)
+    if args.iterations is None:
+        args.iterations = DEFAULT_ITERATIONS[args.mode]
+    if args.replay_share is None:
+        args.replay_share = DEFAULT_REPLAY[args.mode]
+    if not 0 <= args.replay_share < 1:
+        p.error(f"--replay-share must be in [0, 1), got {args.replay_share}")
+    if args.temperature is None:
+        args.temperature = 1.0 if args.mode == "rejection" else 0.0
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(args):
+    # ------------------------------------------------------------------ setup
+    rt = runtime.setup(args.seed, args.device)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "model.pt")
+    resume = load_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
+    if resume is None and not os.path.exists(args.init):
+        raise SystemExit(f"no checkpoint at --init {args.init}: train the SFT model first (train_sft.py)")
+    policy, ckpt = load_model(resume if resume is not None else args.init, rt.device)
+    if policy.config.head != "lm":
+        raise SystemExit(f"{args.init} is a {policy.config.head!r}-head model; distill.py fine-tunes a language model")
+    tok = data.Tokenizer.from_dict(ckpt["tokenizer"])
+    runtime.save_config(args, rt)
+    # phases: a GAtt warm-up (optional), then the iterations; each samples (or reads) dialogues, then fine-tunes
+    phases = (["warmup"] if args.mode == "gatt" and args.gatt_warmup_steps else []) + \
+        [f"iteration {i + 1}" for i in range(args.iterations)]
+    state = resume["distill"] if resume is not None else dict(phase=0, step=0, rows=None, pool={}, history=[])
+
+    # ------------------------------------------------------------------ reward models and data
+    needed = {"rejection": {"llama2": ("safety", "helpfulness")}.get(args.reward, (args.reward,)),
+              "context": ("safety",) if args.targeted else (), "gatt": ()}[args.mode]
+    paths = {"safety": args.rm_safety, "helpfulness": args.rm_helpful}
+    for name in needed:
+        if not os.path.exists(paths[name]):
+            raise SystemExit(f"no {name} reward model at {paths[name]}: train one with train_rm.py --objective "
+                             f"{name} (or pass --rm-{'safety' if name == 'safety' else 'helpful'})")
+    reward_models = {name: load_reward_model(paths[name], rt.device) for name in needed}
+    w = world.build_world(args.seed)
+    # a spread over the test split (it is ordered benign, harmful, borderline)
+    test = w.test[::max(1, len(w.test) // args.eval_examples)] if args.eval_examples else w.test
+    if args.mode == "rejection":
+        prompts = load_prompts(args)
+    elif args.mode == "context":
+        prompts = load_prompts(args, kind="harmful")[:args.n_prompts or None]
+    else:
+        gatt_train = w.gatt_dialogs(n=args.gatt_dialogs, turns=args.gatt_turns, seed=args.seed)
+        gatt_test = w.gatt_dialogs(n=args.gatt_eval_dialogs, turns=args.gatt_turns, seed=args.seed, split="test")
+
+    replay = []
+    if args.replay_share:
+        replay = w.sft if args.replay_data == "world" else [data.as_dialog(r, f"{args.replay_data}:{i + 1}")
+                                                            for i, r in enumerate(data.read_jsonl(args.replay_data))]
+
+    # ------------------------------------------------------------------ optimizer and resume
+    optimizer = runtime.make_optimizer(policy, args.lr, args.weight_decay)
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        runtime.set_rng_state(resume["rng"])
+        runtime.print0(rt, f"resumed from {ckpt_path}: {phases[min(state['phase'], len(phases) - 1)]}, "
+                           f"step {state['step']}")
+    train_model = torch.compile(policy) if args.compile else policy
+    train_model = runtime.wrap_ddp(train_model, rt)
+    if resume is None and rt.is_main:  # a fresh run starts its logs afresh
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            if os.path.exists(os.path.join(args.out, name)):
+                os.remove(os.path.join(args.out, name))
+    log = runtime.MetricsLog(os.path.join(args.out, "metrics.jsonl"), rt.is_main)
+
+    def save():
+        if rt.is_main:
+            save_checkpoint(ckpt_path, dict(model=policy.state_dict(), model_config=vars(policy.config),
+                                            tokenizer=tok.to_dict(), step=state["step"], optimizer=optimizer.state_dict(),
+                                            rng=runtime.rng_state(), args=vars(args), stage=f"distill-{args.mode}",
+                                            distill=state))
+
+    def write_json(name, obj, mode="w"):
+        if rt.is_main:
+            with open(os.path.join(args.out, name), mode) as f:
+                f.write(json.dumps(obj) + "\n" if mode == "a" else json.dumps(obj, indent=1))
+
+    def evaluate(name):
+        """Gold metrics on held-out prompts (rank 0), or for gatt adherence by turn on held-out dialogues."""
+        if not (args.eval and rt.is_main):
+            return {}
+        if args.mode == "gatt":
+            return dict(adherence_by_turn=adherence_by_turn(policy, tok, gatt_test, args.max_new_tokens,
+                                                            args.gen_batch_size))
+        metrics = gold_metrics(test, respond(policy, tok, test, args.max_new_tokens, batch_size=args.gen_batch_size,
+                                             desc=f"eval {name}"))
+        runtime.print0(rt, f"{name}: violation_rate {metrics['violation_rate']:.3f} false_refusal_rate "
+                           f"{metrics['false_refusal_rate']:.3f} benign_accuracy {metrics['benign_accuracy']:.3f}")
+        return metrics
+
+    if args.mode == "gatt" and state["phase"] == 0 and state["step"] == 0 and not state["history"]:
+        state["history"].append(dict(phase="init", **evaluate("init")))  # the SFT model's adherence by turn
+        runtime.print0(rt, f"init: {state['history'][-1]}")
+
+    # ------------------------------------------------------------------ phases: collect dialogues, fine-tune
+    for phase in range(state["phase"], len(phases)):
+        name = phases[phase]
+        generator = torch.Generator(device=rt.device).manual_seed(args.seed * 1000 + phase * 10 + rt.rank)
+        if state["rows"] is None:
+            # -------------------------------------------------------------- collect this phase's dialogues
+            if name == "warmup":
+                rows, stats = gatt_warmup_rows(gatt_train), {}
+            elif args.mode == "rejection":
+                draw = random.Random(args.seed * 1000 + phase).sample(prompts, min(args.n_prompts or len(prompts),
+                                                                                   len(prompts)))
+                kept, rewards, stats = rejection_rows(policy, tok, draw, reward_models, args, rt, generator)
+                state["pool"] = keep_best(state["pool"], kept) if args.keep_previous else kept
+                rows = [dict(messages=v["messages"], answer=v["answer"], reward=v["reward"])
+                        for v in state["pool"].values()]
+                curve = best_of_k_curve(rewards)
+                stats.update(kept=len(kept), pool=len(rows), mean_reward=rewards.mean().item(),
+                             best_reward=curve[-1]["max"], median_reward=curve[-1]["median"], best_of_k=curve)
+            elif args.mode == "context":
+                rows, stats = context_rows(policy, tok, prompts, reward_models.get("safety"), args, rt, generator)
+            else:
+                rows, stats = gatt_samples(policy, tok, gatt_train, args, rt, generator)
+            if not rows:
+                raise SystemExit(f"{name}: no dialogues kept to fine-tune on ({stats})")
+            if args.replay_share and name != "warmup":
+                n_replay = min(len(replay), round(len(rows) * args.replay_share / (1 - args.replay_share)))
+                rows = rows + [dict(messages=m) for m in random.Random(args.seed + phase).sample(replay, n_replay)]
+                stats = dict(stats, replayed=n_replay)
+            state.update(rows=rows, step=0, stats=stats)
+            save()  # a resumed run trains on these very dialogues instead of sampling new ones
+            runtime.print0(rt, f"{name}: {len(rows)} training dialogues; " +
+                           ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()
+                                     if isinstance(v, (int, float))))
+            write_json("samples.jsonl", dict(phase=name, stats=stats, rows=rows[:50]), mode="a")
+        dialogs = [r["messages"] if "answer" not in r else answer_dialog(r["messages"], r["answer"])
+                   for r in state["rows"]]
+        train_rows = data.encode_sft(tok, dialogs, policy.config.max_seq_len)
+        steps = args.gatt_warmup_steps if name == "warmup" else args.steps
+
+        # -------------------------------------------------------------- fine-tune with the SFT loss
+        micro = args.batch_size // args.grad_accum // rt.world_size
+        if micro < 1:
+            raise SystemExit(f"--batch-size {args.batch_size} is smaller than grad_accum * world_size")
+        bar = tqdm(total=steps, initial=state["step"], disable=not rt.is_main, desc=name)
+        while state["step"] < steps:
+            step = state["step"]
+            lr = runtime.cosine_lr(step, steps, args.lr, args.warmup, args.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx = data.step_indices(len(train_rows), args.batch_size, step, args.seed + phase, rt.rank, rt.world_size)
+            rows = [train_rows[i] for i in idx]
+            batches = [{k: v.to(rt.device) for k, v in data.collate([r[0] for r in rows[j:j + micro]], tok.pad_id,
+                                                                     [r[1] for r in rows[j:j + micro]]).items()}
+                       for j in range(0, len(rows), micro)]
+            n_tokens = runtime.all_reduce_sum(sum((b["loss_mask"][:, 1:] * b["attention_mask"][:, 1:]).sum()
+                                                  for b in batches).float(), rt)
+            loss_sum = 0.0
+            for j, batch in enumerate(batches):
+                with runtime.no_sync(train_model, last=j == len(batches) - 1):
+                    loss = batch_loss(train_model, batch, rt, n_tokens)   # model.masked_nll on answer tokens
+                    loss.backward()
+                loss_sum += loss.item() / rt.world_size
+            loss_value = runtime.all_reduce_sum(torch.tensor(loss_sum, device=rt.device), rt).item()
+            if not math.isfinite(loss_value):
+                raise SystemExit(f"loss became {loss_value} at {name} step {step}; the last good checkpoint is "
+                                 f"{ckpt_path}")
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")
+            log.log(sum(args.gatt_warmup_steps if p == "warmup" else args.steps for p in phases[:phase]) + state["step"],
+                    phase=name, loss=loss_value, lr=lr, grad_norm=grad_norm.item(),
+                    **({k: v for k, v in state["stats"].items() if isinstance(v, (int, float))}
+                       if state["step"] == 1 else {}))
+            if state["step"] % args.save_every == 0 and state["step"] < steps:
+                save()
+        bar.close()
+
+        # -------------------------------------------------------------- evaluate, checkpoint the finished phase
+        result = evaluate(name)
+        state["history"].append(dict(phase=name, loss=loss_value if steps else None, **state["stats"], **result))
+        state.update(phase=phase + 1, step=0, rows=None)
+        save()
+        if result:
+            runtime.print0(rt, f"{name}: " + json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
+
+    # ------------------------------------------------------------------ final report
+    final = state["history"][-1] if state["history"] else {}
+    write_json("eval.json", dict(mode=args.mode, history=state["history"]))
+    if args.mode == "rejection":
+        write_json("best_of_k.json", {h["phase"]: h["best_of_k"] for h in state["history"]})
+    runtime.cleanup(rt)
+    return dict(final, history=state["history"])
+
+
+if __name__ == "__main__":
+    main(get_args())
