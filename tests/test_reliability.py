@@ -306,3 +306,29 @@ def test_nan_gradient_never_reaches_the_checkpoint(init, tmp_path, monkeypatch):
         train_sft.main(train_sft.get_args(sft_argv(init, out, 10, "--save-every", "2")))
     ckpt = load_checkpoint(os.path.join(out, "model.pt"))
     assert ckpt["step"] == 2 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+@pytest.mark.xfail(strict=True, reason="train_ppo.py checks only that the policy and value losses are finite: NaN "
+                   "gradients on an iteration's last minibatch step both models into NaN, the checkpoint saves them, "
+                   "and the next rollout dies in torch.multinomial ('probability tensor contains either inf, nan')")
+def test_ppo_nan_gradient_never_reaches_the_checkpoint(tok, init, tmp_path, monkeypatch):
+    import train_ppo
+    rm = micro_checkpoint(str(tmp_path / "rm.pt"), tok, seed=1, head="scalar")
+    real, calls = train_ppo.policy_loss, []
+
+    def policy_loss(logp, *args):
+        loss, stats = real(logp, *args)
+        calls.append(1)
+        return (loss + 0 * torch.sqrt(logp.sum() * 0) if len(calls) == 4 else loss), stats
+    monkeypatch.setattr(train_ppo, "policy_loss", policy_loss)
+    out = str(tmp_path / "ppo")
+    argv = ["--init", init, "--rm-safety", rm, "--rm-helpful", rm, "--out", out, "--iterations", "3",
+            "--batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "1", "--max-new-tokens", "4",
+            "--save-every", "1", "--eval-prompts", "0", "--device", "cpu"]
+    # 2 minibatches per iteration: the 4th call is the last one of iteration 2, which is then saved
+    with pytest.raises(SystemExit, match="the last good checkpoint is"):
+        train_ppo.main(train_ppo.get_args(argv))
+    ckpt = load_checkpoint(os.path.join(out, "model.pt"))
+    assert ckpt["step"] == 1
+    for weights in (ckpt["model"], ckpt["value_model"]):
+        assert all(torch.isfinite(t).all() for t in weights.values())
