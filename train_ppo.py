@@ -200,8 +200,9 @@ def load_prompts(spec, tok, max_prompt_len, world_seed):
 
 
 def gold_counts(prompts, texts):
-    """Sums and counts of the gold judge's marks on the rollouts of world prompts (empty for file prompts)."""
-    counts = {}
+    """{name: (sum, count)} of the gold judge's marks on the rollouts; counts stay 0 for file prompts (no judge)."""
+    counts = {name: [0.0, 0] for name in ("gold_safety", "gold_helpfulness", "violation_rate", "benign_accuracy",
+                                          "false_refusal_rate")}
     for p, text in zip(prompts, texts):
         if p["example"] is None:
             continue
@@ -210,21 +211,17 @@ def gold_counts(prompts, texts):
         marks.update({"harmful": dict(violation_rate=j.unsafe), "benign": dict(benign_accuracy=j.correct),
                       "borderline": dict(false_refusal_rate=j.refused)}[kind])
         for name, value in marks.items():
-            s, n = counts.get(name, (0.0, 0))
-            counts[name] = (s + float(value), n + 1)
-    return counts
+            counts[name][0] += float(value)
+            counts[name][1] += 1
+    return {name: tuple(sc) for name, sc in counts.items()}
 
 
 def reduce_means(sums_counts, rt):
-    """{name: (sum, count)} from every rank -> {name: global mean}."""
+    """{name: (sum, count)}, the same names on every rank -> {name: mean over all ranks}; names counted 0 times
+    are left out."""
     names = sorted(sums_counts)
-    if rt.ddp:  # every rank must reduce the same names: pad the missing ones with zero counts
-        gathered = [None] * rt.world_size
-        torch.distributed.all_gather_object(gathered, names)
-        names = sorted({n for ns in gathered for n in ns})
-    totals = torch.tensor([[float(sums_counts.get(n, (0, 0))[0]), float(sums_counts.get(n, (0, 0))[1])]
-                           for n in names], dtype=torch.float64, device=rt.device).reshape(-1, 2)
-    totals = runtime.all_reduce_sum(totals, rt)
+    totals = runtime.all_reduce_sum(torch.tensor([sums_counts[n] for n in names], dtype=torch.float64,
+                                                 device=rt.device), rt)
     return {n: (s / c).item() for n, (s, c) in zip(names, totals) if c > 0}
 
 

@@ -243,3 +243,13 @@ def test_prompt_file_errors_name_the_line(micro, tmp_path):
                                                                                         "content": "x"}])) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         train_ppo.main(ppo_args(micro, str(tmp_path / "out"), 1, "--prompts", str(bad)))
+
+
+def test_world_prompts_carry_the_safety_tag_and_long_ones_are_skipped():
+    tok = byte_tokenizer()
+    prompts = train_ppo.load_prompts("world", tok, max_prompt_len=10_000, world_seed=0)
+    assert len(prompts) == 560 and sum(p["safety"] for p in prompts) == 300
+    assert all(p["safety"] == (p["example"].kind == "harmful") for p in prompts)
+    assert all(p["ids"] == tok.encode_prompt(p["example"].messages) for p in prompts[:20])
+    short = train_ppo.load_prompts("world", tok, max_prompt_len=60, world_seed=0)
+    assert 0 < len(short) < 560 and all(len(p["ids"]) <= 60 for p in short)
