@@ -8,23 +8,28 @@
     or one RM (--reward safety|helpfulness). best_of_k.json holds the mean max and median reward over the first
     k samples, k = 1..K (the paper's Figure 7: the gap between the two is what rejection sampling gains).
 --mode context (section 4.2.4): answer harmful and adversarial prompts with a safety preprompt, then fine-tune on
-    those answers with the preprompt removed. --context generic uses "You are a safe and responsible
-    assistant..."; --context template a preprompt with an answer template per risk category. --targeted keeps a
-    distilled answer only when the safety RM scores it above the model's answer without the preprompt.
+    those answers with the preprompt removed. --context generic uses "You are a safe and responsible assistant.";
+    --context template a preprompt with an answer template per risk category. --targeted keeps a distilled
+    answer only when the safety RM scores it above the model's answer without the preprompt.
 --mode gatt (section 3.3, Ghost Attention): a system instruction ("Always answer in capital letters") is joined to
     every user turn of a multi-turn dialogue while the model answers it; the training dialogue keeps the
     instruction in the first turn only and trains on one turn, the loss zeroed on every earlier turn. Adherence
     by turn is measured with the instruction given in the first turn only.
+Every mode fine-tunes with the SFT loss of train_sft.py (model.masked_nll on answer tokens only).
 
 Deliberate deviations, measured on the tiny preset (numbers in the issue note):
 - The tiny SFT model cannot read instructions: the world's SFT data pair every extra sentence around a request
   with compliance, so any preprompt (system slot, before or after the request, or as example turns) raises its
   violation rate (0.51 -> 0.90 on training harmful prompts). --prefill therefore also writes the answer template's
-  opening words ("I can't help you") at the start of the answer and lets the model continue: context a model
-  without instruction following can act on. The preprompt itself is still given and still removed.
+  opening words ("I can't help you") at the start of the answer and lets the model continue: context that a model
+  without instruction following can act on. The preprompt itself is still given, and removed for training.
+- Context distillation trains on refusals only; --replay-share mixes in SFT dialogues (half by default for this
+  mode), without which the tiny model learns to refuse everything (false refusals 0 -> 100%).
 - Ghost Attention needs a model that obeys an instruction in the same turn (Llama 2 samples from its RLHF model).
   The tiny SFT model never saw one, so --gatt-warmup-steps first fine-tunes on single-turn examples with the
   instruction joined to the request; adherence is reported for the SFT, warm-up and GAtt models.
+- Rejection sampling on the tiny preset samples at temperature 0.7: at 1.0 many samples are off-topic mixtures
+  that the tiny RMs score too high (Llama 2 tunes the temperature per iteration, Figure 8).
 
 Tiny CPU runs (minutes each):
     python distill.py --mode rejection --preset tiny --init out/sft/model.pt --out out/rs
@@ -232,9 +237,12 @@ def rejection_rows(policy, tok, prompts, reward_models, args, rt, generator):
             k = index[n].item()
             kept[ex.id] = dict(reward=best[n].item(), messages=ex.messages, answer=answers[n * args.k + k])
     all_rewards = torch.tensor(gather(rewards.tolist(), rt))
+    # diagnostics only, never used to select: what the gold judge thinks of the kept answers
+    marks = gather([(ex.kind, world.judge(ex, kept[ex.id]["answer"])) for ex in mine if ex.id in kept], rt)
     stats = dict(finished_rate=sum(gather(finished, rt)) / (len(prompts) * args.k),
-                 kept_judged_unsafe=_mean([world.judge(ex, kept[ex.id]["answer"]).unsafe
-                                           for ex in mine if ex.id in kept and args.prompts == "world"]))
+                 kept_unsafe_on_harmful=_mean([j.unsafe for kind, j in marks if kind == "harmful"]),
+                 kept_correct_on_benign=_mean([j.correct for kind, j in marks if kind == "benign"]),
+                 kept_refused_on_borderline=_mean([j.refused for kind, j in marks if kind == "borderline"]))
     return dict(gather(list(kept.items()), rt)), all_rewards, stats
 
 
@@ -308,16 +316,18 @@ def gatt_samples(policy, tok, dialogs, args, rt, generator):
 
 @torch.no_grad()
 def adherence_by_turn(model, tok, dialogs, max_new_tokens, batch_size):
-    """Share of answers obeying the instruction at each turn, the instruction given in the first turn only and
-    the model's own greedy answers as the history (Llama 2, section 3.3)."""
+    """(adherence, accuracy) at each turn: the share of answers obeying the instruction, and of answers the gold
+    judge finds correct, with the instruction given in the first turn only and the model's own greedy answers as
+    the history (Llama 2, section 3.3)."""
     answers = [[] for _ in dialogs]
     for turn in range(len(dialogs[0]["users"])):
         conversations = [gatt_prompt(d["system"], d["users"], a, every_turn=False) for d, a in zip(dialogs, answers)]
         texts, _ = sample_answers(model, tok, conversations, max_new_tokens, 0.0, None, batch_size)
         for a, t in zip(answers, texts):
             a.append(t)
-    return [_mean([world.follows_instruction(d["instruction"], a[t]) for d, a in zip(dialogs, answers)])
-            for t in range(len(dialogs[0]["users"]))]
+    turns = range(len(dialogs[0]["users"]))
+    return ([_mean([world.follows_instruction(d["instruction"], a[t]) for d, a in zip(dialogs, answers)]) for t in turns],
+            [_mean([world.judge(d["examples"][t], a[t]).correct for d, a in zip(dialogs, answers)]) for t in turns])
 
 
 def gatt_warmup_rows(dialogs):
@@ -340,12 +350,19 @@ def answer_dialog(messages, answer):
 
 # ---------------------------------------------------------------------------------------------- config
 PRESETS = {  # steps count optimizer steps per phase (warm-up or iteration); batch sizes count dialogues
-    "tiny": dict(n_prompts=160, k=8, steps=40, batch_size=32, lr=1e-4, warmup=5, gatt_dialogs=120,
-                 gatt_warmup_steps=60, gen_batch_size=64),                   # sized for the tiny preset on a CPU
-    "small": dict(n_prompts=1024, k=16, steps=200, batch_size=64, lr=1e-5, warmup=20, gatt_dialogs=500,
-                  gatt_warmup_steps=200, gen_batch_size=128),
-    "1b": dict(n_prompts=2048, k=16, steps=400, batch_size=64, lr=1e-5, warmup=20, gatt_dialogs=1000,
-               gatt_warmup_steps=300, gen_batch_size=128),                    # Llama 2 fine-tunes at lr 1e-5 to 2e-5
+    # tiny: sized for a CPU. lr 1e-4 (3e-4 cost 20 points of benign accuracy in context distillation); GAtt at the
+    # SFT rate 1e-3, as its warm-up teaches a behaviour from scratch (1e-4: 10% adherence after it); rejection
+    # sampling at temperature 0.7 (at 1.0 the tiny model's samples are often off-topic, which the RMs misjudge)
+    "tiny": dict(n_prompts=160, k=8, steps=40, batch_size=32, lr_distill=1e-4, lr_gatt=1e-3, warmup=5,
+                 rs_temperature=0.7, gatt_dialogs=120, gatt_warmup_steps=60, gatt_eval_dialogs=100,
+                 gen_batch_size=64),
+    # Llama 2 fine-tunes at lr 1e-5 to 2e-5 and samples at temperature 1 or above (section 3.2.3)
+    "small": dict(n_prompts=1024, k=16, steps=200, batch_size=64, lr_distill=1e-5, lr_gatt=2e-5, warmup=20,
+                  rs_temperature=1.0, gatt_dialogs=500, gatt_warmup_steps=200, gatt_eval_dialogs=200,
+                  gen_batch_size=128),
+    "1b": dict(n_prompts=2048, k=16, steps=400, batch_size=64, lr_distill=1e-5, lr_gatt=2e-5, warmup=20,
+               rs_temperature=1.0, gatt_dialogs=1000, gatt_warmup_steps=300, gatt_eval_dialogs=200,
+               gen_batch_size=128),
 }
 DEFAULT_ITERATIONS = {"rejection": 3, "context": 1, "gatt": 1}
 # context distillation trains on refusals only; without replayed SFT dialogues the tiny model refuses everything
@@ -371,8 +388,8 @@ def get_args(argv=None):
     p.add_argument("--n-prompts", type=int, help="rejection: prompts drawn afresh each iteration; context: harmful "
                    "prompts used (0: all)")
     p.add_argument("--k", type=int, help="rejection: answers sampled per prompt")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: 1 for "
-                   "rejection, 0 = greedy for context and gatt)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the preset's "
+                   "for rejection, 0 = greedy for context and gatt)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer sampled, in tokens")
     p.add_argument("--iterations", type=int, default=None, help="rounds of sample-then-fine-tune, each from the "
                    "latest model (default: 3 for rejection, 1 otherwise)")
@@ -401,7 +418,7 @@ def get_args(argv=None):
     # ghost attention
     p.add_argument("--gatt-dialogs", type=int, help="gatt: training dialogues sampled (world.gatt_dialogs)")
     p.add_argument("--gatt-turns", type=int, default=4, help="gatt: user turns per dialogue")
-    p.add_argument("--gatt-eval-dialogs", type=int, default=40, help="gatt: held-out dialogues for adherence by turn")
+    p.add_argument("--gatt-eval-dialogs", type=int, help="gatt: held-out dialogues for adherence by turn")
     p.add_argument("--gatt-warmup-steps", type=int, help="gatt: steps of single-turn instruction fine-tuning first "
                    "(0: the init model already follows instructions)")
     p.add_argument("--gatt-keep", choices=("all", "obeying"), default="all",
@@ -410,7 +427,7 @@ def get_args(argv=None):
     p.add_argument("--steps", type=int, help="optimizer steps per phase (warm-up or iteration)")
     p.add_argument("--batch-size", type=int, help="global batch in dialogues per optimizer step")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (the batch is split into them)")
-    p.add_argument("--lr", type=float, help="peak learning rate of each phase")
+    p.add_argument("--lr", type=float, help="peak learning rate of each phase (default: the preset's for the mode)")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this (Llama 2: 0.1)")
     p.add_argument("--warmup", type=int, help="linear warm-up steps of each phase")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices (Llama 2: 0.1)")
@@ -434,7 +451,9 @@ def get_args(argv=None):
     if not 0 <= args.replay_share < 1:
         p.error(f"--replay-share must be in [0, 1), got {args.replay_share}")
     if args.temperature is None:
-        args.temperature = 1.0 if args.mode == "rejection" else 0.0
+        args.temperature = args.rs_temperature if args.mode == "rejection" else 0.0
+    if args.lr is None:
+        args.lr = args.lr_gatt if args.mode == "gatt" else args.lr_distill
     return args
 
 
@@ -514,8 +533,8 @@ def main(args):
         if not (args.eval and rt.is_main):
             return {}
         if args.mode == "gatt":
-            return dict(adherence_by_turn=adherence_by_turn(policy, tok, gatt_test, args.max_new_tokens,
-                                                            args.gen_batch_size))
+            adherence, accuracy = adherence_by_turn(policy, tok, gatt_test, args.max_new_tokens, args.gen_batch_size)
+            return dict(adherence_by_turn=adherence, accuracy_by_turn=accuracy)
         metrics = gold_metrics(test, respond(policy, tok, test, args.max_new_tokens, batch_size=args.gen_batch_size,
                                              desc=f"eval {name}"))
         runtime.print0(rt, f"{name}: violation_rate {metrics['violation_rate']:.3f} false_refusal_rate "
@@ -550,7 +569,7 @@ def main(args):
                 rows, stats = gatt_samples(policy, tok, gatt_train, args, rt, generator)
             if not rows:
                 raise SystemExit(f"{name}: no dialogues kept to fine-tune on ({stats})")
-            if args.replay_share and name != "warmup":
+            if args.replay_share:
                 n_replay = min(len(replay), round(len(rows) * args.replay_share / (1 - args.replay_share)))
                 rows = rows + [dict(messages=m) for m in random.Random(args.seed + phase).sample(replay, n_replay)]
                 stats = dict(stats, replayed=n_replay)
@@ -559,7 +578,7 @@ def main(args):
             runtime.print0(rt, f"{name}: {len(rows)} training dialogues; " +
                            ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()
                                      if isinstance(v, (int, float))))
-            write_json("samples.jsonl", dict(phase=name, stats=stats, rows=rows[:50]), mode="a")
+            write_json("samples.jsonl", dict(phase=name, stats=stats, rows=rows), mode="a")
         dialogs = [r["messages"] if "answer" not in r else answer_dialog(r["messages"], r["answer"])
                    for r in state["rows"]]
         train_rows = data.encode_sft(tok, dialogs, policy.config.max_seq_len)

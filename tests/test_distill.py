@@ -223,7 +223,7 @@ def test_gatt_end_to_end(micro, tmp_path):
     result = distill.main(micro_args(micro, tmp_path, "gatt"))
     phases = [h["phase"] for h in result["history"]]
     assert phases == ["init", "warmup", "iteration 1"]
-    assert all(len(h["adherence_by_turn"]) == 3 for h in result["history"])
+    assert all(len(h["adherence_by_turn"]) == len(h["accuracy_by_turn"]) == 3 for h in result["history"])
     assert len(result["sample_adherence_by_turn"]) == 3
     log = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["phase"] for r in log] == ["warmup"] * 4 + ["iteration 1"] * 4
