@@ -195,8 +195,8 @@ def load_prompts(args, kind=None):
         prompts = world.build_world(args.seed).rl_prompts
     else:
         prompts = []
-        for i, row in enumerate(data.read_jsonl(args.prompts)):
-            where = f"{args.prompts}:{i + 1}"
+        for i, (line, row) in enumerate(data.read_jsonl(args.prompts, with_lines=True)):
+            where = f"{args.prompts}:{line}"
             if "messages" in row:
                 messages = row["messages"]
             elif "prompt" in row:
@@ -466,10 +466,18 @@ def main(args):
     resume = load_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
     if resume is None and not os.path.exists(args.init):
         raise SystemExit(f"no checkpoint at --init {args.init}: train the SFT model first (train_sft.py)")
-    policy, ckpt = load_model(resume if resume is not None else args.init, rt.device)
-    if policy.config.head != "lm":
-        raise SystemExit(f"{args.init} is a {policy.config.head!r}-head model; distill.py fine-tunes a language model")
+    if resume is not None and resume.get("stage") != f"distill-{args.mode}":
+        raise SystemExit(f"{ckpt_path} holds a {resume.get('stage')!r} checkpoint; --resume of --mode {args.mode} "
+                         f"needs one this mode wrote (or use another --out)")
+    source = ckpt_path if resume is not None else args.init
+    policy, ckpt = load_model(source, rt.device)
     tok = data.Tokenizer.from_dict(ckpt["tokenizer"])
+    if policy.config.head != "lm":
+        raise SystemExit(f"{source}: a model with a {policy.config.head!r} head (a reward or value model); "
+                         f"distill.py fine-tunes a language model (head 'lm')")
+    if tok.vocab_size > policy.config.vocab_size:
+        raise SystemExit(f"{source}: its tokenizer has {tok.vocab_size} tokens but the model's embedding has "
+                         f"{policy.config.vocab_size} rows; the checkpoint pairs a model with another tokenizer")
     runtime.save_config(args, rt)
     # phases: a GAtt warm-up (optional), then the iterations; each samples (or reads) dialogues, then fine-tunes
     phases = (["warmup"] if args.mode == "gatt" and args.gatt_warmup_steps else []) + \
@@ -498,8 +506,9 @@ def main(args):
 
     replay = []
     if args.replay_share:
-        replay = w.sft if args.replay_data == "world" else [data.as_dialog(r, f"{args.replay_data}:{i + 1}")
-                                                            for i, r in enumerate(data.read_jsonl(args.replay_data))]
+        replay = w.sft if args.replay_data == "world" else [
+            data.as_dialog(row, f"{args.replay_data}:{line}") for line, row in data.read_jsonl(args.replay_data,
+                                                                                               with_lines=True)]
 
     # ------------------------------------------------------------------ optimizer and resume
     optimizer = runtime.make_optimizer(policy, args.lr, args.weight_decay)
@@ -612,6 +621,9 @@ def main(args):
                 raise SystemExit(f"loss became {loss_value} at {name} step {step}; the last good checkpoint is "
                                  f"{ckpt_path}")
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+            if not torch.isfinite(grad_norm):  # never step into NaN weights
+                raise SystemExit(f"gradient norm became {grad_norm.item()} at {name} step {step}; the last good "
+                                 f"checkpoint is {ckpt_path}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
@@ -637,7 +649,11 @@ def main(args):
     final = state["history"][-1] if state["history"] else {}
     write_json("eval.json", dict(mode=args.mode, history=state["history"]))
     if args.mode == "rejection":
-        write_json("best_of_k.json", {h["phase"]: h["best_of_k"] for h in state["history"]})
+        curves = {h["phase"]: h["best_of_k"] for h in state["history"]}
+        write_json("best_of_k.json", curves)
+        for phase, curve in curves.items():  # Llama 2, Figure 7: the max grows with K, the median does not
+            runtime.print0(rt, f"{phase} best of K: " + " ".join(f"K={c['k']} max {c['max']:.3f} median "
+                                                              f"{c['median']:.3f};" for c in curve))
     runtime.cleanup(rt)
     return dict(final, history=state["history"])
 

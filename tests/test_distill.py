@@ -235,3 +235,12 @@ def test_missing_reward_model_is_a_clear_error(micro, tmp_path):
     args.rm_helpful = str(tmp_path / "nothing.pt")
     with pytest.raises(SystemExit, match="helpfulness reward model"):
         distill.main(args)
+
+
+def test_reward_model_as_init_and_resume_onto_another_mode_are_clear_errors(micro, tmp_path):
+    with pytest.raises(SystemExit, match="a model with a 'scalar' head"):
+        distill.main(micro_args(micro, tmp_path / "a", "context", "--init", micro["rm"]))
+    out = tmp_path / "b"
+    distill.main(micro_args(micro, out, "context", "--no-eval", "--steps", "1"))
+    with pytest.raises(SystemExit, match="holds a 'distill-context' checkpoint; --resume of --mode rejection"):
+        distill.main(micro_args(micro, out, "rejection", "--resume"))
