@@ -1,0 +1,418 @@
+"""Direct preference optimisation and its siblings: align the SFT model on preference pairs, no reward model.
+
+DPO (Rafailov et al., 2023) shows that the KL-regularised RLHF objective of Llama 2 (section 3.2.3) has a
+closed-form optimum, pi*(y|x) proportional to pi_ref(y|x) exp(r(x, y) / beta), so the reward is implicit in the
+policy, r(x, y) = beta log(pi(y|x) / pi_ref(y|x)) + const, and the Bradley-Terry ranking loss of the reward
+model becomes a loss on the policy itself. With the log-ratio difference of a pair
+
+    h = (log pi(y_c|x) - log pi_ref(y_c|x)) - (log pi(y_r|x) - log pi_ref(y_r|x))
+
+(log-probs summed over the answer tokens only), --loss picks one member of the family:
+    dpo    -log sigma(beta h)                                      Rafailov et al. 2023, eq. 7
+    ipo    (h - 1 / (2 beta))^2                                    Azar et al. 2023, eq. 17
+    cdpo   -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)   Mitchell 2023: DPO under label noise eps
+    simpo  -log sigma(beta (log pi(y_c)/|y_c| - log pi(y_r)/|y_r|) - gamma)   Meng et al. 2024, eq. 6
+
+Data: the world's preference pairs combined the way the Llama 2 reward combines its two reward models
+(section 3.2.2): R_c = R_s if is_safety(x) else R_h. Here the gate picks the annotator rather than the RM: on a
+safety prompt (world.is_safety: a harmful request, in any attack wrapper) the pair comes from the safety
+annotator, on every other prompt (benign and borderline) from the helpfulness annotator. Deviation: Llama 2's
+second clause (also use R_s where R_s < 0.15, an unsafe answer to a prompt not tagged as a safety prompt) is
+left out. On benign and borderline prompts the world's only unsafe answer is the "[details omitted]"
+placeholder, which the helpfulness annotator already ranks below every answer but a refusal; the clause would
+only turn (refusal, placeholder) pairs into "refuse" lessons on borderline prompts, i.e. false refusals.
+Label noise flips a share of training pairs, as the reward models are trained (--label-noise).
+Real data (data.read_preferences: generic JSONL, HH-RLHF, PKU-SafeRLHF): --safety-data files hold the safety
+prompts and their safety labels, --data files the other prompts and their helpfulness labels.
+
+Reference: the frozen copy of --init (SimPO's loss does without it; it still gives the logged KL). Its log-probs are computed once before training (the default: the
+reference never changes, so the second forward per step is wasted work), or every step with --ref-on-the-fly.
+Chosen and rejected answers go through the model in one forward pass, concatenated along the batch.
+
+Logged: loss, the implicit rewards beta log(pi/pi_ref) of chosen and rejected (SimPO: beta times the mean
+log-prob), their margin, preference accuracy (margin > 0), and at eval time the held-out loss and accuracy and
+a sampled estimate of KL(pi || pi_ref) (responses drawn from the policy at temperature 1).
+
+Tiny CPU run (minutes):
+    python train_dpo.py --preset tiny --init out/sft/model.pt --out out/dpo
+    python evaluate.py --checkpoints sft=out/sft/model.pt dpo=out/dpo/model.pt --out out/eval_dpo
+Data parallel:
+    torchrun --nproc_per_node=2 train_dpo.py --preset tiny --init out/sft/model.pt --out out/dpo
+"""
+import argparse
+import math
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import runtime
+import world
+from model import generate, load_checkpoint, load_model, save_checkpoint, token_logprobs
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta):
+    """The DPO loss, the Bradley-Terry likelihood of the implicit reward (Rafailov et al. 2023, eq. 7).
+
+    L = -log sigma(beta h),  h = (log pi(y_c) - log pi_ref(y_c)) - (log pi(y_r) - log pi_ref(y_r))
+    Inputs are (B,) summed answer log-probs. Returns the batch mean and the implicit rewards
+    beta log(pi / pi_ref) of chosen and rejected, each (B,), detached.
+    """
+    chosen_reward, rejected_reward = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+    loss = -F.logsigmoid(chosen_reward - rejected_reward).mean()
+    return loss, dict(chosen_reward=chosen_reward.detach(), rejected_reward=rejected_reward.detach())
+
+
+def ipo_loss(chosen, rejected, ref_chosen, ref_rejected, beta):
+    """The IPO loss: regress the log-ratio difference onto a fixed target (Azar et al. 2023, eq. 17).
+
+    L = (h - 1 / (2 beta))^2, h as in DPO. Unlike DPO's sigmoid, the square stops pushing once h reaches the
+    target, so a pair the data always agrees on cannot drive the policy arbitrarily far from the reference.
+    Inputs are (B,) summed answer log-probs; returns the mean and the rewards beta log(pi / pi_ref).
+    """
+    chosen_logratio, rejected_logratio = chosen - ref_chosen, rejected - ref_rejected
+    loss = ((chosen_logratio - rejected_logratio - 1 / (2 * beta)) ** 2).mean()
+    return loss, dict(chosen_reward=beta * chosen_logratio.detach(), rejected_reward=beta * rejected_logratio.detach())
+
+
+def cdpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, label_smoothing):
+    """Conservative DPO: DPO when each label is flipped with probability eps (Mitchell 2023, "A note on DPO
+    with noisy preferences").
+
+    L = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h), h as in DPO; eps = label_smoothing.
+    Its optimum is a finite margin (beta h = log((1 - eps) / eps)) instead of an unbounded one.
+    Inputs are (B,) summed answer log-probs; returns the mean and the rewards beta log(pi / pi_ref).
+    """
+    chosen_reward, rejected_reward = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+    margin = chosen_reward - rejected_reward
+    loss = (-(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)).mean()
+    return loss, dict(chosen_reward=chosen_reward.detach(), rejected_reward=rejected_reward.detach())
+
+
+def simpo_loss(chosen_mean, rejected_mean, beta, gamma):
+    """SimPO: a reference-free margin loss on length-normalised log-probs (Meng et al. 2024, eq. 6).
+
+    L = -log sigma(beta / |y_c| log pi(y_c) - beta / |y_r| log pi(y_r) - gamma)
+    Inputs are (B,) mean log-probs per answer token. Returns the mean and the rewards beta * mean log-prob.
+    """
+    chosen_reward, rejected_reward = beta * chosen_mean, beta * rejected_mean
+    loss = -F.logsigmoid(chosen_reward - rejected_reward - gamma).mean()
+    return loss, dict(chosen_reward=chosen_reward.detach(), rejected_reward=rejected_reward.detach())
+
+
+def pair_loss(args, logps, ref_logps, lengths):
+    """The --loss member of the family on one batch. logps, ref_logps, lengths: (B, 2), column 0 chosen."""
+    chosen, rejected = logps.unbind(1)
+    ref_chosen, ref_rejected = ref_logps.unbind(1)
+    losses = {
+        "dpo": lambda: dpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta),
+        "ipo": lambda: ipo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta),
+        "cdpo": lambda: cdpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.label_smoothing),
+        "simpo": lambda: simpo_loss(chosen / lengths[:, 0], rejected / lengths[:, 1], args.beta, args.gamma),
+    }
+    return losses[args.loss]()
+
+
+LOSSES = ("dpo", "ipo", "cdpo", "simpo")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def world_pairs(w, noise, seed, split, styles_per_prompt):
+    """The world's preference pairs under the Llama 2 gate: the safety annotator's pair on a safety prompt
+    (world.is_safety), the helpfulness annotator's on every other prompt."""
+    safety = w.preference_pairs("safety", noise, seed, split, styles_per_prompt)
+    helpful = w.preference_pairs("helpfulness", noise, seed, split, styles_per_prompt)
+    return ([p for p in safety if world.is_safety(p["example"])]
+            + [p for p in helpful if not world.is_safety(p["example"])])
+
+
+def load_pairs(args, tok, max_len):
+    """Encoded training and held-out pairs; each row also records whether its prompt is a safety prompt."""
+    if args.data == ["world"]:
+        w = world.build_world(args.seed)
+        if args.pairs == "llama2":
+            train = world_pairs(w, args.label_noise, args.seed, "train", args.styles_per_prompt)
+            val = world_pairs(w, 0.0, args.seed + 1, "test", args.styles_per_prompt)
+        else:  # one annotator for every prompt, to compare with the gate
+            train = w.preference_pairs(args.pairs, args.label_noise, args.seed, "train", args.styles_per_prompt)
+            val = w.preference_pairs(args.pairs, 0.0, args.seed + 1, "test", args.styles_per_prompt)
+        val = val[::max(1, len(val) // args.val_pairs)][:args.val_pairs]
+        for p in train + val:
+            p["safety"] = world.is_safety(p["example"])
+    else:
+        # the gate on files: the --safety-data files hold the safety prompts, labelled for safety (HH-RLHF
+        # harmless-base, PKU-SafeRLHF's safer response); the --data files the rest, labelled for helpfulness
+        pairs = ([dict(p, safety=False) for path in args.data for p in data.read_preferences(path, "helpfulness", args.format)]
+                 + [dict(p, safety=True) for path in args.safety_data
+                    for p in data.read_preferences(path, "safety", args.format)])
+        val, train = pairs[::20][:args.val_pairs], [p for i, p in enumerate(pairs) if i % 20]
+    return encode(tok, train, max_len), encode(tok, val, max_len)
+
+
+def encode(tok, pairs, max_len):
+    """data.encode_pairs rows, each with its pair's safety flag; over-long pairs skipped with a counted warning."""
+    rows = [dict(row, safety=p["safety"]) for p, row in zip(pairs, data.encode_pairs(tok, pairs, math.inf))]
+    kept = [r for r in rows if max(len(r["chosen"]), len(r["rejected"])) <= max_len]
+    if len(kept) < len(rows):
+        warnings.warn(f"skipped {len(rows) - len(kept)} of {len(rows)} pairs longer than {max_len} tokens")
+    return kept
+
+
+def collate_pairs(rows, pad_id, device):
+    """One batch of 2B rows, the B chosen answers then the B rejected ones, so one forward pass scores both."""
+    seqs = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    masks = [r["chosen_mask"] for r in rows] + [r["rejected_mask"] for r in rows]
+    return {k: v.to(device) for k, v in data.collate(seqs, pad_id, masks).items()}
+
+
+def answer_logps(model, batch):
+    """(B, 2) log-probs summed over answer tokens (chosen, rejected) and (B, 2) answer token counts."""
+    logp = token_logprobs(model, batch["tokens"], batch["attention_mask"])          # (2B, T-1)
+    answer = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).to(logp.dtype)
+    sums, counts = (logp * answer).sum(1), answer.sum(1)                            # (2B,)
+    return sums.view(2, -1).T, counts.view(2, -1).T                                 # (B, 2)
+
+
+@torch.no_grad()
+def reference_logps(ref_model, rows, tok, rt, batch_size):
+    """(N, 2) answer log-probs of every pair under the frozen reference, computed once; each rank scores every
+    world_size-th batch and a sum over ranks gathers them."""
+    out = torch.zeros(len(rows), 2, device=rt.device)
+    starts = list(range(0, len(rows), batch_size))[rt.rank::rt.world_size]
+    for i in tqdm(starts, desc="reference log-probs", disable=not rt.is_main, leave=False):
+        with runtime.autocast(rt):
+            out[i:i + batch_size] = answer_logps(ref_model, collate_pairs(rows[i:i + batch_size], tok.pad_id,
+                                                                          rt.device))[0].float()
+    return runtime.all_reduce_sum(out, rt)
+
+
+def prompt_ids(row):
+    """The prompt's tokens: the chosen row up to its first answer token."""
+    return row["chosen"][:row["chosen_mask"].index(1)]
+
+
+@torch.no_grad()
+def sampled_kl(policy, ref_model, prompts, tok, max_new_tokens, generator):
+    """Monte-Carlo KL(pi || pi_ref) per response: mean over y ~ pi(.|x) of sum_t log pi(y_t) - log pi_ref(y_t)."""
+    policy.eval()
+    max_new = min(max_new_tokens, policy.config.max_seq_len - max(len(p) for p in prompts))
+    responses = generate(policy, prompts, max_new, tok.eos_id, tok.pad_id, temperature=1.0, generator=generator)
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    masks = [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)]
+    batch = {k: v.to(generator.device) for k, v in data.collate(seqs, tok.pad_id, masks).items()}
+    answer = batch["loss_mask"][:, 1:].float()
+    logratio = (token_logprobs(policy, batch["tokens"], batch["attention_mask"])
+                - token_logprobs(ref_model, batch["tokens"], batch["attention_mask"]))   # (B, T-1)
+    policy.train()
+    return ((logratio * answer).sum(1)).mean().item()
+
+
+@torch.no_grad()
+def eval_pairs(policy, rows, ref_logps, args, tok, rt):
+    """Held-out loss and preference accuracy, overall and on safety / other prompts."""
+    policy.eval()
+    total, correct, n = 0.0, torch.zeros(len(rows), dtype=torch.bool), len(rows)
+    for i in range(0, n, args.batch_size):
+        chunk = rows[i:i + args.batch_size]
+        with runtime.autocast(rt):
+            logps, lengths = answer_logps(policy, collate_pairs(chunk, tok.pad_id, rt.device))
+        loss, stats = pair_loss(args, logps.float(), ref_logps[i:i + len(chunk)], lengths)
+        total += loss.item() * len(chunk)
+        correct[i:i + len(chunk)] = (stats["chosen_reward"] > stats["rejected_reward"]).cpu()
+    policy.train()
+    safety = torch.tensor([r["safety"] for r in rows], dtype=torch.bool)
+    rate = lambda sel: correct[sel].float().mean().item() if sel.any() else float("nan")
+    return dict(val_loss=total / n, val_accuracy=rate(torch.ones(n, dtype=torch.bool)),
+                val_accuracy_safety=rate(safety), val_accuracy_other=rate(~safety))
+
+
+# ---------------------------------------------------------------------------------------------- config
+# The architecture comes from --init; a preset sets only the training schedule. tiny: sized for a few CPU
+# minutes on the tiny SFT model (see the issue note for the sweep that chose beta, lr and steps).
+PRESETS = {
+    "tiny": dict(steps=120, batch_size=32, lr=3e-5, warmup=10, eval_every=40),
+    "small": dict(steps=1000, batch_size=64, lr=5e-7, warmup=100, eval_every=200),
+    "1b": dict(steps=2000, batch_size=64, lr=5e-7, warmup=150, eval_every=250),
+}
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "cdpo": 0.1, "simpo": 2.0}  # the papers' usual values
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n", 1)[1])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="default schedule")
+    p.add_argument("--init", default="out/sft/model.pt", help="checkpoint of the policy's start and the frozen reference")
+    p.add_argument("--out", default="out/dpo", help="output folder (model.pt, config.json, metrics.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/model.pt (step, optimizer, RNG)")
+    # loss
+    p.add_argument("--loss", choices=LOSSES, default="dpo", help="member of the DPO family (see the module doc)")
+    p.add_argument("--beta", type=float, default=None, help="inverse temperature of the implicit reward; "
+                   f"default per loss: {DEFAULT_BETA}")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="cdpo: assumed probability that a label is flipped")
+    p.add_argument("--gamma", type=float, default=1.0, help="simpo: target reward margin")
+    p.add_argument("--ref-on-the-fly", action="store_true", help="run the reference model every step instead of "
+                   "scoring all pairs once before training (same numbers, more compute, less memory)")
+    # data
+    p.add_argument("--data", nargs="*", default=["world"], help="'world' (embedded preference pairs) or files "
+                   "of pairs on prompts that are not safety prompts, labelled for helpfulness: generic JSONL "
+                   "{'prompt', 'chosen', 'rejected'}, HH-RLHF (.jsonl, .jsonl.gz) or PKU-SafeRLHF")
+    p.add_argument("--safety-data", nargs="*", default=[], help="files of pairs on safety prompts, labelled for "
+                   "safety (e.g. HH-RLHF harmless-base; PKU-SafeRLHF takes its safer response)")
+    p.add_argument("--format", choices=("auto", "jsonl", "hh", "pku"), default="auto", help="file format of "
+                   "--data and --safety-data (auto: from the first row)")
+    p.add_argument("--pairs", choices=("llama2", "safety", "helpfulness"), default="llama2", help="world: which "
+                   "annotator labels each pair; llama2 = safety on safety prompts, helpfulness on the rest")
+    p.add_argument("--label-noise", type=float, default=0.1, help="world: share of training pairs whose label is "
+                   "flipped (the reward models train with 0.1)")
+    p.add_argument("--styles-per-prompt", type=int, default=2, help="world: candidate responses per prompt; "
+                   "k responses give up to k(k-1)/2 pairs")
+    p.add_argument("--val-pairs", type=int, default=256, help="held-out pairs for eval loss and accuracy "
+                   "(world: noise-free pairs on test prompts; files: every 20th pair)")
+    # optimisation
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, help="global batch in pairs per optimizer step")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (the batch is split into them)")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay on matrices; 0 keeps the policy "
+                   "pulled only toward the reference, through the loss")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    # bookkeeping
+    p.add_argument("--eval-every", type=int, help="steps between held-out evaluations, KL estimates and samples")
+    p.add_argument("--kl-prompts", type=int, default=32, help="held-out prompts sampled for the KL estimate")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per sampled response (KL, samples)")
+    p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--seed", type=int, default=0, help="random seed (world, batch order, label noise)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the policy")
+    args = runtime.parse_args(p, PRESETS, argv)
+    if args.beta is None:
+        args.beta = DEFAULT_BETA[args.loss]
+    if args.data != ["world"] and "world" in args.data or args.safety_data and args.data == ["world"]:
+        p.error("--data is either 'world' or a list of files; --safety-data goes with files (an empty --data "
+                "trains on --safety-data alone)")
+    if args.beta <= 0 or not 0 <= args.label_smoothing < 0.5 or not 0 <= args.label_noise < 0.5:
+        p.error("need beta > 0, 0 <= label-smoothing < 0.5 and 0 <= label-noise < 0.5")
+    return args
+
+
+def main(args):
+    # ------------------------------------------------------------------ setup
+    rt = runtime.setup(args.seed, args.device)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "model.pt")
+    resume = load_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
+    if resume is not None and os.path.abspath(resume["args"]["init"]) != os.path.abspath(args.init):
+        raise SystemExit(f"{ckpt_path} was trained against the reference {resume['args']['init']}, not "
+                         f"--init {args.init}; pass the same --init to resume")
+    runtime.save_config(args, rt)
+
+    # ------------------------------------------------------------------ models: policy and frozen reference
+    policy, ckpt = load_model(resume if resume is not None else args.init, rt.device)
+    ref_model, ref_ckpt = load_model(args.init, rt.device)
+    ref_model.eval().requires_grad_(False)
+    tok = data.Tokenizer.from_dict(ref_ckpt["tokenizer"])
+    if ckpt["tokenizer"] != ref_ckpt["tokenizer"]:
+        raise SystemExit(f"{ckpt_path} and {args.init} use different tokenizers")
+
+    # ------------------------------------------------------------------ data
+    train_rows, val_rows = load_pairs(args, tok, policy.config.max_seq_len)
+    if not train_rows or not val_rows:
+        raise SystemExit(f"no usable preference pairs in {args.data} ({len(train_rows)} train, {len(val_rows)} held out)")
+    runtime.print0(rt, f"dpo ({args.loss}, beta {args.beta}): {len(train_rows)} train pairs "
+                       f"({sum(r['safety'] for r in train_rows)} on safety prompts), {len(val_rows)} held out, "
+                       f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters on {rt.device}")
+    # the reference never changes: score every pair once (or, with --ref-on-the-fly, inside the loop)
+    val_ref = reference_logps(ref_model, val_rows, tok, rt, args.batch_size)
+    train_ref = None if args.ref_on_the_fly else reference_logps(ref_model, train_rows, tok, rt, args.batch_size)
+
+    # ------------------------------------------------------------------ optimizer and resume
+    optimizer = runtime.make_optimizer(policy, args.lr, args.weight_decay)
+    step = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        step = resume["step"]
+        runtime.set_rng_state(resume["rng"])
+        runtime.print0(rt, f"resumed from {ckpt_path} at step {step}")
+    train_model = runtime.wrap_ddp(torch.compile(policy) if args.compile else policy, rt)
+    log = runtime.MetricsLog(os.path.join(args.out, "metrics.jsonl"), rt.is_main)
+    kl_prompts = [prompt_ids(r) for r in val_rows[::max(1, len(val_rows) // args.kl_prompts)][:args.kl_prompts]]
+    kl_generator = torch.Generator(device=rt.device)
+
+    def save():
+        if rt.is_main:
+            save_checkpoint(ckpt_path, dict(model=policy.state_dict(), model_config=vars(policy.config),
+                                            tokenizer=tok.to_dict(), step=step, optimizer=optimizer.state_dict(),
+                                            rng=runtime.rng_state(), args=vars(args), stage="dpo"))
+
+    # ------------------------------------------------------------------ training loop
+    micro = args.batch_size // args.grad_accum // rt.world_size
+    if micro < 1 or args.batch_size % (args.grad_accum * rt.world_size):
+        raise SystemExit(f"batch size {args.batch_size} does not split into {args.grad_accum} micro-batches "
+                         f"on {rt.world_size} processes")
+    metrics = {}
+    bar = tqdm(total=args.steps, initial=step, disable=not rt.is_main, desc=f"dpo/{args.loss}")
+    while step < args.steps:
+        lr = runtime.cosine_lr(step, args.steps, args.lr, args.warmup, args.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = data.step_indices(len(train_rows), args.batch_size, step, args.seed, rt.rank, rt.world_size)
+        # summed over this rank's pairs: loss, chosen reward, rejected reward, accuracy
+        sums = torch.zeros(4, device=rt.device)
+        for j in range(0, len(idx), micro):
+            chunk = idx[j:j + micro]
+            batch = collate_pairs([train_rows[i] for i in chunk], tok.pad_id, rt.device)
+            if train_ref is None:
+                with torch.no_grad(), runtime.autocast(rt):
+                    ref_logps = answer_logps(ref_model, batch)[0].float()
+            else:
+                ref_logps = train_ref[chunk]
+            with runtime.no_sync(train_model, last=j + micro >= len(idx)):
+                with runtime.autocast(rt):
+                    logps, lengths = answer_logps(train_model, batch)
+                loss, stats = pair_loss(args, logps.float(), ref_logps, lengths)
+                # a mean over the global batch whatever the split; DDP averages over ranks, hence * world_size
+                (loss * len(chunk) / args.batch_size * rt.world_size).backward()
+            sums += torch.stack([loss.detach() * len(chunk), stats["chosen_reward"].sum(),
+                                 stats["rejected_reward"].sum(),
+                                 (stats["chosen_reward"] > stats["rejected_reward"]).float().sum()])
+        loss_value, chosen_reward, rejected_reward, accuracy = (runtime.all_reduce_sum(sums, rt) / args.batch_size).tolist()
+        if not math.isfinite(loss_value):
+            raise SystemExit(f"loss became {loss_value} at step {step}; the last good checkpoint is {ckpt_path}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{accuracy:.2f}", margin=f"{chosen_reward - rejected_reward:.2f}")
+        metrics = dict(loss=loss_value, chosen_reward=chosen_reward, rejected_reward=rejected_reward,
+                       margin=chosen_reward - rejected_reward, accuracy=accuracy, lr=lr, grad_norm=grad_norm.item())
+
+        # -------------------------------------------------------------- eval, KL, samples, checkpoint
+        if step % args.eval_every == 0 or step == args.steps:
+            metrics.update(eval_pairs(policy, val_rows, val_ref, args, tok, rt))
+            kl_generator.manual_seed(args.seed + step)
+            metrics["kl"] = sampled_kl(policy, ref_model, kl_prompts, tok, args.max_new_tokens, kl_generator)
+            runtime.print0(rt, f"step {step}: loss {loss_value:.4f} val_loss {metrics['val_loss']:.4f} "
+                               f"val_accuracy {metrics['val_accuracy']:.3f} kl {metrics['kl']:.2f}")
+            if rt.is_main:
+                policy.eval()
+                outs = generate(policy, kl_prompts[:3], args.max_new_tokens, tok.eos_id, tok.pad_id, temperature=0.0)
+                policy.train()
+                for prompt, out in zip(kl_prompts[:3], outs):
+                    tqdm.write(f"  > {tok.decode(prompt)[-70:]}\n    {tok.decode(out)}")
+        log.log(step, **metrics)
+        if step % args.save_every == 0 or step == args.steps:
+            save()
+    bar.close()
+    runtime.cleanup(rt)
+    return dict(metrics, step=step)
+
+
+if __name__ == "__main__":
+    main(get_args())
