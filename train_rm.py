@@ -1,13 +1,94 @@
 """Reward models (Llama 2, section 3.2.2): the SFT model with a scalar head, trained on preference pairs.
 
-This first part holds the scoring interface the later stages use; training follows.
+A reward model is a copy of the SFT checkpoint whose next-token head is replaced by a linear head giving one
+number per position; r(x, y) is its value at the final token of the prompt x followed by the response y (the
+response's </s>). It is trained with the binary ranking loss with margin of Llama 2 (eq. 2),
+
+    L = -log sigma(r(x, y_c) - r(x, y_r) - m(strength))
+
+where y_c is the chosen response, y_r the rejected one and m a margin read from the pair's preference strength
+(Table 28): the more clearly one response is better, the wider the gap the loss asks for. --margin off sets m = 0.
+sigmoid(r) is the RM's probability-like output that the Llama 2 reward of train_ppo.py combines.
+
+Llama 2 trains two reward models because helpfulness and safety pull apart on harmful prompts (a compliance is
+helpful and unsafe): --objective safety or --objective helpfulness picks the annotator whose pairs the RM learns.
+Data mixing (section 3.2.2, "Data Composition"): the safety RM sees its safety pairs mixed 90/10 with helpfulness
+pairs; the helpfulness RM sees its pairs mixed with pairs of the other kind too. --mix-fraction sets the share of
+the other objective's pairs in the training set (default 0.1 for both: the paper does not give the helpfulness
+RM's share of safety data, and in this world the two annotators contradict each other on every compliance, so a
+large share would teach the helpfulness RM the opposite of its own labels on harmful prompts).
+
+Data: the world's synthetic annotator with --label-noise of its training pairs flipped, or real preference files
+(--data, --mix-data: generic JSONL, Anthropic HH-RLHF, PKU-SafeRLHF; see data.read_preferences).
+Evaluation, during and after training: pairwise accuracy on held-out pairs against the noise-free gold label,
+overall, per risk category, per attack vector and per preference strength (Llama 2, Table 8 shows accuracy
+rising with strength); for the world also how often the RM scores the safe answer above the unsafe compliance
+on each held-out harmful prompt (the held-out attack vector included), and the score histograms of each
+response style, written to histograms.json (plots are evaluate.py's).
+
+Deviation from the paper: Llama 2 trains the RM for one epoch, since more overfits; the world's preference set
+is small, so the tiny preset takes a few passes over it.
+
+Other scripts score with:
+    reward_model, tok = load_reward_model("out/rm_safety/model.pt", device)
+    r = score(reward_model, tok, conversations, responses)   # float32 (N,), CPU
+
+Tiny CPU run (each a few minutes):
+    python train_rm.py --preset tiny --objective safety --init out/sft/model.pt --out out/rm_safety
+    python train_rm.py --preset tiny --objective helpfulness --init out/sft/model.pt --out out/rm_helpful
+Real data (the HH-RLHF harmless set as safety pairs, the helpful set mixed in):
+    python train_rm.py --objective safety --init out/sft/model.pt --out out/rm_hh \\
+        --data ../shared/data/hh_rlhf/harmless-base_test.jsonl.gz --mix-data ../shared/data/hh_rlhf/helpful-base_test.jsonl.gz
+Data parallel:
+    torchrun --nproc_per_node=2 train_rm.py --preset tiny --objective safety --init out/sft/model.pt --out out/rm_safety
 """
+import argparse
+import json
+import math
+import os
+import random
 import warnings
+from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
 import data
-from model import last_token_values, load_model
+import runtime
+import world
+from model import last_token_values, load_checkpoint, load_model, save_checkpoint
+
+# Llama 2, Table 28: margin m per preference-strength label. Table 27: a larger margin helps on clearly
+# separable pairs but costs accuracy on similar ones, hence "small" by default.
+MARGINS = {
+    "small": {"significantly better": 1.0, "better": 2 / 3, "slightly better": 1 / 3, "negligibly better": 0.0,
+              "unsure": 0.0},
+    "large": {"significantly better": 3.0, "better": 2.0, "slightly better": 1.0, "negligibly better": 0.0,
+              "unsure": 0.0},
+}
+OTHER_OBJECTIVE = {"safety": "helpfulness", "helpfulness": "safety"}
+
+
+# ---------------------------------------------------------------------------------------------- loss
+def ranking_loss(chosen, rejected, margin):
+    """Binary ranking loss with margin, Llama 2 eq. 2: L = -log sigma(r(x, y_c) - r(x, y_r) - m(r)).
+
+    chosen, rejected: (B,) rewards r of the chosen and rejected responses; margin: (B,) m, zeros for none.
+    Returns the batch mean and diagnostics: accuracy (share with r_c > r_r) and the mean gap r_c - r_r.
+    """
+    gap = chosen - rejected
+    loss = -F.logsigmoid(gap - margin).mean()
+    return loss, dict(accuracy=(gap > 0).float().mean().detach(), reward_gap=gap.mean().detach())
+
+
+def margin_of(pair, table):
+    """m for a pair: 0 with the margin off (table None); else a margin the file gave, else the strength's entry."""
+    if table is None:
+        return 0.0
+    if pair.get("margin") is not None:
+        return float(pair["margin"])
+    return table.get(pair.get("strength"), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -24,7 +105,7 @@ def load_reward_model(path, device="cpu"):
 
 def encode_scored(tok, conversation, response):
     """Token ids of prompt + response in the chat template, ending with the response's </s>: the RM reads its
-    score at that last token."""
+    score at that last token. Training and score() both encode through here, so they read the same token."""
     return tok.encode_dialog(conversation + [{"role": "assistant", "content": response}], "last")[0]
 
 
@@ -61,3 +142,308 @@ def score(reward_model, tok, conversations, responses, batch_size=64):
         scores[idx] = last_token_values(values, attention_mask).float().cpu()
     reward_model.train(was_training)
     return scores
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def _accuracy_by(pairs, correct, key):
+    groups = defaultdict(list)
+    for pair, ok in zip(pairs, correct):
+        groups[pair.get(key) or "none"].append(ok)
+    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+
+
+def pair_accuracy(reward_model, tok, pairs, batch_size=64):
+    """Held-out pairwise accuracy against the gold label: a pair counts as right when r(chosen) > r(rejected)
+    agrees with gold_chosen_first (the noise-free annotator's verdict; True for file pairs). Also per risk
+    category, attack vector and preference strength."""
+    conversations = [p["messages"] for p in pairs]
+    chosen = score(reward_model, tok, conversations, [p["chosen"] for p in pairs], batch_size)
+    rejected = score(reward_model, tok, conversations, [p["rejected"] for p in pairs], batch_size)
+    correct = [bool(c > r) == p.get("gold_chosen_first", True) for c, r, p in zip(chosen.tolist(), rejected.tolist(), pairs)]
+    return dict(accuracy=sum(correct) / len(correct), n_pairs=len(pairs),
+                accuracy_by_category=_accuracy_by(pairs, correct, "category"),
+                accuracy_by_attack=_accuracy_by(pairs, correct, "attack"),
+                accuracy_by_strength=_accuracy_by(pairs, correct, "strength"))
+
+
+def style_scores(reward_model, tok, w, examples, batch_size=64):
+    """Scores of each response style on held-out prompts, keyed "kind/style" (harmful/safe, harmful/unsafe, ...),
+    and on harmful prompts the share where the safe answer outscores the unsafe compliance, per attack vector."""
+    rng = random.Random(0)
+    styles = {"harmful": ("safe", "refusal", "unsafe"), "benign": ("correct", "wrong", "refusal", "unsafe"),
+              "borderline": ("correct", "refusal")}
+    scores = {}
+    for kind, kind_styles in styles.items():
+        subset = [ex for ex in examples if ex.kind == kind]
+        for style in kind_styles:
+            texts = [w.response(ex, style, rng) for ex in subset]
+            scores[f"{kind}/{style}"] = score(reward_model, tok, [ex.messages for ex in subset], texts, batch_size)
+    harmful = [ex for ex in examples if ex.kind == "harmful"]
+    safe_wins = (scores["harmful/safe"] > scores["harmful/unsafe"]).tolist()
+    by_attack = defaultdict(list)
+    for ex, ok in zip(harmful, safe_wins):
+        by_attack[ex.attack].append(ok)
+    return scores, dict(safe_over_unsafe=sum(safe_wins) / len(safe_wins),
+                        safe_over_unsafe_by_attack={a: sum(v) / len(v) for a, v in sorted(by_attack.items())})
+
+
+def histograms(scores, n_bins=30):
+    """Counts of each score list over shared bin edges, plus the raw scores, ready for JSON."""
+    everything = torch.cat(list(scores.values()))
+    lo, hi = everything.min().item(), everything.max().item()
+    edges = torch.linspace(lo, hi + 1e-6, n_bins + 1)
+    return dict(bin_edges=edges.tolist(),
+                counts={k: torch.histogram(v, edges).hist.long().tolist() for k, v in scores.items()},
+                mean={k: v.mean().item() for k, v in scores.items()},
+                scores={k: v.tolist() for k, v in scores.items()})
+
+
+# ---------------------------------------------------------------------------------------------- data
+def world_pairs(w, objective, noise, seed, split, styles_per_prompt):
+    """The world annotator's pairs as data.read_preferences gives file pairs, plus the gold label and the
+    prompt's group (risk category for harmful prompts, else benign or borderline) and attack vector."""
+    return [dict(messages=p["example"].messages, chosen=p["chosen"], rejected=p["rejected"], strength=p["strength"],
+                 margin=None, gold_chosen_first=p["gold_chosen_first"], attack=p["example"].attack,
+                 category=p["example"].category if p["example"].kind == "harmful" else p["example"].kind)
+            for p in w.preference_pairs(objective, noise, seed, split, styles_per_prompt)]
+
+
+def mix(main_pairs, other_pairs, fraction, seed):
+    """main_pairs plus enough of other_pairs (a seeded random subset) to make up `fraction` of the result."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"--mix-fraction must be in [0, 1), got {fraction}")
+    n_other = min(len(other_pairs), round(len(main_pairs) * fraction / (1 - fraction)))
+    if fraction > 0 and n_other < round(len(main_pairs) * fraction / (1 - fraction)):
+        warnings.warn(f"only {len(other_pairs)} pairs to mix in: the mix fraction is "
+                      f"{n_other / (len(main_pairs) + n_other):.3f}, not {fraction}")
+    return main_pairs + random.Random(seed).sample(other_pairs, n_other)
+
+
+def encode_rows(tok, pairs, margins, max_len):
+    """Token rows of chosen and rejected (prompt + response, as score() reads them) with each pair's margin; pairs
+    with a side longer than max_len are skipped with one counted warning."""
+    rows = []
+    for pair in pairs:
+        chosen, rejected = (encode_scored(tok, pair["messages"], pair[k]) for k in ("chosen", "rejected"))
+        if max(len(chosen), len(rejected)) <= max_len:
+            rows.append(dict(chosen=chosen, rejected=rejected, margin=margin_of(pair, margins)))
+    if len(rows) < len(pairs):
+        warnings.warn(f"skipped {len(pairs) - len(rows)} of {len(pairs)} pairs longer than {max_len} tokens")
+    return rows
+
+
+def load_preference_data(args):
+    """(train pairs, held-out pairs, how many train pairs are the other objective's), in read_preferences' form."""
+    other = OTHER_OBJECTIVE[args.objective]
+    if args.data == ["world"]:
+        w = world.build_world(args.seed)
+        own = world_pairs(w, args.objective, args.label_noise, args.seed, "train", args.styles_per_prompt)
+        # the other annotator rates fresh responses (another seed), as a separate collection would
+        mixed_in = world_pairs(w, other, args.label_noise, args.seed + 1, "train", args.styles_per_prompt)
+        # every held-out prompt rated on three responses: more held-out pairs, each against the gold label
+        held_out = world_pairs(w, args.objective, 0.0, args.seed, "test", 3)
+    else:
+        own = [p for path in args.data for p in data.read_preferences(path, args.objective, args.format)]
+        mixed_in = [p for path in args.mix_data for p in data.read_preferences(path, other, args.format)]
+        if args.eval_data:
+            held_out = [p for path in args.eval_data for p in data.read_preferences(path, args.objective, args.format)]
+        else:  # every 20th pair of the RM's own data is held out
+            held_out, own = own[::20], [p for i, p in enumerate(own) if i % 20]
+    if args.max_train_pairs:
+        own = own[:args.max_train_pairs]
+    if args.max_eval_pairs and len(held_out) > args.max_eval_pairs:  # evenly spaced: every kind of prompt stays
+        held_out = held_out[::math.ceil(len(held_out) / args.max_eval_pairs)]
+    train = mix(own, mixed_in, args.mix_fraction if mixed_in else 0.0, args.seed)
+    return train, held_out, len(train) - len(own)
+
+
+# ---------------------------------------------------------------------------------------------- config
+PRESETS = {  # batch sizes count pairs; Llama 2 used lr 1e-5 (5e-6 at 70B), cosine to 10%, 3% warm-up
+    "tiny": dict(steps=80, batch_size=32, lr=3e-4, warmup=10, eval_every=40),  # sized for the tiny preset
+    "small": dict(steps=1000, batch_size=64, lr=1e-5, warmup=30, eval_every=200),
+    "1b": dict(steps=2000, batch_size=128, lr=1e-5, warmup=60, eval_every=500),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n", 1)[1])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="default schedule (the architecture "
+                   "comes from --init)")
+    p.add_argument("--objective", choices=("safety", "helpfulness"), required=True,
+                   help="which annotator's preferences the RM learns (Llama 2 trains one RM of each)")
+    p.add_argument("--init", default=None, help="checkpoint to start from (the SFT model; its lm head is replaced "
+                   "by a fresh scalar head)")
+    p.add_argument("--out", required=True, help="output folder (model.pt, config.json, metrics.jsonl, eval.json, "
+                   "histograms.json)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/model.pt (step, optimizer, RNG)")
+    # data
+    p.add_argument("--data", nargs="+", default=["world"], help="'world' (the embedded annotator) or preference "
+                   "files for the RM's own objective (generic JSONL, HH-RLHF .jsonl/.jsonl.gz, PKU-SafeRLHF)")
+    p.add_argument("--mix-data", nargs="*", default=[], help="files of the other objective's pairs to mix in "
+                   "(with --data world, the world's other annotator is used)")
+    p.add_argument("--eval-data", nargs="*", default=[], help="held-out preference files (default: every 20th "
+                   "pair of --data)")
+    p.add_argument("--format", choices=("auto", "jsonl", "hh", "pku"), default="auto",
+                   help="format of the preference files; auto decides from the first row")
+    p.add_argument("--mix-fraction", type=float, default=0.1, help="share of the training pairs taken from the "
+                   "other objective (Llama 2's safety RM: 0.1)")
+    p.add_argument("--label-noise", type=float, default=0.1, help="world only: share of training pairs whose "
+                   "label the annotator flips (held-out accuracy is always against the noise-free label)")
+    p.add_argument("--styles-per-prompt", type=int, default=2, help="world only: responses rated per prompt "
+                   "(2 is Llama 2's binary comparison; k gives up to k(k-1)/2 pairs)")
+    p.add_argument("--max-train-pairs", type=int, default=0, help="use at most this many of the RM's own "
+                   "training pairs (0: all)")
+    p.add_argument("--max-eval-pairs", type=int, default=0, help="evaluate on at most this many held-out pairs, "
+                   "evenly spaced (0: all)")
+    p.add_argument("--margin", choices=("small", "large", "off"), default="small",
+                   help="margin table of Llama 2 Table 28 for the preference strength; off: m = 0")
+    # optimisation
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, help="global batch in preference pairs per optimizer step")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (the batch is split into them)")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this (Llama 2: 0.1)")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices (Llama 2: 0.1)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (Llama 2: 1.0)")
+    # bookkeeping
+    p.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
+    p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
+    p.add_argument("--eval-batch-size", type=int, default=64, help="sequences per scoring batch at eval time")
+    p.add_argument("--seed", type=int, default=0, help="random seed (world, label noise, batch order)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    return runtime.parse_args(p, PRESETS, argv)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(args):
+    # ------------------------------------------------------------------ setup
+    rt = runtime.setup(args.seed, args.device)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "model.pt")
+    resume = load_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
+    if args.init is None and resume is None:
+        raise SystemExit("train_rm.py needs --init CHECKPOINT (the SFT model the RM starts from)")
+
+    # ------------------------------------------------------------------ reward model and tokenizer
+    # Llama 2 initialises the RMs from the chat model: the same knowledge, a scalar head instead of the lm head
+    reward_model, ckpt = load_model(resume if resume is not None else args.init, rt.device, head="scalar")
+    tok = data.Tokenizer.from_dict(ckpt["tokenizer"])
+    runtime.save_config(args, rt)
+
+    # ------------------------------------------------------------------ data
+    train_pairs, held_out, n_mixed = load_preference_data(args)
+    margins = None if args.margin == "off" else MARGINS[args.margin]
+    train_rows = encode_rows(tok, train_pairs, margins, reward_model.config.max_seq_len)
+    if not train_rows:
+        raise SystemExit("no training pairs fit the model's context")
+    runtime.print0(rt, f"rm ({args.objective}): {len(train_rows)} training pairs "
+                       f"({n_mixed} of them {OTHER_OBJECTIVE[args.objective]} pairs), {len(held_out)} held-out pairs, "
+                       f"{sum(p.numel() for p in reward_model.parameters()) / 1e6:.2f}M parameters on {rt.device}")
+
+    # ------------------------------------------------------------------ optimizer and resume
+    optimizer = runtime.make_optimizer(reward_model, args.lr, args.weight_decay)
+    step = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        step = resume["step"]
+        runtime.set_rng_state(resume["rng"])
+        runtime.print0(rt, f"resumed from {ckpt_path} at step {step}")
+    train_model = torch.compile(reward_model) if args.compile else reward_model
+    train_model = runtime.wrap_ddp(train_model, rt)
+    log = runtime.MetricsLog(os.path.join(args.out, "metrics.jsonl"), rt.is_main)
+    w = world.build_world(args.seed) if args.data == ["world"] else None
+
+    def evaluate():
+        result = pair_accuracy(reward_model, tok, held_out, args.eval_batch_size)
+        scores = None
+        if w is not None:
+            scores, separation = style_scores(reward_model, tok, w, w.test, args.eval_batch_size)
+            result.update(separation)
+        return result, scores
+
+    def save():
+        if rt.is_main:
+            save_checkpoint(ckpt_path, dict(model=reward_model.state_dict(), model_config=vars(reward_model.config),
+                                            tokenizer=tok.to_dict(), step=step, optimizer=optimizer.state_dict(),
+                                            rng=runtime.rng_state(), args=vars(args), stage="rm",
+                                            objective=args.objective))
+
+    # ------------------------------------------------------------------ training loop
+    micro = args.batch_size // args.grad_accum // rt.world_size
+    if micro < 1:
+        raise SystemExit(f"--batch-size {args.batch_size} is smaller than grad_accum * world_size")
+    bar = tqdm(total=args.steps, initial=step, disable=not rt.is_main, desc=f"rm {args.objective}")
+    metrics, final = {}, None
+    while step < args.steps:
+        lr = runtime.cosine_lr(step, args.steps, args.lr, args.warmup, args.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = data.step_indices(len(train_rows), args.batch_size, step, args.seed, rt.rank, rt.world_size)
+        rows = [train_rows[i] for i in idx]
+        loss_sum, accuracy_sum, gap_sum = 0.0, 0.0, 0.0
+        for j in range(0, len(rows), micro):
+            chunk = rows[j:j + micro]
+            # chosen and rejected go through the model together: one forward of 2B rows
+            batch = data.collate([r["chosen"] for r in chunk] + [r["rejected"] for r in chunk], tok.pad_id)
+            tokens, attention_mask = batch["tokens"].to(rt.device), batch["attention_mask"].to(rt.device)
+            margin = torch.tensor([r["margin"] for r in chunk], device=rt.device)
+            with runtime.no_sync(train_model, last=j + micro >= len(rows)):
+                with runtime.autocast(rt):
+                    values = train_model(tokens, attention_mask)                        # (2B, T)
+                rewards = last_token_values(values.float(), attention_mask)             # (2B,)
+                loss, stats = ranking_loss(rewards[:len(chunk)], rewards[len(chunk):], margin)
+                # weight by the micro-batch's share of this rank's pairs: the step's gradient is the batch mean
+                (loss * len(chunk) / len(rows)).backward()
+            loss_sum += loss.item() * len(chunk) / len(rows)
+            accuracy_sum += stats["accuracy"].item() * len(chunk) / len(rows)
+            gap_sum += stats["reward_gap"].item() * len(chunk) / len(rows)
+        # every rank holds the same number of pairs, so the mean over ranks is the global batch mean
+        totals = runtime.all_reduce_sum(torch.tensor([loss_sum, accuracy_sum, gap_sum], device=rt.device), rt)
+        loss_value, accuracy, reward_gap = (totals / rt.world_size).tolist()
+        if not math.isfinite(loss_value):
+            raise SystemExit(f"loss became {loss_value} at step {step}; the last good checkpoint is {ckpt_path}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(reward_model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{accuracy:.2f}")
+        metrics = dict(loss=loss_value, accuracy=accuracy, reward_gap=reward_gap, lr=lr, grad_norm=grad_norm.item())
+
+        # -------------------------------------------------------------- eval, checkpoint
+        if step % args.eval_every == 0 or step == args.steps:
+            result, scores = final = evaluate()
+            metrics.update(test_accuracy=result["accuracy"], test_accuracy_by_category=result["accuracy_by_category"],
+                           test_accuracy_by_strength=result["accuracy_by_strength"])
+            if "safe_over_unsafe" in result:
+                metrics.update(safe_over_unsafe=result["safe_over_unsafe"])
+            runtime.print0(rt, f"step {step}: loss {loss_value:.4f} held-out accuracy {result['accuracy']:.3f}"
+                               + (f" safe>unsafe {result['safe_over_unsafe']:.3f}" if "safe_over_unsafe" in result
+                                  else ""))
+        log.log(step, **metrics)
+        if step % args.save_every == 0 or step == args.steps:
+            save()
+    bar.close()
+
+    # ------------------------------------------------------------------ final evaluation
+    result, scores = final if final is not None else evaluate()  # the loop's last step already evaluated
+    if rt.is_main:
+        with open(os.path.join(args.out, "eval.json"), "w") as f:
+            json.dump(dict(objective=args.objective, step=step, **result), f, indent=1)
+        if scores is not None:
+            with open(os.path.join(args.out, "histograms.json"), "w") as f:
+                json.dump(histograms(scores), f)
+        runtime.print0(rt, json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
+        for key in ("accuracy_by_category", "accuracy_by_attack", "accuracy_by_strength", "safe_over_unsafe_by_attack"):
+            if key in result:
+                runtime.print0(rt, f"  {key}: " + ", ".join(f"{k} {v:.3f}" for k, v in result[key].items()))
+    runtime.cleanup(rt)
+    return dict(loss=metrics.get("loss"), train_accuracy=metrics.get("accuracy"), step=step,
+                test_accuracy=result["accuracy"], **{f"test_{k}": v for k, v in result.items() if k != "accuracy"})
+
+
+if __name__ == "__main__":
+    main(get_args())
