@@ -124,6 +124,7 @@ def bench_train(config, batch_size, seq_len, steps, device, attention="causal", 
     fpt = flops_per_token(config, seq_len)
     result = dict(params=num_params(model), batch_size=batch_size, seq_len=seq_len, steps=steps,
                   attention=attention, bf16=bool(bf16 and device.type == "cuda"), compile=compile,
+                  fused_adamw=bool(optimizer.defaults.get("fused")),
                   step_s=seconds / steps, tokens_per_s=tokens_per_s, flops_per_token=fpt,
                   achieved_tflops=tokens_per_s * fpt / 1e12, mfu=tokens_per_s * fpt / peak if peak else None)
     if device.type == "cuda":
@@ -259,6 +260,7 @@ def machine_info(device):
                 torch_threads=torch.get_num_threads())
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["flash_sdp_enabled"] = torch.backends.cuda.flash_sdp_enabled()
     if hasattr(os, "getloadavg"):
         info["loadavg_before"] = os.getloadavg()
     return info
@@ -275,7 +277,7 @@ def get_args(argv=None):
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
     # training
     p.add_argument("--presets", default="tiny,small", help="comma-separated train_sft.MODEL_PRESETS to time training on")
-    p.add_argument("--attention", default="causal,masked", help="attention paths to time: causal, masked or both")
+    p.add_argument("--attention", default="causal,masked", help="comma-separated attention paths to time: causal, masked")
     p.add_argument("--train-batch", type=int, default=None, help="sequences per step (default: per preset and device)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: per preset and device)")
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default: per preset and device)")
