@@ -289,6 +289,8 @@ def get_args(argv=None):
     p.add_argument("--save-every", type=int, default=10, help="iterations between checkpoints")
     p.add_argument("--eval-prompts", type=int, default=-1, help="world test prompts judged greedily at the end "
                    "(-1: all, 0: none)")
+    p.add_argument("--eval-every", type=int, default=0, help="iterations between gold evaluations on those prompts "
+                   "during training, logged under 'eval' (0: only at the end)")
     p.add_argument("--seed", type=int, default=0, help="random seed (rollout sampling, prompt order)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--compile", action="store_true", help="torch.compile the policy and value model for updates")
@@ -363,6 +365,14 @@ def main(args):
                 optimizer=policy_opt.state_dict(), rng=runtime.rng_state(), args=vars(args), stage="ppo",
                 value_model=value_model.state_dict(), value_model_config=vars(value_model.config),
                 value_optimizer=value_opt.state_dict(), beta=beta))
+
+    # held-out test prompts (templates, entities and an attack vector never seen in training), judged greedily
+    eval_examples = world.build_world(args.world_seed).test if args.eval_prompts != 0 else []
+    if 0 < args.eval_prompts < len(eval_examples):  # an even spread over the kinds, attacks and categories
+        eval_examples = eval_examples[::len(eval_examples) // args.eval_prompts][:args.eval_prompts]
+
+    def gold_eval():
+        return gold_metrics(eval_examples, respond(policy, tok, eval_examples, desc="eval"))
 
     # ------------------------------------------------------------------ the RLHF loop
     metrics = {}
@@ -451,6 +461,11 @@ def main(args):
         if args.kl_target is not None:
             beta = adaptive_beta(beta, metrics["kl"], args.kl_target, args.kl_gain)
         iteration += 1
+        if rt.is_main and eval_examples and args.eval_every and iteration % args.eval_every == 0 \
+                and iteration < args.iterations:  # the last iteration's is the final eval below
+            metrics["eval"] = gold_eval()
+            runtime.print0(rt, f"eval at iteration {iteration}: " + ", ".join(
+                f"{k} {metrics['eval'][k]:.3f}" for k in ("violation_rate", "false_refusal_rate", "benign_accuracy")))
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics['kl']:.2f}",
                         viol=f"{metrics.get('violation_rate', float('nan')):.2f}")
@@ -459,7 +474,8 @@ def main(args):
             samples_log.log(iteration, prompt=batch[i]["messages"][-1]["content"], response=texts[i],
                             score=final_score[i].item(), rm_safety=safety_raw[i].item(), rm_helpful=helpful_raw[i].item())
         if iteration % args.sample_every == 0 or iteration == args.iterations:
-            runtime.print0(rt, f"iteration {iteration}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())))
+            runtime.print0(rt, f"iteration {iteration}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())
+                                                             if k != "eval"))
             for i in range(min(3, n)):
                 runtime.print0(rt, f"  > {batch[i]['messages'][-1]['content']}\n    {texts[i]}  "
                                    f"[score {final_score[i].item():+.2f}]")
@@ -469,14 +485,10 @@ def main(args):
 
     # ------------------------------------------------------------------ eval: the gold judge on held-out prompts
     result = dict(step=iteration, reward=metrics.get("reward"), kl=metrics.get("kl"))
-    if rt.is_main and args.eval_prompts != 0:
-        examples = world.build_world(args.world_seed).test
-        if 0 < args.eval_prompts < len(examples):  # an even spread over the kinds, attacks and categories
-            examples = examples[::len(examples) // args.eval_prompts][:args.eval_prompts]
-        eval_metrics = gold_metrics(examples, respond(policy, tok, examples, desc="eval"))
-        log.log(iteration, eval=eval_metrics)
-        runtime.print0(rt, format_table({"ppo": eval_metrics}))
-        result["eval"] = eval_metrics
+    if rt.is_main and eval_examples:
+        result["eval"] = gold_eval()
+        log.log(iteration, eval=result["eval"])
+        runtime.print0(rt, format_table({"ppo": result["eval"]}))
     runtime.cleanup(rt)
     return result
 
