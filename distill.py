@@ -136,12 +136,13 @@ def gatt_training_dialog(instruction, users, answers, turn=None):
     """A GAtt training dialogue up to `turn` (0-based, default the last): the instruction kept in the first user
     turn only, the loss on the final answer only (earlier assistant turns marked train=False)."""
     turn = len(answers) - 1 if turn is None else turn
-    messages = []
-    for k in range(turn + 1):
-        user = join_instruction(instruction, users[k]) if k == 0 else users[k]
-        messages += [{"role": "user", "content": user},
-                     {"role": "assistant", "content": answers[k], "train": k == turn}]
-    return messages
+    return answer_dialog(gatt_prompt(instruction, users, answers[:turn], every_turn=False), answers[turn])
+
+
+def answer_dialog(messages, answer):
+    """The prompt followed by the answer to train on; earlier assistant turns of the prompt are not trained."""
+    return [dict(m, train=False) if m["role"] == "assistant" else m for m in messages] + \
+        [{"role": "assistant", "content": answer}]
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -340,12 +341,6 @@ def gatt_warmup_rows(dialogs):
 def _mean(xs):
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
-
-
-def answer_dialog(messages, answer):
-    """The prompt followed by the answer to train on; earlier assistant turns of the prompt are not trained."""
-    return [dict(m, train=False) if m["role"] == "assistant" else m for m in messages] + \
-        [{"role": "assistant", "content": answer}]
 
 
 # ---------------------------------------------------------------------------------------------- config
