@@ -385,6 +385,9 @@ def main(args):
         if not math.isfinite(loss_value):
             raise SystemExit(f"loss became {loss_value} at step {step}; the last good checkpoint is {ckpt_path}")
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+        if not torch.isfinite(grad_norm):  # e.g. an overflow in the backward pass: never step into NaN weights
+            raise SystemExit(f"gradient norm became {grad_norm.item()} at step {step}; the last good checkpoint "
+                             f"is {ckpt_path}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

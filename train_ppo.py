@@ -435,7 +435,10 @@ def main(args):
                                      f"{vf_loss.item()}); the last good checkpoint is {ckpt_path}")
                 (pg_loss + vf_loss).backward()   # separate networks and optimizers: each gets its own gradient
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
-                torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.grad_clip)
+                value_grad_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.grad_clip)
+                if not (torch.isfinite(grad_norm) and torch.isfinite(value_grad_norm)):  # never step into NaN
+                    raise SystemExit(f"non-finite gradient norm at iteration {iteration} (policy {grad_norm.item()}, "
+                                     f"value {value_grad_norm.item()}); the last good checkpoint is {ckpt_path}")
                 policy_opt.step()
                 value_opt.step()
                 policy_opt.zero_grad(set_to_none=True)
