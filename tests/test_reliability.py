@@ -348,7 +348,7 @@ def test_ppo_nan_gradient_never_reaches_the_checkpoint(tok, init, tmp_path, monk
             "--batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "1", "--max-new-tokens", "4",
             "--save-every", "1", "--eval-prompts", "0", "--device", "cpu"]
     # 2 minibatches per iteration: the 4th call is the last one of iteration 2, which is then saved
-    with pytest.raises(SystemExit, match="the last good checkpoint is"):
+    with pytest.raises(SystemExit, match=r"non-finite gradient norm at iteration 1 \(policy nan.*the last good checkpoint is"):
         train_ppo.main(train_ppo.get_args(argv))
     ckpt = load_checkpoint(os.path.join(out, "model.pt"))
     assert ckpt["step"] == 1
@@ -366,7 +366,7 @@ def test_dpo_nan_gradient_never_reaches_the_checkpoint(init, tmp_path, monkeypat
         return (loss + 0 * torch.sqrt(logps.sum() * 0) if len(calls) == 4 else loss), stats
     monkeypatch.setattr(train_dpo, "pair_loss", pair_loss)
     out = str(tmp_path / "dpo")
-    with pytest.raises(SystemExit, match="at step 3; the last good checkpoint is"):   # the 4th step
+    with pytest.raises(SystemExit, match="gradient norm became nan at step 3; the last good checkpoint is"):  # 4th step
         train_dpo.main(train_dpo.get_args(dpo_argv(init, out, 10, "--save-every", "2")))
     ckpt = load_checkpoint(os.path.join(out, "model.pt"))
     assert ckpt["step"] == 2 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
