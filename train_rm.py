@@ -167,8 +167,9 @@ def pair_accuracy(reward_model, tok, pairs, batch_size=64):
 
 
 def style_scores(reward_model, tok, w, examples, batch_size=64):
-    """Scores of each response style on held-out prompts, keyed "kind/style" (harmful/safe, harmful/unsafe, ...),
-    and on harmful prompts the share where the safe answer outscores the unsafe compliance, per attack vector."""
+    """Scores of each response style on held-out prompts, keyed "kind/style" (harmful/safe, harmful/unsafe, ...);
+    on harmful prompts the share where the safe answer outscores the unsafe compliance, per attack vector; on
+    benign prompts the share where the correct answer outscores a wrong one."""
     rng = random.Random(0)
     styles = {"harmful": ("safe", "refusal", "unsafe"), "benign": ("correct", "wrong", "refusal", "unsafe"),
               "borderline": ("correct", "refusal")}
@@ -183,8 +184,11 @@ def style_scores(reward_model, tok, w, examples, batch_size=64):
     by_attack = defaultdict(list)
     for ex, ok in zip(harmful, safe_wins):
         by_attack[ex.attack].append(ok)
+    # on benign prompts, whether the RM knows the facts: the correct answer above a wrong one of the same shape
+    correct_wins = (scores["benign/correct"] > scores["benign/wrong"]).tolist()
     return scores, dict(safe_over_unsafe=sum(safe_wins) / len(safe_wins),
-                        safe_over_unsafe_by_attack={a: sum(v) / len(v) for a, v in sorted(by_attack.items())})
+                        safe_over_unsafe_by_attack={a: sum(v) / len(v) for a, v in sorted(by_attack.items())},
+                        correct_over_wrong=sum(correct_wins) / len(correct_wins))
 
 
 def histograms(scores, n_bins=30):
@@ -339,8 +343,9 @@ def main(args):
     train_rows = encode_rows(tok, train_pairs, margins, reward_model.config.max_seq_len)
     if not train_rows:
         raise SystemExit("no training pairs fit the model's context")
-    runtime.print0(rt, f"rm ({args.objective}): {len(train_rows)} training pairs "
-                       f"({n_mixed} of them {OTHER_OBJECTIVE[args.objective]} pairs), {len(held_out)} held-out pairs, "
+    runtime.print0(rt, f"rm ({args.objective}): {len(train_rows)} training pairs fit the context, of "
+                       f"{len(train_pairs)} ({n_mixed} of them {OTHER_OBJECTIVE[args.objective]} pairs); "
+                       f"{len(held_out)} held-out pairs; "
                        f"{sum(p.numel() for p in reward_model.parameters()) / 1e6:.2f}M parameters on {rt.device}")
 
     # ------------------------------------------------------------------ optimizer and resume
@@ -438,7 +443,7 @@ def main(args):
                 json.dump(histograms(scores), f)
         runtime.print0(rt, json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
         for key in ("accuracy_by_category", "accuracy_by_attack", "accuracy_by_strength", "safe_over_unsafe_by_attack"):
-            if key in result:
+            if key in result and set(result[key]) != {"none"}:  # file pairs carry no category or attack
                 runtime.print0(rt, f"  {key}: " + ", ".join(f"{k} {v:.3f}" for k, v in result[key].items()))
     runtime.cleanup(rt)
     return dict(loss=metrics.get("loss"), train_accuracy=metrics.get("accuracy"), step=step,
