@@ -56,12 +56,16 @@ def test_stages_run_in_order_then_are_reused(tmp_path):
     assert stdout.count("reusing") == 9
 
 
-def test_an_interrupted_stage_resumes_and_reevaluates(tmp_path):
+def test_interrupted_stages_resume_or_restart_and_reevaluate(tmp_path):
     run_pipeline(tmp_path)
     out = tmp_path / "out"
     (out / "dpo" / ".running").touch()         # as if the DPO run had been killed after a checkpoint
     os.utime(out / "dpo" / "model.pt", (2e9, 2e9))
+    (out / "rs" / "model.pt").unlink()           # and the rejection-sampling run before its first checkpoint
+    (out / "rs" / "metrics.jsonl").write_text('{"step": 1}\n')
     calls, _ = run_pipeline(tmp_path)
     trained = [c for c in calls if c[0].startswith("train") or c[0] == "distill.py"]
-    assert len(trained) == 1 and trained[0][0] == "train_dpo.py" and trained[0][-1] == "--resume"
+    assert [c[0] for c in trained] == ["train_dpo.py", "distill.py"]
+    assert trained[0][-1] == "--resume" and "--resume" not in trained[1]
+    assert not (out / "rs" / "metrics.jsonl").exists()  # started clean, not appended to the dead run's log
     assert calls[-1][:2] == ["evaluate.py", "--checkpoints"]
