@@ -17,9 +17,16 @@ implementations that follow it, their score is replaced by a fixed low value (--
 units) instead of the RM's, so rambling is never rewarded; the last generated token is then the terminal step.
 
 Deviations from the paper: Llama 2 takes one gradient step per minibatch (one epoch), batch 512, constant
-lr 1e-6, beta 0.01 (7B/13B); the tiny preset uses more epochs, a larger lr and a smaller batch so a 1M-parameter
-model moves within a few CPU minutes. The value model is a separate network (initialised from an RM or from the
-policy, --value-init); Llama 2 does not say how it initialised its value model.
+lr 1e-6, beta 0.01 (7B/13B); the tiny preset uses 2 epochs, a larger lr and a batch of 128 so a 1M-parameter
+model moves within a few CPU minutes, and a larger beta (0.2) because its small RMs are easier to exploit.
+The value model is a separate network (initialised from an RM or from the policy, --value-init); Llama 2 does
+not say how it initialised its value model.
+
+PPO maximises what the RMs score, not what the gold judge grades: RMs trained only on the placeholder
+compliance ("Step 1: [details omitted]") score "Sure, here is how to ..." followed by ordinary how-to text as
+harmless, and the policy learns to answer wrapped harmful requests that way (violations rise). The world's
+preference data therefore holds the compliances the SFT model actually samples (world.UNSAFE_FORMS), as Llama 2's
+annotators rated samples of its own models (section 3.2.1).
 
 Tiny CPU run (minutes), after train_sft.py and train_rm.py:
     python train_ppo.py --preset tiny --init out/sft/model.pt --rm-safety out/rm_safety/model.pt \\
@@ -227,9 +234,11 @@ def reduce_means(sums_counts, rt):
 
 # ---------------------------------------------------------------------------------------------- arguments
 PRESETS = {
-    # sized for the tiny preset: a few CPU minutes on the 1M-parameter SFT model
-    "tiny": dict(iterations=40, batch_size=64, minibatch_size=16, ppo_epochs=4, lr=1e-4, value_lr=3e-4,
-                 beta=0.02, max_new_tokens=64),
+    # tiny: a few CPU minutes on the 1M-parameter SFT model, chosen by watching the gold metrics (--eval-every):
+    # minibatches of 16 (4 epochs) made the greedy answers to benign prompts drift (accuracy -5 to -10 points),
+    # minibatches of 64 (2 epochs, as Llama 2's 64) keep them; beta 0.02-0.05 drifted to 4-10 nats of KL.
+    "tiny": dict(iterations=15, batch_size=128, minibatch_size=64, ppo_epochs=2, lr=5e-5, value_lr=3e-4,
+                 beta=0.2, max_new_tokens=64),
     "small": dict(iterations=200, batch_size=256, minibatch_size=64, ppo_epochs=2, lr=1e-5, value_lr=3e-5,
                   beta=0.01, max_new_tokens=128),
     # Llama 2 (section 3.2.3): batch 512, minibatch 64, one gradient step per minibatch, lr 1e-6, beta 0.01
