@@ -11,6 +11,7 @@ model becomes a loss on the policy itself. With the log-ratio difference of a pa
     dpo    -log sigma(beta h)                                      Rafailov et al. 2023, eq. 7
     ipo    (h - 1 / (2 beta))^2                                    Azar et al. 2023, eq. 17
     cdpo   -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)   Mitchell 2023: DPO under label noise eps
+    rpo    -log sigma(beta h) - alpha log pi(y_c) / |y_c|          Pang et al. 2024: DPO + SFT on the chosen
     simpo  -log sigma(beta (log pi(y_c)/|y_c| - log pi(y_r)/|y_r|) - gamma)   Meng et al. 2024, eq. 6
 
 Data: the world's preference pairs combined the way the Llama 2 reward combines its two reward models
@@ -93,6 +94,18 @@ def cdpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, label_smoothing)
     return loss, dict(chosen_reward=chosen_reward.detach(), rejected_reward=rejected_reward.detach())
 
 
+def rpo_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_len, beta, alpha):
+    """DPO plus the SFT loss on the chosen answer, which keeps the chosen answers likely while their margin
+    grows (Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 1).
+
+    L = -log sigma(beta h) - alpha log pi(y_c) / |y_c|, h as in DPO.
+    Inputs are (B,) summed answer log-probs and the chosen answers' token counts |y_c|; returns the mean and
+    the rewards beta log(pi / pi_ref).
+    """
+    loss, stats = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
+    return loss - alpha * (chosen / chosen_len).mean(), stats
+
+
 def simpo_loss(chosen_mean, rejected_mean, beta, gamma):
     """SimPO: a reference-free margin loss on length-normalised log-probs (Meng et al. 2024, eq. 6).
 
@@ -112,12 +125,13 @@ def pair_loss(args, logps, ref_logps, lengths):
         "dpo": lambda: dpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta),
         "ipo": lambda: ipo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta),
         "cdpo": lambda: cdpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.label_smoothing),
+        "rpo": lambda: rpo_loss(chosen, rejected, ref_chosen, ref_rejected, lengths[:, 0], args.beta, args.rpo_alpha),
         "simpo": lambda: simpo_loss(chosen / lengths[:, 0], rejected / lengths[:, 1], args.beta, args.gamma),
     }
     return losses[args.loss]()
 
 
-LOSSES = ("dpo", "ipo", "cdpo", "simpo")
+LOSSES = ("dpo", "ipo", "cdpo", "rpo", "simpo")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -238,7 +252,7 @@ PRESETS = {
     "small": dict(steps=1000, batch_size=64, lr=5e-7, warmup=100, eval_every=200),
     "1b": dict(steps=2000, batch_size=64, lr=5e-7, warmup=150, eval_every=250),
 }
-DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "cdpo": 0.1, "simpo": 2.0}  # the papers' usual values
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "cdpo": 0.1, "rpo": 0.1, "simpo": 2.0}  # the papers' usual values
 
 
 def get_args(argv=None):
@@ -253,6 +267,7 @@ def get_args(argv=None):
     p.add_argument("--beta", type=float, default=None, help="inverse temperature of the implicit reward; "
                    f"default per loss: {DEFAULT_BETA}")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="cdpo: assumed probability that a label is flipped")
+    p.add_argument("--rpo-alpha", type=float, default=1.0, help="rpo: weight of the chosen answers' per-token NLL")
     p.add_argument("--gamma", type=float, default=1.0, help="simpo: target reward margin")
     p.add_argument("--ref-on-the-fly", action="store_true", help="run the reference model every step instead of "
                    "scoring all pairs once before training (same numbers, more compute, less memory)")

@@ -58,6 +58,13 @@ def test_cdpo_loss_by_hand_and_reduces_to_dpo():
     assert abs(h.grad.item()) < 1e-6
 
 
+def test_rpo_loss_adds_the_chosen_per_token_nll_to_dpo():
+    # the first DPO pair (log(1 + e^-1)) plus alpha * NLL per token: 0.5 * 3 / 4 (chosen log-prob -3 over 4 tokens)
+    loss, stats = train_dpo.rpo_loss(t([-3.0]), t([-5.0]), t([-4.0]), t([-4.0]), t([4.0]), beta=0.5, alpha=0.5)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)) + 0.375, rel=1e-6)
+    assert stats["chosen_reward"].item() == pytest.approx(0.5)
+
+
 def test_simpo_loss_by_hand_uses_mean_logps_and_no_reference():
     # mean log-probs -1 and -2, beta 2, gamma 1: 2 * -1 - 2 * -2 - 1 = 1 -> log(1 + e^-1)
     loss, stats = train_dpo.simpo_loss(t([-1.0]), t([-2.0]), beta=2.0, gamma=1.0)
