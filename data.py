@@ -647,7 +647,6 @@ def read_preferences(path, objective="helpfulness", fmt="auto"):
     return readers[fmt](path)
 
 
-
 # ---------------------------------------------------------------------------------------------- pre-training data audit
 # Llama 2, section 4.1: personal data is kept out of the pre-training corpus, and the corpus is described by how
 # often it uses gendered pronouns and mentions identity terms along five demographic axes (Table 9). Counting is

@@ -281,13 +281,12 @@ def make_plots(rows, generations, log_paths, out):
     except ImportError:
         return ["plots skipped: matplotlib is not installed (pip install matplotlib)"]
     written = []
-    # the safety/helpfulness trade-off, one point per stage in order (Llama 2, Figure 15's two axes)
+    # the safety/helpfulness trade-off, one point per stage (Llama 2, section 4.2.3: safety without false refusals)
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     names = [n for n in rows if rows[n]["violation_rate"] == rows[n]["violation_rate"]]
     xs = [100 * (rows[n]["false_refusal_rate"] or 0) for n in names]
     ys = [100 * rows[n]["violation_rate"] for n in names]
-    ax.plot(xs, ys, "-", color="lightgray", zorder=1)
-    ax.scatter(xs, ys, zorder=2)
+    ax.scatter(xs, ys)  # no line between stages: the later ones each start from SFT, not from each other
     for n, x, y in zip(names, xs, ys):
         ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 4))
     ax.set_xlim(-2, max(10, 1.2 * max(xs, default=0)))  # keep a stage at 0% false refusals off the frame
