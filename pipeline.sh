@@ -13,9 +13,13 @@ OUT=${OUT:-out}
 PRESET=${PRESET:-tiny}
 PYTHON=${PYTHON:-python}
 mkdir -p "$OUT"
-# The tiny models run fastest with one thread per process: their small matrix products gain little from a second
-# thread and lose a lot when anything else holds the other core (evaluating 100 prompts: 10 s with one thread,
-# 59 s with two, on a loaded 2-core machine). Set OMP_NUM_THREADS to override, e.g. for PRESET=small on a GPU box.
+# Threads and cores: the tiny models' small matrix products gain little from a second thread and lose a lot
+# when anything else holds the other core (evaluating 100 prompts on a loaded 2-core machine: 10 s with one
+# thread, 59 s with two). So the stages that need only the SFT model and the RMs run JOBS at a time (default:
+# 2 on a machine with 2 or more cores), one thread each, their output in OUT/logs/; the base model and SFT,
+# which run alone, use every core. Set OMP_NUM_THREADS and JOBS to override, e.g. JOBS=1 for PRESET=small on a GPU.
+JOBS=${JOBS:-$(( $(nproc) >= 2 ? 2 : 1 ))}
+ALONE_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 stage() {  # stage NAME COMMAND...: run COMMAND unless OUT/NAME/model.pt is already a finished checkpoint
@@ -45,37 +49,68 @@ stage() {  # stage NAME COMMAND...: run COMMAND unless OUT/NAME/model.pt is alre
   echo "== $name: done in $((SECONDS - start)) s"
 }
 
+pids=() names=()
+side_by_side() {  # side_by_side NAME COMMAND...: stage NAME in the background while JOBS > 1, else now
+  if (( JOBS == 1 )); then
+    stage "$@"
+    return
+  fi
+  mkdir -p "$OUT/logs"
+  echo "== $1: started, log in $OUT/logs/$1.log"
+  stage "$@" > "$OUT/logs/$1.log" 2>&1 &
+  pids+=($!) names+=("$1")
+  if (( ${#pids[@]} >= JOBS )); then
+    join
+  fi
+}
+
+join() {  # wait for the stages started side by side; stop if one of them failed
+  local i failed=0
+  for i in "${!pids[@]}"; do
+    if ! wait "${pids[$i]}"; then
+      echo "== ${names[$i]}: failed, see $OUT/logs/${names[$i]}.log" >&2
+      failed=1
+    fi
+    grep -h "^== ${names[$i]}: \(reusing\|done\)" "$OUT/logs/${names[$i]}.log" || true
+  done
+  pids=() names=()
+  (( failed == 0 )) || exit 1
+}
+
 # 0. Pre-training data audit (section 4.1): personal data, pronouns and identity terms in the base corpus
 $PYTHON evaluate.py --audit > "$OUT/audit.txt"
 echo "== audit: $OUT/audit.txt"
 
 # 1. Base model: next-token pre-training on the world's unaligned corpus (section 2)
-stage base $PYTHON train_sft.py --stage base --preset "$PRESET" --out "$OUT/base"
+OMP_NUM_THREADS=$ALONE_THREADS stage base $PYTHON train_sft.py --stage base --preset "$PRESET" --out "$OUT/base"
 
 # 2. Supervised fine-tuning on safety demonstrations, loss on answer tokens only (section 3.1)
-stage sft $PYTHON train_sft.py --stage sft --preset "$PRESET" --init "$OUT/base/model.pt" --out "$OUT/sft"
+OMP_NUM_THREADS=$ALONE_THREADS stage sft $PYTHON train_sft.py --stage sft --preset "$PRESET" --init "$OUT/base/model.pt" --out "$OUT/sft"
 
 # 3. Reward models: binary ranking loss with margin, one per objective (section 3.2.2)
-stage rm_safety $PYTHON train_rm.py --objective safety --preset "$PRESET" --init "$OUT/sft/model.pt" \
+side_by_side rm_safety $PYTHON train_rm.py --objective safety --preset "$PRESET" --init "$OUT/sft/model.pt" \
   --out "$OUT/rm_safety"
-stage rm_helpful $PYTHON train_rm.py --objective helpfulness --preset "$PRESET" --init "$OUT/sft/model.pt" \
+side_by_side rm_helpful $PYTHON train_rm.py --objective helpfulness --preset "$PRESET" --init "$OUT/sft/model.pt" \
   --out "$OUT/rm_helpful"
+join  # the stages below read both reward models
 
 # 4. PPO with the gated safety/helpfulness reward and a KL penalty to the SFT model (section 3.2.3)
-stage ppo $PYTHON train_ppo.py --preset "$PRESET" --init "$OUT/sft/model.pt" --rm-safety "$OUT/rm_safety/model.pt" \
+side_by_side ppo $PYTHON train_ppo.py --preset "$PRESET" --init "$OUT/sft/model.pt" --rm-safety "$OUT/rm_safety/model.pt" \
   --rm-helpful "$OUT/rm_helpful/model.pt" --out "$OUT/ppo"
 
 # 5. DPO on the same kind of preference pairs, no reward model (Rafailov et al., 2023)
-stage dpo $PYTHON train_dpo.py --preset "$PRESET" --init "$OUT/sft/model.pt" --out "$OUT/dpo"
+side_by_side dpo $PYTHON train_dpo.py --preset "$PRESET" --init "$OUT/sft/model.pt" --out "$OUT/dpo"
 
 # 6. Rejection-sampling fine-tuning: best of K samples by the reward models, then SFT on them (section 3.2.3)
-stage rs $PYTHON distill.py --mode rejection --preset "$PRESET" --init "$OUT/sft/model.pt" \
+side_by_side rs $PYTHON distill.py --mode rejection --preset "$PRESET" --init "$OUT/sft/model.pt" \
   --rm-safety "$OUT/rm_safety/model.pt" --rm-helpful "$OUT/rm_helpful/model.pt" --out "$OUT/rs"
 
 # 7. Safety context distillation: answers generated under a safety preprompt, kept where the safety RM
 #    prefers them, distilled into the model without the preprompt (section 4.2.4)
-stage distill $PYTHON distill.py --mode context --preset "$PRESET" --init "$OUT/sft/model.pt" \
+side_by_side distill $PYTHON distill.py --mode context --preset "$PRESET" --init "$OUT/sft/model.pt" \
   --rm-safety "$OUT/rm_safety/model.pt" --out "$OUT/distill"
+
+join
 
 # 8. Evaluation of every stage's checkpoint: gold judge, red-team vectors, false refusals, RM scores, KL to SFT
 checkpoints=()

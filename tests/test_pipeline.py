@@ -23,16 +23,17 @@ esac
 """
 
 
-def run_pipeline(tmp_path):
+def run_pipeline(tmp_path, jobs=1, check=True):
     fake = tmp_path / "fake_python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     calls = tmp_path / "calls.txt"
     calls.write_text("")
-    env = dict(os.environ, PYTHON=str(fake), OUT=str(tmp_path / "out"), CALLS=str(calls))
+    env = dict(os.environ, PYTHON=str(fake), OUT=str(tmp_path / "out"), CALLS=str(calls), JOBS=str(jobs))
     result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh")], env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return [line.split() for line in calls.read_text().splitlines()], result.stdout
+    if check:
+        assert result.returncode == 0, result.stderr
+    return [line.split() for line in calls.read_text().splitlines()], result
 
 
 def test_stages_run_in_order_then_are_reused(tmp_path):
@@ -51,9 +52,9 @@ def test_stages_run_in_order_then_are_reused(tmp_path):
     assert (out / "eval" / "metrics.json").exists()
 
     # everything finished: a second run trains nothing and prints the saved table
-    calls, stdout = run_pipeline(tmp_path)
+    calls, result = run_pipeline(tmp_path)
     assert [c[:2] for c in calls] == [["evaluate.py", "--audit"], ["-c", calls[1][1]]]  # the audit, then the table from metrics.json
-    assert stdout.count("reusing") == 9
+    assert result.stdout.count("reusing") == 9
 
 
 def test_interrupted_stages_resume_or_restart_and_reevaluate(tmp_path):
@@ -69,3 +70,29 @@ def test_interrupted_stages_resume_or_restart_and_reevaluate(tmp_path):
     assert trained[0][-1] == "--resume" and "--resume" not in trained[1]
     assert not (out / "rs" / "metrics.jsonl").exists()  # started clean, not appended to the dead run's log
     assert calls[-1][:2] == ["evaluate.py", "--checkpoints"]
+
+
+def test_side_by_side_stages_wait_for_what_they_read(tmp_path):
+    calls, result = run_pipeline(tmp_path, jobs=2)
+    stages = [c[c.index("--out") + 1].rsplit("/", 1)[-1] for c in calls if "--out" in c]
+    assert stages[:2] == ["base", "sft"] and stages[-1] == "eval"
+    assert set(stages[2:4]) == {"rm_safety", "rm_helpful"}          # the two RMs together, before what reads them
+    assert set(stages[4:6]) == {"ppo", "dpo"} and set(stages[6:8]) == {"rs", "distill"}
+    for name in ("rm_safety", "rm_helpful", "ppo", "dpo", "rs", "distill"):
+        assert f"== {name}: done in" in result.stdout                  # each finished stage reported from its log
+        assert (tmp_path / "out" / "logs" / f"{name}.log").exists()
+    calls, result = run_pipeline(tmp_path, jobs=2)
+    assert result.stdout.count("reusing") == 9
+
+
+def test_a_failed_side_by_side_stage_stops_the_pipeline(tmp_path):
+    run_pipeline(tmp_path, jobs=2)
+    (tmp_path / "out" / "dpo" / "model.pt").unlink()                 # DPO must run again, and this time it fails
+    (tmp_path / "calls.txt").write_text("")
+    wrapper = tmp_path / "fake_python"
+    wrapper.write_text(FAKE_PYTHON.replace('case "$1" in', 'case "$1" in\n  train_dpo.py) exit 3 ;;'))
+    env = dict(os.environ, PYTHON=str(wrapper), OUT=str(tmp_path / "out"), CALLS=str(tmp_path / "calls.txt"), JOBS="2")
+    result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh")], env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "dpo: failed, see" in result.stderr
+    assert "evaluate.py --checkpoints" not in (tmp_path / "calls.txt").read_text()
