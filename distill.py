@@ -53,7 +53,7 @@ import data
 import runtime
 import world
 from evaluate import gold_metrics, respond
-from model import generate, load_checkpoint, load_model, save_checkpoint
+from model import generate, load_model, save_checkpoint
 from train_rm import load_reward_model, score
 from train_sft import batch_loss
 
@@ -455,10 +455,7 @@ def get_args(argv=None):
 # ---------------------------------------------------------------------------------------------- main
 def main(args):
     # ------------------------------------------------------------------ setup
-    rt = runtime.setup(args.seed, args.device)
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "model.pt")
-    resume = load_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
+    rt, ckpt_path, resume = runtime.start(args)
     if resume is None and not os.path.exists(args.init):
         raise SystemExit(f"no checkpoint at --init {args.init}: train the SFT model first (train_sft.py)")
     if resume is not None and resume.get("stage") != f"distill-{args.mode}":
@@ -612,15 +609,8 @@ def main(args):
                     loss.backward()
                 loss_sum += loss.item() / rt.world_size
             loss_value = runtime.all_reduce_sum(torch.tensor(loss_sum, device=rt.device), rt).item()
-            if not math.isfinite(loss_value):
-                raise SystemExit(f"loss became {loss_value} at {name} step {step}; the last good checkpoint is "
-                                 f"{ckpt_path}")
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
-            if not torch.isfinite(grad_norm):  # never step into NaN weights
-                raise SystemExit(f"gradient norm became {grad_norm.item()} at {name} step {step}; the last good "
-                                 f"checkpoint is {ckpt_path}")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = runtime.optimizer_step(policy, optimizer, loss_value, args.grad_clip, f"{name} step {step}",
+                                               ckpt_path)
             state["step"] += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")

@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from model import load_checkpoint
+
 
 @dataclass
 class Runtime:
@@ -163,6 +165,42 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(row, default=str) + "\n")
             f.flush()
+
+
+# ---------------------------------------------------------------------------------------------- a training run
+def start(args):
+    """The opening of every training script: runtime setup, the output folder, and the checkpoint OUT/model.pt
+    to continue from when --resume finds one (else None). Returns (rt, ckpt_path, resume)."""
+    rt = setup(args.seed, args.device)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "model.pt")
+    resume = load_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
+    return rt, ckpt_path, resume
+
+
+def resume_training(rt, optimizer, resume, ckpt_path):
+    """Continue a resumed run from its optimizer and RNG states; returns its step (0 for a fresh run)."""
+    if resume is None:
+        return 0
+    optimizer.load_state_dict(resume["optimizer"])
+    set_rng_state(resume["rng"])
+    print0(rt, f"resumed from {ckpt_path} at step {resume['step']}")
+    return resume["step"]
+
+
+def optimizer_step(model, optimizer, loss_value, grad_clip, where, ckpt_path):
+    """One guarded update: stop, naming the last good checkpoint, when the loss or the gradient norm is not
+    finite (a NaN never reaches the weights); else clip the gradient norm, step and zero the gradients.
+    `where` names the step in the message ("step 12"). Returns the gradient norm before clipping."""
+    if not math.isfinite(loss_value):
+        raise SystemExit(f"loss became {loss_value} at {where}; the last good checkpoint is {ckpt_path}")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if not torch.isfinite(grad_norm):  # e.g. an overflow in the backward pass
+        raise SystemExit(f"gradient norm became {grad_norm.item()} at {where}; the last good checkpoint is "
+                         f"{ckpt_path}")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 # ---------------------------------------------------------------------------------------------- RNG state

@@ -52,7 +52,7 @@ from tqdm import tqdm
 import data
 import runtime
 import world
-from model import generate, load_checkpoint, load_model, save_checkpoint, token_logprobs
+from model import generate, load_model, save_checkpoint, token_logprobs
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -318,10 +318,7 @@ def get_args(argv=None):
 
 def main(args):
     # ------------------------------------------------------------------ setup
-    rt = runtime.setup(args.seed, args.device)
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "model.pt")
-    resume = load_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
+    rt, ckpt_path, resume = runtime.start(args)
     if resume is not None and os.path.abspath(resume["args"]["init"]) != os.path.abspath(args.init):
         raise SystemExit(f"{ckpt_path} was trained against the reference {resume['args']['init']}, not "
                          f"--init {args.init}; pass the same --init to resume")
@@ -348,12 +345,7 @@ def main(args):
 
     # ------------------------------------------------------------------ optimizer and resume
     optimizer = runtime.make_optimizer(policy, args.lr, args.weight_decay)
-    step = 0
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        step = resume["step"]
-        runtime.set_rng_state(resume["rng"])
-        runtime.print0(rt, f"resumed from {ckpt_path} at step {step}")
+    step = runtime.resume_training(rt, optimizer, resume, ckpt_path)
     train_model = runtime.wrap_ddp(torch.compile(policy) if args.compile else policy, rt)
     log = runtime.MetricsLog(os.path.join(args.out, "metrics.jsonl"), rt.is_main)
     kl_prompts = [prompt_ids(r) for r in val_rows[::max(1, len(val_rows) // args.kl_prompts)][:args.kl_prompts]]
@@ -397,14 +389,7 @@ def main(args):
                                  stats["rejected_reward"].sum(),
                                  (stats["chosen_reward"] > stats["rejected_reward"]).float().sum()])
         loss_value, chosen_reward, rejected_reward, accuracy = (runtime.all_reduce_sum(sums, rt) / args.batch_size).tolist()
-        if not math.isfinite(loss_value):
-            raise SystemExit(f"loss became {loss_value} at step {step}; the last good checkpoint is {ckpt_path}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
-        if not torch.isfinite(grad_norm):  # e.g. an overflow in the backward pass: never step into NaN weights
-            raise SystemExit(f"gradient norm became {grad_norm.item()} at step {step}; the last good checkpoint "
-                             f"is {ckpt_path}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = runtime.optimizer_step(policy, optimizer, loss_value, args.grad_clip, f"step {step}", ckpt_path)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{accuracy:.2f}", margin=f"{chosen_reward - rejected_reward:.2f}")

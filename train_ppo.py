@@ -45,7 +45,7 @@ import data
 import runtime
 import world
 from evaluate import format_table, gold_metrics, respond
-from model import generate, load_checkpoint, load_model, save_checkpoint, token_logprobs
+from model import generate, load_model, save_checkpoint, token_logprobs
 from train_rm import load_reward_model, score
 
 
@@ -311,10 +311,7 @@ def get_args(argv=None):
 
 def main(args):
     # ------------------------------------------------------------------ setup
-    rt = runtime.setup(args.seed, args.device)
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "model.pt")
-    resume = load_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
+    rt, ckpt_path, resume = runtime.start(args)
     runtime.save_config(args, rt)
 
     # ------------------------------------------------------------------ models

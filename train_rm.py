@@ -57,7 +57,7 @@ from tqdm import tqdm
 import data
 import runtime
 import world
-from model import last_token_values, load_checkpoint, load_model, save_checkpoint
+from model import last_token_values, load_model, save_checkpoint
 
 # Llama 2, Table 28: margin m per preference-strength label. Table 27: a larger margin helps on clearly
 # separable pairs but costs accuracy on similar ones, hence "small" by default.
@@ -324,10 +324,7 @@ def get_args(argv=None):
 # ---------------------------------------------------------------------------------------------- main
 def main(args):
     # ------------------------------------------------------------------ setup
-    rt = runtime.setup(args.seed, args.device)
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "model.pt")
-    resume = load_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
+    rt, ckpt_path, resume = runtime.start(args)
     if args.init is None and resume is None:
         raise SystemExit("train_rm.py needs --init CHECKPOINT (the SFT model the RM starts from)")
 
@@ -350,12 +347,7 @@ def main(args):
 
     # ------------------------------------------------------------------ optimizer and resume
     optimizer = runtime.make_optimizer(reward_model, args.lr, args.weight_decay)
-    step = 0
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        step = resume["step"]
-        runtime.set_rng_state(resume["rng"])
-        runtime.print0(rt, f"resumed from {ckpt_path} at step {step}")
+    step = runtime.resume_training(rt, optimizer, resume, ckpt_path)
     train_model = torch.compile(reward_model) if args.compile else reward_model
     train_model = runtime.wrap_ddp(train_model, rt)
     log = runtime.MetricsLog(os.path.join(args.out, "metrics.jsonl"), rt.is_main)
@@ -408,11 +400,8 @@ def main(args):
         # every rank holds the same number of pairs, so the mean over ranks is the global batch mean
         totals = runtime.all_reduce_sum(torch.tensor([loss_sum, accuracy_sum, gap_sum], device=rt.device), rt)
         loss_value, accuracy, reward_gap = (totals / rt.world_size).tolist()
-        if not math.isfinite(loss_value):
-            raise SystemExit(f"loss became {loss_value} at step {step}; the last good checkpoint is {ckpt_path}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(reward_model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = runtime.optimizer_step(reward_model, optimizer, loss_value, args.grad_clip, f"step {step}",
+                                           ckpt_path)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{accuracy:.2f}")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 import data
 import runtime
 import world
-from model import ModelConfig, Transformer, generate, load_checkpoint, load_model, masked_nll, save_checkpoint
+from model import ModelConfig, Transformer, generate, load_model, masked_nll, save_checkpoint
 
 # Model sizes: "tiny" is sized so base + SFT finish in a few CPU minutes; "small" is a 124M-class GPU model;
 # "1b" is Llama-architecture at 1B parameters (the shape of TinyLlama-1.1B: 22 layers, 2048 wide, 4 KV heads).
@@ -155,10 +155,7 @@ def eval_loss(model, rows, tok, rt, batch_size=64):
 
 def main(args):
     # ------------------------------------------------------------------ setup
-    rt = runtime.setup(args.seed, args.device)
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "model.pt")
-    resume = load_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
+    rt, ckpt_path, resume = runtime.start(args)
     if args.stage == "sft" and args.init is None and resume is None:
         raise SystemExit("--stage sft needs --init CHECKPOINT (the base model to fine-tune)")
 
@@ -194,12 +191,7 @@ def main(args):
 
     # ------------------------------------------------------------------ optimizer and resume
     optimizer = runtime.make_optimizer(model, args.lr, args.weight_decay)
-    step = 0
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        step = resume["step"]
-        runtime.set_rng_state(resume["rng"])
-        runtime.print0(rt, f"resumed from {ckpt_path} at step {step}")
+    step = runtime.resume_training(rt, optimizer, resume, ckpt_path)
     train_model = torch.compile(model) if args.compile else model
     train_model = runtime.wrap_ddp(train_model, rt)
     log = runtime.MetricsLog(os.path.join(args.out, "metrics.jsonl"), rt.is_main)
@@ -234,14 +226,7 @@ def main(args):
                 loss.backward()
             loss_sum += loss.item() / rt.world_size
         loss_value = runtime.all_reduce_sum(torch.tensor(loss_sum, device=rt.device), rt).item()
-        if not math.isfinite(loss_value):
-            raise SystemExit(f"loss became {loss_value} at step {step}; the last good checkpoint is {ckpt_path}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        if not torch.isfinite(grad_norm):  # e.g. an overflow in the backward pass: never step into NaN weights
-            raise SystemExit(f"gradient norm became {grad_norm.item()} at step {step}; the last good checkpoint "
-                             f"is {ckpt_path}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = runtime.optimizer_step(model, optimizer, loss_value, args.grad_clip, f"step {step}", ckpt_path)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")

@@ -104,3 +104,22 @@ def test_save_config_writes_resolved_args(tmp_path):
     args = argparse.Namespace(out=str(tmp_path), dim=32, preset="tiny")
     runtime.save_config(args, rt)
     assert json.loads((tmp_path / "config.json").read_text()) == dict(out=str(tmp_path), dim=32, preset="tiny")
+
+
+def test_optimizer_step_never_steps_into_nan_and_names_the_checkpoint():
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(SystemExit, match=r"loss became nan at step 7; the last good checkpoint is out/x.pt"):
+        runtime.optimizer_step(model, optimizer, float("nan"), 1.0, "step 7", "out/x.pt")
+    model(torch.tensor([[float("inf"), 1.0]])).sum().backward()   # a finite loss value, a non-finite gradient
+    with pytest.raises(SystemExit, match=r"gradient norm became (nan|inf) at step 8"):
+        runtime.optimizer_step(model, optimizer, 1.0, 1.0, "step 8", "out/x.pt")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    model.zero_grad()
+    model(torch.tensor([[3.0, 4.0]])).sum().backward()            # gradient (3, 4, 1): norm sqrt(26), clipped to 1
+    norm = runtime.optimizer_step(model, optimizer, 1.0, 1.0, "step 9", "out/x.pt")
+    assert norm.item() == pytest.approx(26 ** 0.5)
+    assert model.weight.grad is None                               # zeroed after the step
+    step = before[0] - model.weight.detach()
+    assert step.norm().item() == pytest.approx(0.1 * 5 / 26 ** 0.5, rel=1e-5)
