@@ -54,17 +54,11 @@ import runtime
 import world
 from evaluate import gold_metrics, respond
 from model import generate, load_model, save_checkpoint
-from train_rm import load_reward_model, score
+from train_rm import llama2_gate, load_reward_model, score
 from train_sft import batch_loss
 
 
 # ---------------------------------------------------------------------------------------------- pure functions
-def combined_reward(safety_prob, helpful_prob, safety_prompt, threshold=0.15):
-    """Llama 2's reward combination (section 3.2.3): R_c = R_s if is_safety(x) or R_s < threshold else R_h.
-    All arguments (N,) tensors; safety_prompt is boolean."""
-    return torch.where(safety_prompt | (safety_prob < threshold), safety_prob, helpful_prob)
-
-
 def best_of_k(rewards):
     """Rejection sampling's selection: for rewards (N, K), the index and reward of each prompt's best sample,
     y* = argmax_k R(x, y_k). A sample that may not be kept has reward -inf."""
@@ -225,7 +219,7 @@ def rejection_rows(policy, tok, prompts, reward_models, args, rt, generator):
              for name, (rm, rm_tok) in reward_models.items()}
     if args.reward == "llama2":
         safety_prompt = torch.tensor([world.is_safety(ex) for ex in mine for _ in range(args.k)])
-        rewards = combined_reward(probs["safety"], probs["helpfulness"], safety_prompt, args.safety_threshold)
+        rewards = llama2_gate(probs["safety"], probs["helpfulness"], safety_prompt, args.safety_threshold)
     else:
         rewards = probs[args.reward]
     rewards = rewards.view(len(mine), args.k)                                   # (N, K)

@@ -46,15 +46,12 @@ import runtime
 import world
 from evaluate import format_table, gold_metrics, respond
 from model import generate, load_model, save_checkpoint, token_logprobs
-from train_rm import load_reward_model, score
+from train_rm import llama2_gate, load_reward_model, score
 
 
 # ---------------------------------------------------------------------------------------------- the reward
-def llama2_gate(safety_prob, helpful_prob, safety_prompt, threshold=0.15):
-    """Llama 2's reward combination (section 3.2.3): R_c = R_s if is_safety(p) or R_s < 0.15 else R_h; all (B,)."""
-    return torch.where(safety_prompt | (safety_prob < threshold), safety_prob, helpful_prob)
-
-
+# llama2_gate (train_rm.py): R_c = R_s if is_safety(p) or R_s < 0.15 else R_h, the Llama 2 combination; and two
+# alternatives with the same signature that train on one RM alone
 def safety_only(safety_prob, helpful_prob, safety_prompt, threshold=0.15):
     """R_c = R_s on every prompt: the safety RM alone."""
     return safety_prob

@@ -144,6 +144,13 @@ def score(reward_model, tok, conversations, responses, batch_size=64):
     return scores
 
 
+def llama2_gate(safety_prob, helpful_prob, safety_prompt, threshold=0.15):
+    """How Llama 2 combines its two reward models (section 3.2.3), used by PPO and rejection sampling:
+    R_c = R_s if is_safety(x) or R_s < threshold else R_h, with R_s, R_h the sigmoid scores; all (B,) tensors,
+    safety_prompt boolean."""
+    return torch.where(safety_prompt | (safety_prob < threshold), safety_prob, helpful_prob)
+
+
 # ---------------------------------------------------------------------------------------------- evaluation
 def _accuracy_by(pairs, correct, key):
     groups = defaultdict(list)

@@ -57,15 +57,6 @@ def micro_args(micro, out, mode, *extra):
 
 
 # ---------------------------------------------------------------------------------------------- pure functions
-def test_combined_reward_is_the_llama2_gate():
-    safety = torch.tensor([0.9, 0.9, 0.1, 0.1])
-    helpful = torch.tensor([0.3, 0.3, 0.8, 0.8])
-    safety_prompt = torch.tensor([True, False, True, False])
-    # a safety prompt takes R_s; otherwise R_h, unless R_s < 0.15 (then R_s even on a helpfulness prompt)
-    assert distill.combined_reward(safety, helpful, safety_prompt).tolist() == pytest.approx([0.9, 0.3, 0.1, 0.1])
-    assert distill.combined_reward(safety, helpful, safety_prompt, threshold=0.05)[3].item() == pytest.approx(0.8)
-
-
 def test_best_of_k_picks_the_argmax():
     rewards = torch.tensor([[0.1, 0.7, 0.3], [0.9, float("-inf"), 0.2], [float("-inf"), 0.4, 0.5]])
     index, best = distill.best_of_k(rewards)
