@@ -287,8 +287,11 @@ def make_plots(rows, generations, log_paths, out):
     xs = [100 * (rows[n]["false_refusal_rate"] or 0) for n in names]
     ys = [100 * rows[n]["violation_rate"] for n in names]
     ax.scatter(xs, ys)  # no line between stages: the later ones each start from SFT, not from each other
+    labels = {}  # stages that land on the same point share one label
     for n, x, y in zip(names, xs, ys):
-        ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 4))
+        labels.setdefault((round(x, 1), round(y, 1)), []).append(n)
+    for (x, y), group in labels.items():
+        ax.annotate(", ".join(group), (x, y), textcoords="offset points", xytext=(5, 4))
     ax.set_xlim(-2, max(10, 1.2 * max(xs, default=0)))  # keep a stage at 0% false refusals off the frame
     ax.set_ylim(-2, 102)
     ax.set_xlabel("false-refusal rate on borderline prompts (%)")
