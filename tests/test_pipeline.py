@@ -23,9 +23,9 @@ esac
 """
 
 
-def run_pipeline(tmp_path, jobs=1, check=True):
+def run_pipeline(tmp_path, jobs=1, check=True, fake_python=FAKE_PYTHON):
     fake = tmp_path / "fake_python"
-    fake.write_text(FAKE_PYTHON)
+    fake.write_text(fake_python)
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     calls = tmp_path / "calls.txt"
     calls.write_text("")
@@ -88,11 +88,8 @@ def test_side_by_side_stages_wait_for_what_they_read(tmp_path):
 def test_a_failed_side_by_side_stage_stops_the_pipeline(tmp_path):
     run_pipeline(tmp_path, jobs=2)
     (tmp_path / "out" / "dpo" / "model.pt").unlink()                 # DPO must run again, and this time it fails
-    (tmp_path / "calls.txt").write_text("")
-    wrapper = tmp_path / "fake_python"
-    wrapper.write_text(FAKE_PYTHON.replace('case "$1" in', 'case "$1" in\n  train_dpo.py) exit 3 ;;'))
-    env = dict(os.environ, PYTHON=str(wrapper), OUT=str(tmp_path / "out"), CALLS=str(tmp_path / "calls.txt"), JOBS="2")
-    result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh")], env=env, capture_output=True, text=True)
+    failing = FAKE_PYTHON.replace('case "$1" in', 'case "$1" in\n  train_dpo.py) exit 3 ;;')
+    calls, result = run_pipeline(tmp_path, jobs=2, check=False, fake_python=failing)
     assert result.returncode != 0
     assert "dpo: failed, see" in result.stderr
-    assert "evaluate.py --checkpoints" not in (tmp_path / "calls.txt").read_text()
+    assert not any(c[:2] == ["evaluate.py", "--checkpoints"] for c in calls)
