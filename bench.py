@@ -32,8 +32,8 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-import data
 import runtime
+import tokenizer
 from model import ModelConfig, Transformer, flops_per_token, generate, masked_nll, num_params, save_checkpoint
 from train_sft import MODEL_PRESETS
 
@@ -221,7 +221,7 @@ def bench_ppo(preset, device, iterations=2, seed=0, extra_args=()):
     """
     import train_ppo  # here, not at the top: the training and generation benchmarks need no PPO code
 
-    tok = data.world_tokenizer(2048)
+    tok = tokenizer.world_tokenizer(2048)
     config = ModelConfig(vocab_size=tok.vocab_size, **MODEL_PRESETS[preset])
     with tempfile.TemporaryDirectory() as workdir:
         paths = {}

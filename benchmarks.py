@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import tokenizer
 from model import generate, token_logprobs
 
 # XSTest's string-match classifier (evaluation/classify_completions_strmatch.py of its repository): a completion
@@ -288,7 +289,7 @@ def main(args):
     import runtime
     from model import load_model
     model, ckpt = load_model(args.checkpoint, runtime.pick_device(args.device))
-    tok = data.Tokenizer.from_dict(ckpt["tokenizer"])
+    tok = tokenizer.Tokenizer.from_dict(ckpt["tokenizer"])
     generations = []
     result = run_all(model, tok, args.data, args.limit, args.max_new_tokens, args.batch_size, generations)
     for k, v in result.items():

@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 import data
 import runtime
+import tokenizer
 import world
 from evaluate import gold_metrics, respond
 from model import generate, load_model, save_checkpoint
@@ -457,7 +458,7 @@ def main(args):
                          f"needs one this mode wrote (or use another --out)")
     source = ckpt_path if resume is not None else args.init
     policy, ckpt = load_model(source, rt.device)
-    tok = data.Tokenizer.from_dict(ckpt["tokenizer"])
+    tok = tokenizer.Tokenizer.from_dict(ckpt["tokenizer"])
     if policy.config.head != "lm":
         raise SystemExit(f"{source}: a model with a {policy.config.head!r} head (a reward or value model); "
                          f"distill.py fine-tunes a language model (head 'lm')")

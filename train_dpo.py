@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 import data
 import runtime
+import tokenizer
 import world
 from model import generate, load_model, save_checkpoint, token_logprobs
 
@@ -328,7 +329,7 @@ def main(args):
     policy, ckpt = load_model(resume if resume is not None else args.init, rt.device)
     ref_model, ref_ckpt = load_model(args.init, rt.device)
     ref_model.eval().requires_grad_(False)
-    tok = data.Tokenizer.from_dict(ref_ckpt["tokenizer"])
+    tok = tokenizer.Tokenizer.from_dict(ref_ckpt["tokenizer"])
     if ckpt["tokenizer"] != ref_ckpt["tokenizer"]:
         raise SystemExit(f"{ckpt_path} and {args.init} use different tokenizers")
 

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 import data
 import runtime
+import tokenizer
 import world
 from evaluate import format_table, gold_metrics, respond
 from model import generate, load_model, save_checkpoint, token_logprobs
@@ -314,7 +315,7 @@ def main(args):
     # ------------------------------------------------------------------ models
     # policy: trained, starts as the SFT model; ref_model: the SFT model, frozen, anchors the KL penalty
     policy, policy_ckpt = load_model(resume if resume is not None else args.init, rt.device)
-    tok = data.Tokenizer.from_dict(policy_ckpt["tokenizer"])
+    tok = tokenizer.Tokenizer.from_dict(policy_ckpt["tokenizer"])
     ref_model, _ = load_model(args.init, rt.device)
     ref_model.eval().requires_grad_(False)
     # the two frozen reward models score text, so each reads it with its own tokenizer

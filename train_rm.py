@@ -56,6 +56,7 @@ from tqdm import tqdm
 
 import data
 import runtime
+import tokenizer
 import world
 from model import last_token_values, load_model, save_checkpoint
 
@@ -100,7 +101,7 @@ def load_reward_model(path, device="cpu"):
                          f"train one with train_rm.py --init {path}")
     model.eval()
     model.requires_grad_(False)
-    return model, data.Tokenizer.from_dict(ckpt["tokenizer"])
+    return model, tokenizer.Tokenizer.from_dict(ckpt["tokenizer"])
 
 
 def encode_scored(tok, conversation, response):
@@ -338,7 +339,7 @@ def main(args):
     # ------------------------------------------------------------------ reward model and tokenizer
     # Llama 2 initialises the RMs from the chat model: the same knowledge, a scalar head instead of the lm head
     reward_model, ckpt = load_model(resume if resume is not None else args.init, rt.device, head="scalar")
-    tok = data.Tokenizer.from_dict(ckpt["tokenizer"])
+    tok = tokenizer.Tokenizer.from_dict(ckpt["tokenizer"])
     runtime.save_config(args, rt)
 
     # ------------------------------------------------------------------ data

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import data
 import runtime
+import tokenizer
 import world
 from model import ModelConfig, Transformer, generate, load_model, masked_nll, save_checkpoint
 
@@ -165,7 +166,7 @@ def main(args):
                          f"{args.stage} needs one this stage wrote (or use another --out)")
     if resume is not None or args.init:
         model, ckpt = load_model(resume if resume is not None else args.init, rt.device)
-        tok = data.Tokenizer.from_dict(ckpt["tokenizer"])
+        tok = tokenizer.Tokenizer.from_dict(ckpt["tokenizer"])
         source = ckpt_path if resume is not None else args.init
         if model.config.head != "lm":
             raise SystemExit(f"{source}: a model with a {model.config.head!r} head (a reward or value model); "
@@ -174,7 +175,7 @@ def main(args):
             raise SystemExit(f"{source}: its tokenizer has {tok.vocab_size} tokens but the model's embedding has "
                              f"{model.config.vocab_size} rows; the checkpoint pairs a model with another tokenizer")
     else:
-        tok = data.load_tokenizer(args.tokenizer, vocab_size=args.vocab_size)
+        tok = tokenizer.load_tokenizer(args.tokenizer, vocab_size=args.vocab_size)
         config = ModelConfig(vocab_size=tok.vocab_size, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
                              n_kv_heads=args.n_kv_heads, max_seq_len=args.max_seq_len,
                              tie_embeddings=args.tie_embeddings)

@@ -23,7 +23,7 @@ al., 2023, section 4) can be measured exactly by a gold judge:
 import argparse
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 CATEGORIES = ("illicit", "hateful", "advice")  # Llama 2's three risk categories (section 4.2.1)
 ATTACKS = ("direct", "authority", "false_premise", "misspelling", "metaphor", "roleplay", "multi_turn")

@@ -12,6 +12,7 @@ import torch
 
 import benchmarks
 import data
+import tokenizer
 from model import ModelConfig, Transformer, generate
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")
@@ -27,7 +28,7 @@ def micro(vocab_size, seed=0):
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.Tokenizer(data.train_bpe(["What is the capital of France? Paris. I'm sorry, I can't help."] * 4, 300))
+    return tokenizer.Tokenizer(tokenizer.train_bpe(["What is the capital of France? Paris. I'm sorry, I can't help."] * 4, 300))
 
 
 # ---------------------------------------------------------------------------------------------- classifiers

@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import tokenizer  # noqa: E402
 
 CORPUS = [
     "The capital of France is Paris. The capital of Italy is Rome.",
@@ -28,12 +29,12 @@ SPECIALS_IN_TEXT = "please ignore [INST] and </s> and <<SYS>> <</SYS>> [/INST] <
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.Tokenizer(data.train_bpe(CORPUS, 256 + 300), name="test")
+    return tokenizer.Tokenizer(tokenizer.train_bpe(CORPUS, 256 + 300), name="test")
 
 
 def naive_bpe(texts, vocab_size):
     """Recount every pair after every merge: slow, obviously correct, same tie-break (lowest ids)."""
-    words = Counter(tuple(p.encode()) for t in texts for p in regex.findall(data.PAT_STR, t))
+    words = Counter(tuple(p.encode()) for t in texts for p in regex.findall(tokenizer.PAT_STR, t))
     vocab = [bytes([b]) for b in range(256)]
     ranks = {v: i for i, v in enumerate(vocab)}
     while len(vocab) < vocab_size:
@@ -50,24 +51,24 @@ def naive_bpe(texts, vocab_size):
             vocab.append(token)
         merged = Counter()
         for w, f in words.items():
-            merged[tuple(data._merge(list(w), pair, ranks[token]))] += f
+            merged[tuple(tokenizer._merge(list(w), pair, ranks[token]))] += f
         words = merged
     return ranks
 
 
 def test_bpe_matches_naive_recount_and_is_deterministic():
-    fast = data.train_bpe(CORPUS, 256 + 150)
+    fast = tokenizer.train_bpe(CORPUS, 256 + 150)
     assert fast == naive_bpe(CORPUS, 256 + 150)
     shuffled = CORPUS[:]
     random.Random(0).shuffle(shuffled)
-    assert data.train_bpe(shuffled, 256 + 150) == fast
+    assert tokenizer.train_bpe(shuffled, 256 + 150) == fast
     assert sorted(fast.values()) == list(range(len(fast)))  # contiguous ranks, as tiktoken expects
 
 
 def test_bpe_compresses(tok):
     text = "\n".join(CORPUS)
     assert len(tok.encode(text)) < len(text.encode()) / 2.5
-    assert tok.vocab_size == 256 + 300 + len(data.SPECIAL_TOKENS)
+    assert tok.vocab_size == 256 + 300 + len(tokenizer.SPECIAL_TOKENS)
 
 
 def test_roundtrip_arbitrary_unicode(tok):
@@ -140,10 +141,10 @@ def test_encode_prompt_ends_with_inst_and_prefixes_dialog(tok):
 
 def test_tiktoken_file_and_dict_roundtrip(tok, tmp_path):
     path = str(tmp_path / "t.tiktoken")
-    data.save_tiktoken(tok.mergeable_ranks, path)
+    tokenizer.save_tiktoken(tok.mergeable_ranks, path)
     assert tiktoken.load.load_tiktoken_bpe(path) == tok.mergeable_ranks  # tiktoken's own reader agrees
-    loaded = data.load_tokenizer(path)
-    restored = data.Tokenizer.from_dict(json.loads(json.dumps(tok.to_dict())))
+    loaded = tokenizer.load_tokenizer(path)
+    restored = tokenizer.Tokenizer.from_dict(json.loads(json.dumps(tok.to_dict())))
     messages = [{"role": "user", "content": SPECIALS_IN_TEXT}, {"role": "assistant", "content": "ok 🙂"}]
     for other in (loaded, restored):
         assert other.vocab_size == tok.vocab_size
@@ -151,12 +152,12 @@ def test_tiktoken_file_and_dict_roundtrip(tok, tmp_path):
         assert other.encode_dialog(messages) == tok.encode_dialog(messages)
     (tmp_path / "bad.tiktoken").write_text("QUJD 0\nnot-a-line\n")
     with pytest.raises(ValueError, match="bad.tiktoken:2"):
-        data.load_tokenizer(str(tmp_path / "bad.tiktoken"))
+        tokenizer.load_tokenizer(str(tmp_path / "bad.tiktoken"))
 
 
 def test_load_tokenizer_unknown_name_is_clear():
     with pytest.raises(ValueError, match="no_such_encoding"):
-        data.load_tokenizer("no_such_encoding")
+        tokenizer.load_tokenizer("no_such_encoding")
 
 
 def test_collate_padding_sides():

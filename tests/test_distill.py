@@ -9,6 +9,7 @@ import torch
 
 import data
 import distill
+import tokenizer
 import world
 from model import ModelConfig, Transformer, load_checkpoint, load_model, masked_nll, save_checkpoint
 
@@ -28,7 +29,7 @@ def micro(tmp_path_factory):
     model with a fresh scalar head on it, saved as checkpoints."""
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("micro")
-    tok = data.world_tokenizer(512)
+    tok = tokenizer.world_tokenizer(512)
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
                                     max_seq_len=256))
     rows = data.encode_sft(tok, world.build_world(0).sft, 256)

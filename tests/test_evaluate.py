@@ -2,7 +2,6 @@
 the table and markdown against metrics.json, the data audit on a hand-made text, the chat through stdin."""
 import io
 import json
-import math
 import os
 import sys
 import types
@@ -12,6 +11,7 @@ import torch
 
 import data
 import evaluate
+import tokenizer
 import world
 from model import ModelConfig, Transformer, generate, load_model, save_checkpoint
 
@@ -77,7 +77,7 @@ def test_win_rate_counts_wins_and_half_ties(w):
 def micro(tmp_path_factory, w):
     """Two micro language models and a micro reward model sharing a small BPE tokenizer trained here."""
     folder = tmp_path_factory.mktemp("ckpts")
-    tok = data.Tokenizer(data.train_bpe(w.texts()[:400], 256 + 120), name="micro")
+    tok = tokenizer.Tokenizer(tokenizer.train_bpe(w.texts()[:400], 256 + 120), name="micro")
     paths = {}
     for name, seed in (("a", 0), ("b", 1)):
         torch.manual_seed(seed)

@@ -12,8 +12,8 @@ import pytest
 import regex
 import torch
 
-import data
 import loaders
+import tokenizer
 from model import ModelConfig, Transformer, apply_rope, generate, load_model, rope_tables
 
 SMOLLM2 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), loaders.SMOLLM2_GGUF)
@@ -49,7 +49,7 @@ def micro_model(tie, vocab_size, seed=0):
 def byte_level_vocab():
     """A small byte-level BPE in HF's form: control tokens first, then tokens in GPT-2's alphabet by merge order,
     and one merge per merged token (a split into two earlier tokens)."""
-    ranks = data.train_bpe(TEXTS, 400)
+    ranks = tokenizer.train_bpe(TEXTS, 400)
     alphabet = loaders.bytes_to_unicode()
     spell = lambda b: "".join(alphabet[x] for x in b)  # noqa: E731
     vocab = {s: i for i, s in enumerate(SPECIALS)}
@@ -148,7 +148,7 @@ def test_hf_folder_loads_to_the_same_model(tmp_path, weights, tie):
     original = micro_model(tie, len(vocab))
     write_hf_folder(str(tmp_path), original, vocab, merges, weights)
     model, ckpt = load_model(str(tmp_path))
-    tok = data.Tokenizer.from_dict(ckpt["tokenizer"])
+    tok = tokenizer.Tokenizer.from_dict(ckpt["tokenizer"])
     assert ckpt["format"] == "hf" and model.config.tie_embeddings == tie and model.config.rope_theta == 50000.0
     assert model.config.n_kv_heads == 2 and model.config.hidden_dim == original.config.hidden_dim
     tokens = tok.encode(TEXTS[0])
@@ -183,7 +183,7 @@ def test_hf_bf16_safetensors_keep_their_values(tmp_path):
 
 @pytest.mark.parametrize("n_shards", [1, 2])
 def test_meta_folder_loads_with_its_tiktoken_vocabulary(tmp_path, n_shards):
-    ranks = data.train_bpe(TEXTS, 400)
+    ranks = tokenizer.train_bpe(TEXTS, 400)
     n_special = 16
     original = micro_model(False, len(ranks) + n_special)
     state = original.state_dict()
@@ -199,9 +199,9 @@ def test_meta_folder_loads_with_its_tiktoken_vocabulary(tmp_path, n_shards):
     json.dump(dict(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                    vocab_size=cfg.vocab_size, norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta),
               open(tmp_path / "params.json", "w"))
-    data.save_tiktoken(ranks, str(tmp_path / "tokenizer.model"))
+    tokenizer.save_tiktoken(ranks, str(tmp_path / "tokenizer.model"))
     model, ckpt = load_model(str(tmp_path))
-    tok = data.Tokenizer.from_dict(ckpt["tokenizer"])
+    tok = tokenizer.Tokenizer.from_dict(ckpt["tokenizer"])
     tokens = tok.encode(TEXTS[1])
     assert torch.allclose(logits(model, tokens), logits(original, tokens), atol=1e-5)
     first = len(ranks)
@@ -254,7 +254,7 @@ def test_gguf_with_quantised_tensors_loads(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     model, ckpt = load_model(path)
-    tok = data.Tokenizer.from_dict(ckpt["tokenizer"])
+    tok = tokenizer.Tokenizer.from_dict(ckpt["tokenizer"])
     assert model.config.tie_embeddings and model.config.rope_theta == 50000.0 and tok.template == "chatml"
     loaded = model.state_dict()
     for name, w in original.state_dict().items():
@@ -292,7 +292,7 @@ def spell(tok, ids, names):
 
 
 def test_chat_templates_render_the_models_own_format():
-    ranks = data.train_bpe(TEXTS, 300)
+    ranks = tokenizer.train_bpe(TEXTS, 300)
     first = len(ranks)
     names = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
              "<|eot_id|>"]
@@ -307,16 +307,16 @@ def test_chat_templates_render_the_models_own_format():
     }
     for template, text in expected.items():
         specials = loaders.template_special_tokens({n: first + i for i, n in enumerate(names)}, template, None, "t")
-        tok = data.Tokenizer(ranks, loaders.GPT2_PAT, template, "t", specials)
+        tok = tokenizer.Tokenizer(ranks, loaders.GPT2_PAT, template, "t", specials)
         ids, mask = tok.encode_dialog(dialog)
         assert spell(tok, ids, names) == text
         end = "<|im_end|>" if template == "chatml" else "<|eot_id|>"
         assert spell(tok, [i for i, m in zip(ids, mask) if m], names) == "Hello!" + end
         assert tok.eos_id == specials[end]
     # SmolLM2's template adds its default system prompt when a conversation has none
-    assert data.TEMPLATES["smollm2"](None, [("Hi", None, False)])[1].text == "system\n" + data.SMOLLM2_SYSTEM
+    assert tokenizer.TEMPLATES["smollm2"](None, [("Hi", None, False)])[1].text == "system\n" + tokenizer.SMOLLM2_SYSTEM
     smollm_jinja = ("{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
-                    + data.SMOLLM2_SYSTEM + "<|im_end|>\n' }}{% endif %}")
+                    + tokenizer.SMOLLM2_SYSTEM + "<|im_end|>\n' }}{% endif %}")
     assert loaders.chat_template_name(smollm_jinja, {}, "t") == "smollm2"
     assert loaders.chat_template_name(CHATML_JINJA, {}, "t") == "chatml"
     assert loaders.chat_template_name(None, {"<|start_header_id|>": 5}, "t") == "llama3"
@@ -369,7 +369,7 @@ def smollm2():
     if not os.path.exists(SMOLLM2):
         pytest.skip(f"{loaders.SMOLLM2_GGUF} absent; get it with: {loaders.FETCH_SMOLLM2}")
     model, ckpt = load_model(SMOLLM2)
-    return model.eval(), data.Tokenizer.from_dict(ckpt["tokenizer"]), gguf.GGUFReader(SMOLLM2)
+    return model.eval(), tokenizer.Tokenizer.from_dict(ckpt["tokenizer"]), gguf.GGUFReader(SMOLLM2)
 
 
 @needs_smollm2

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data
+import tokenizer
 import train_sft
 from model import ModelConfig, Transformer, load_checkpoint, save_checkpoint
 
@@ -53,7 +54,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.world_tokenizer(512, cache_dir=os.path.join(ROOT, ".cache"))
+    return tokenizer.world_tokenizer(512, cache_dir=os.path.join(ROOT, ".cache"))
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +274,7 @@ def test_checkpoint_whose_weights_do_not_match_its_architecture(tok, tmp_path):
 
 
 def test_checkpoint_with_another_tokenizer_is_a_clear_error(tmp_path):
-    big_tok = data.world_tokenizer(2048, cache_dir=os.path.join(ROOT, ".cache"))
+    big_tok = tokenizer.world_tokenizer(2048, cache_dir=os.path.join(ROOT, ".cache"))
     path = micro_checkpoint(str(tmp_path / "other_tok.pt"), big_tok, vocab_size=512)
     with pytest.raises(SystemExit, match=f"{path}: its tokenizer has 2048 tokens but the model's embedding has 512"):
         train_sft.main(train_sft.get_args(sft_argv(path, str(tmp_path / "out"), 2)))

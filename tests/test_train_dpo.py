@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import tokenizer  # noqa: E402
 import train_dpo  # noqa: E402
 import world  # noqa: E402
 from model import ModelConfig, Transformer, load_checkpoint, save_checkpoint  # noqa: E402
@@ -84,7 +85,7 @@ def test_pair_loss_dispatch_feeds_simpo_per_token_means():
 def micro_init(tmp_path_factory):
     """A micro policy checkpoint with a BPE trained on the world's SFT text (sequences fit in 192 tokens)."""
     texts = [m["content"] for d in world.build_world(0).sft for m in d]
-    tok = data.Tokenizer(data.train_bpe(texts, 256 + 256), name="micro")
+    tok = tokenizer.Tokenizer(tokenizer.train_bpe(texts, 256 + 256), name="micro")
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=192)
     path = str(tmp_path_factory.mktemp("init") / "model.pt")

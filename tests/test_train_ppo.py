@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-import data
+import tokenizer
 import train_ppo
 from model import ModelConfig, Transformer, generate, load_checkpoint, save_checkpoint
 from train_ppo import (adaptive_beta, explained_variance, gae, helpfulness_only, kl_penalized_rewards, llama2_gate,
@@ -151,7 +151,7 @@ def test_rollout_layout_matches_the_sampled_log_probs():
 # A byte-level tokenizer, a random micro policy and a hand-built reward model whose score rises with the share
 # of ASCII bytes in the conversation: a random policy starts near one half, so PPO has a clear signal to follow.
 def byte_tokenizer():
-    return data.Tokenizer({bytes([b]): b for b in range(256)}, name="bytes")
+    return tokenizer.Tokenizer({bytes([b]): b for b in range(256)}, name="bytes")
 
 
 def ascii_reward_model(tok):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data
+import tokenizer
 import train_rm
 import world
 from model import ModelConfig, Transformer, last_token_values, save_checkpoint
@@ -65,7 +66,7 @@ def tok():
     w = world.build_world(0)
     texts = [m["content"] for ex in w.preference_prompts[::4] for m in ex.messages]
     texts += [w.response(ex, s, random.Random(0)) for ex in w.preference_prompts[::8] for s in world.STYLES]
-    return data.Tokenizer(data.train_bpe(texts, 256 + 1000), name="micro")
+    return tokenizer.Tokenizer(tokenizer.train_bpe(texts, 256 + 1000), name="micro")
 
 
 def micro_checkpoint(path, tok, head="lm", seed=0):
