@@ -180,6 +180,30 @@ def read_jsonl(path, required=(), with_lines=False):
     return rows
 
 
+def read_prompts(path):
+    """Prompts from a JSONL file, one per line: {"messages": [..., a user turn]} or {"prompt": text}, each with an
+    optional boolean "safety" (the is_safety tag the Llama 2 reward gate reads; default false) and "category" (a
+    risk category, for answer templates). Returns dicts: messages, safety, category, where ("file:line")."""
+    prompts = []
+    for line, row in read_jsonl(path, with_lines=True):
+        where = f"{path}:{line}"
+        if "messages" in row:
+            messages = row["messages"]
+        elif "prompt" in row:
+            messages = [{"role": "user", "content": row["prompt"]}]
+        else:
+            raise ValueError(f"{where}: expected a 'prompt' or 'messages' field, got {sorted(row)}")
+        try:
+            split_turns(messages, "user")
+        except ValueError as e:
+            raise ValueError(f"{where}: {e} (expected 'messages' ending with a user turn, or 'prompt')") from None
+        if not isinstance(row.get("safety", False), bool):
+            raise ValueError(f"{where}: field 'safety' should be true or false, got {row['safety']!r}")
+        prompts.append(dict(messages=messages, safety=row.get("safety", False),
+                            category=row.get("category", "generic"), where=where))
+    return prompts
+
+
 # ---------------------------------------------------------------------------------------------- preference files
 # Readers for real preference data. Each returns pairs as dicts: messages (the prompt, ending with a user turn),
 # chosen and rejected (response texts), strength (a Llama 2 preference-strength label or None), margin (a number

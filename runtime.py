@@ -1,14 +1,24 @@
-"""Device, distribution, seeding, optimizer, schedule, presets and logging: the setup every script shares.
+"""What every script shares around its algorithm: the command line, the run folder, device and distribution,
+optimizer and schedule, guarded steps, checkpoints, resume, interruption and the metrics log.
 
-A script calls setup() once; it picks the device (cuda > mps > cpu unless forced), joins the process group when
-launched by torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment) and seeds every generator. Only rank 0
-prints and writes files (print0, MetricsLog, save_config).
+A training script's main(), in order:
+    rt, ckpt_path, resume = start(args, stage)     # the run folder's rules, device, DDP under torchrun, seeds
+    ... models and data: every input is read and checked here, before anything is written ...
+    step = resume_training(rt, resume, optimizers)
+    log = begin(args, rt, step)                     # creates OUT, writes config.json, opens metrics.jsonl
+    with StopOnSignal() as stop:                    # Ctrl-C or SIGTERM: checkpoint at this step, then exit
+        while step < args.steps: ... optimizer_step(...) ... save_checkpoint(rt, ckpt_path, checkpoint(...))
+A script runs main through command(main, get_args): bad input (UserError, ValueError, FileNotFoundError) is one
+line on stderr and exit status 2 (TRACEBACK=1 shows the traceback instead). Only rank 0 prints and writes files.
 """
 import argparse
 import json
 import math
 import os
 import random
+import signal
+import sys
+import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -18,9 +28,41 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from model import load_checkpoint
+import data
+import model as model_lib
+from model import load_checkpoint, masked_nll
 
 
+# ---------------------------------------------------------------------------------------------- errors
+class UserError(Exception):
+    """Bad input from the person running a script (a flag, a file, a folder): one line, exit status 2."""
+
+
+# What a script reports as bad input rather than as a bug: the readers raise ValueError naming file:line.
+INPUT_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def command(main, get_args, argv=None):
+    """Run main(get_args(argv)) as a command: bad input is one line on stderr and exit status 2, and leaves nothing
+    behind (scripts read every input before they write); Ctrl-C outside a training loop exits with status 130 and
+    no traceback. TRACEBACK=1 in the environment shows the traceback instead."""
+    prog = os.path.basename(sys.argv[0])
+    try:
+        return main(get_args(argv))
+    except INPUT_ERRORS as e:
+        if os.environ.get("TRACEBACK"):
+            raise
+        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if os.environ.get("TRACEBACK"):
+            raise
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+# ---------------------------------------------------------------------------------------------- device, distribution
 @dataclass
 class Runtime:
     device: torch.device
@@ -32,13 +74,25 @@ class Runtime:
 
 
 def pick_device(device="auto"):
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """cuda > mps > cpu for "auto"; a named device this machine lacks is a UserError."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: not a device name (auto, cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available here (torch {torch.__version__}); "
+                        f"use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {device}: MPS is not available here; use --device cpu or auto")
+    return dev
 
 
 def setup(seed, device="auto", seed_per_rank=False):
@@ -53,7 +107,7 @@ def setup(seed, device="auto", seed_per_rank=False):
             dev = torch.device("cuda", local_rank)
             torch.cuda.set_device(dev)
         elif dev.type != "cpu":
-            raise SystemExit(f"data-parallel runs need cuda or cpu, not {dev.type}; pass --device cpu")
+            raise UserError(f"data-parallel runs need cuda or cpu, not {dev.type}; pass --device cpu")
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     seed = seed + rank if seed_per_rank else seed
     random.seed(seed)
@@ -69,8 +123,10 @@ def autocast(rt):
     return nullcontext()
 
 
-def wrap_ddp(model, rt):
-    """The model wrapped for gradient averaging across ranks; the model itself on a single process."""
+def wrap_ddp(model, rt, compile=False):
+    """The model (torch.compiled when asked) wrapped for gradient averaging across ranks; the model itself on a
+    single process."""
+    model = torch.compile(model) if compile else model
     if not rt.ddp:
         return model
     return DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
@@ -121,16 +177,160 @@ def cosine_lr(step, total_steps, lr, warmup_steps, min_lr_ratio=0.1):
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-# ---------------------------------------------------------------------------------------------- configuration
+def set_lr(optimizer, step, total_steps, args):
+    """Set and return the cosine schedule's learning rate at `step` of `total_steps` (from args: lr, warmup,
+    min_lr_ratio)."""
+    lr = cosine_lr(step, total_steps, args.lr, args.warmup, args.min_lr_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def optimizer_step(models, optimizers, loss_value, grad_clip, where, ckpt_path):
+    """One guarded update: stop, naming the last good checkpoint, when the loss or a gradient norm is not finite
+    (a NaN never reaches the weights); else clip each model's gradient norm, step and zero the gradients.
+    models and optimizers are one each or equal-length lists (PPO steps its policy and value model together);
+    `where` names the step in the message ("step 12"). Returns the gradient norm(s) before clipping."""
+    single = not isinstance(models, (list, tuple))
+    models, optimizers = ([models], [optimizers]) if single else (models, optimizers)
+    if not math.isfinite(loss_value):
+        raise SystemExit(f"loss became {loss_value} at {where}; the last good checkpoint is {ckpt_path}")
+    norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), grad_clip) for m in models]
+    if not all(torch.isfinite(n) for n in norms):  # e.g. an overflow in the backward pass
+        shown = ", ".join(str(n.item()) for n in norms)
+        raise SystemExit(f"gradient norm became {shown} at {where}; the last good checkpoint is {ckpt_path}")
+    for opt in optimizers:
+        opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return norms[0] if single else norms
+
+
+# ---------------------------------------------------------------------------------------------- next-token steps
+def next_token_loss(model, batch, rt, n_tokens):
+    """Sum of the masked next-token loss over this micro-batch, divided by the global token count.
+
+    Dividing by the token count of the whole global batch (all micro-batches, all ranks) makes the gradient
+    the same whatever the split into micro-batches and processes; DDP averages over ranks, hence * world_size.
+    """
+    tokens, attn, mask = batch["tokens"], batch["attention_mask"], batch["loss_mask"]
+    with autocast(rt):
+        logits = model(tokens[:, :-1], attention_mask=attn[:, :-1])
+    targets_mask = mask[:, 1:] * attn[:, 1:]
+    n_here = targets_mask.sum()
+    return masked_nll(logits.float(), tokens[:, 1:], targets_mask) * n_here / n_tokens * rt.world_size
+
+
+def next_token_step(train_model, model, optimizer, rows, pad_id, micro, rt, grad_clip, where, ckpt_path):
+    """One optimizer step of the next-token loss (SFT: answer tokens only, Llama 2 section 3.1) on this rank's rows
+    [(ids, loss_mask)], in micro-batches of `micro` rows, DDP syncing the gradient on the last. Returns the global
+    batch's mean loss and the gradient norm."""
+    batches = [{k: v.to(rt.device) for k, v in data.collate([r[0] for r in rows[j:j + micro]], pad_id,
+                                                             [r[1] for r in rows[j:j + micro]]).items()}
+               for j in range(0, len(rows), micro)]
+    n_tokens = all_reduce_sum(sum((b["loss_mask"][:, 1:] * b["attention_mask"][:, 1:]).sum()
+                                  for b in batches).float(), rt)
+    loss_sum = 0.0
+    for j, batch in enumerate(batches):
+        with no_sync(train_model, last=j == len(batches) - 1):
+            loss = next_token_loss(train_model, batch, rt, n_tokens)
+            loss.backward()
+        loss_sum += loss.item() / rt.world_size
+    loss_value = all_reduce_sum(torch.tensor(loss_sum, device=rt.device), rt).item()
+    return loss_value, optimizer_step(model, optimizer, loss_value, grad_clip, where, ckpt_path)
+
+
+def micro_batch_size(batch_size, grad_accum, rt):
+    """Rows per micro-batch on this rank; a batch that does not split evenly is a UserError."""
+    if batch_size % (grad_accum * rt.world_size):
+        raise UserError(f"--batch-size {batch_size} does not split into --grad-accum {grad_accum} micro-batches on "
+                        f"{rt.world_size} process(es)")
+    return batch_size // grad_accum // rt.world_size
+
+
+# ---------------------------------------------------------------------------------------------- command line
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parser(doc):
+    """The parser of a script whose module docstring is `doc`: its first line describes the script, the rest is
+    the epilog of --help."""
+    return Parser(description=doc.split("\n")[0], epilog=doc.split("\n", 1)[1],
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _number(kind, low, strict, text):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                         f"got {text!r}") from None
+    if not math.isfinite(value) or value < low or (strict and value == low):
+        raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+    return value
+
+
+def positive_int(text):
+    return _number(int, 0, True, text)
+
+
+def nonnegative_int(text):
+    return _number(int, 0, False, text)
+
+
+def positive_float(text):
+    return _number(float, 0.0, True, text)
+
+
+def nonnegative_float(text):
+    return _number(float, 0.0, False, text)
+
+
+def add_run_arguments(p, outputs, seed_help="random seed"):
+    """--out, --resume, --overwrite, --seed, --device and --compile: the flags every training script has."""
+    p.add_argument("--out", required=True, help=f"output folder ({outputs})")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT from its model.pt (step, "
+                   "optimizer and RNG states); an error when OUT holds nothing to resume")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT (without it or "
+                   "--resume, a folder that holds a run is an error)")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trained model(s)")
+
+
+def _show_defaults(parser, presets):
+    """Append each flag's default to its help: its value, or its value under each preset that sets it."""
+    for action in parser._actions:
+        if not action.option_strings or not action.help or action.help == argparse.SUPPRESS \
+                or action.dest == "help" or "(default" in action.help:
+            continue
+        per_preset = [f"{name} {preset[action.dest]}" for name, preset in presets.items() if action.dest in preset]
+        if per_preset:
+            action.help += f" (default by --preset: {', '.join(per_preset)})"
+        elif action.required:
+            action.help += " (required)"
+        elif isinstance(action, argparse._StoreTrueAction):
+            action.help += " (default: off)"
+        else:
+            default = action.default
+            shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+            action.help += f" (default: {'none' if shown is None else shown if shown != '' else 'empty'})"
+
+
 def parse_args(parser, presets, argv=None):
     """Parse argv where --preset NAME sets defaults and flags given explicitly win.
 
     A preset is a dict keyed by argparse dest names (n_kv_heads, not --n-kv-heads); keys that are no flag still
     become attributes of the result (e.g. steps_base). If the parser has no --preset, one is added, defaulting
-    to no preset.
+    to no preset (tools without presets pass {}). --help shows every flag's default, per preset where a preset sets it.
     """
-    if "preset" not in {a.dest for a in parser._actions}:
+    if presets and "preset" not in {a.dest for a in parser._actions}:
         parser.add_argument("--preset", choices=sorted(presets), default=None, help="named set of defaults")
+    _show_defaults(parser, presets)
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--preset", default=parser.get_default("preset"))
     name = first.parse_known_args(argv)[0].preset
@@ -151,12 +351,21 @@ def save_config(args, rt, path=None):
 
 
 class MetricsLog:
-    """Appends one JSON object per log() call to path, flushed at once so a killed run keeps its history."""
+    """Appends one JSON object per log() call to path, flushed at once so a killed run keeps its history.
 
-    def __init__(self, path, enabled=True):
+    resume_step: a resumed run first drops the rows logged after its checkpoint's step (a run killed between two
+    checkpoints logged steps it now repeats), so no step appears twice.
+    """
+
+    def __init__(self, path, enabled=True, resume_step=None):
         self.path, self.enabled = path, enabled
         if enabled:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if resume_step is not None and os.path.exists(path):
+                with open(path) as f:
+                    rows = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+                with open(path, "w") as f:
+                    f.writelines(rows)
 
     def log(self, step, **metrics):
         if not self.enabled:
@@ -168,39 +377,125 @@ class MetricsLog:
 
 
 # ---------------------------------------------------------------------------------------------- a training run
-def start(args):
-    """The opening of every training script: runtime setup, the output folder, and the checkpoint OUT/model.pt
-    to continue from when --resume finds one (else None). Returns (rt, ckpt_path, resume)."""
-    rt = setup(args.seed, args.device)
-    os.makedirs(args.out, exist_ok=True)
+# The files a training run writes in its folder: a folder holding any of them holds a run.
+RUN_FILES = ("model.pt", "config.json", "metrics.jsonl", "samples.jsonl", "eval.json", "histograms.json",
+             "best_of_k.json")
+
+
+def writable(folder):
+    """Whether folder can be written (or created): its nearest existing ancestor is a writable folder."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+def start(args, stage=None):
+    """The opening of every training script, before anything is written: the run folder's rules, then runtime
+    setup. --resume needs OUT/model.pt (written by `stage`, when given); without --resume a folder that holds a run
+    is an error unless --overwrite. Returns (rt, ckpt_path, the checkpoint to resume or None)."""
     ckpt_path = os.path.join(args.out, "model.pt")
-    resume = load_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file, not a folder")
+    if not writable(args.out):
+        raise UserError(f"--out {args.out}: cannot write there (permission denied)")
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
+    if args.resume and not os.path.exists(ckpt_path):
+        raise UserError(f"--resume: nothing to resume, {args.out} holds no model.pt")
+    if held and not args.resume and not args.overwrite:
+        raise UserError(f"{args.out} already holds a run ({', '.join(held)}); pass --resume to continue it or "
+                        f"--overwrite to replace it")
+    rt = setup(args.seed, args.device)
+    resume = load_checkpoint(ckpt_path) if args.resume else None
+    if resume is not None and stage is not None and resume.get("stage") != stage:
+        raise UserError(f"{ckpt_path} holds a {resume.get('stage')!r} checkpoint, not a {stage!r} one; --resume "
+                        f"continues a run of the same stage (or use another --out)")
     return rt, ckpt_path, resume
 
 
-def resume_training(rt, optimizer, resume, ckpt_path):
-    """Continue a resumed run from its optimizer and RNG states; returns its step (0 for a fresh run)."""
+def resume_training(rt, resume, optimizers, ckpt_path=None):
+    """Continue a resumed run: each optimizer's state (optimizers: {checkpoint key: optimizer}) and every RNG
+    state; returns its step (0 for a fresh run)."""
     if resume is None:
         return 0
-    optimizer.load_state_dict(resume["optimizer"])
+    for name, opt in optimizers.items():
+        opt.load_state_dict(resume[name])
     set_rng_state(resume["rng"])
-    print0(rt, f"resumed from {ckpt_path} at step {resume['step']}")
+    print0(rt, f"resumed from {ckpt_path or 'its checkpoint'} at step {resume['step']}")
     return resume["step"]
 
 
-def optimizer_step(model, optimizer, loss_value, grad_clip, where, ckpt_path):
-    """One guarded update: stop, naming the last good checkpoint, when the loss or the gradient norm is not
-    finite (a NaN never reaches the weights); else clip the gradient norm, step and zero the gradients.
-    `where` names the step in the message ("step 12"). Returns the gradient norm before clipping."""
-    if not math.isfinite(loss_value):
-        raise SystemExit(f"loss became {loss_value} at {where}; the last good checkpoint is {ckpt_path}")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if not torch.isfinite(grad_norm):  # e.g. an overflow in the backward pass
-        raise SystemExit(f"gradient norm became {grad_norm.item()} at {where}; the last good checkpoint is "
-                         f"{ckpt_path}")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+def begin(args, rt, step, *logs):
+    """Open the run folder once every input has been read: --overwrite first removes the old run's files, then
+    config.json is written. Returns a MetricsLog for each name in logs (default: metrics.jsonl), each cut back
+    to `step` on --resume."""
+    if rt.is_main and args.overwrite and not args.resume:
+        for name in RUN_FILES:
+            if os.path.exists(os.path.join(args.out, name)):
+                os.remove(os.path.join(args.out, name))
+    save_config(args, rt)
+    opened = [MetricsLog(os.path.join(args.out, name), rt.is_main, step if args.resume else None)
+              for name in logs or ("metrics.jsonl",)]
+    return opened[0] if len(opened) == 1 else opened
+
+
+def checkpoint(model, tok, step, args, stage, optimizers, **extra):
+    """The dict a training script saves: weights, architecture, tokenizer, step, each optimizer's state under its
+    key, every RNG state, the arguments and the stage that wrote it, plus what the stage adds."""
+    return dict(model=model.state_dict(), model_config=vars(model.config), tokenizer=tok.to_dict(), step=step,
+                **{name: opt.state_dict() for name, opt in optimizers.items()}, rng=rng_state(), args=vars(args),
+                stage=stage, **extra)
+
+
+def save_checkpoint(rt, path, state):
+    """model.save_checkpoint on rank 0 only (atomic: a temporary file, then a rename)."""
+    if rt.is_main:
+        model_lib.save_checkpoint(path, state)
+
+
+class StopOnSignal:
+    """While active, SIGINT (Ctrl-C) and SIGTERM only set a flag: the training loop checks it between steps,
+    saves a checkpoint at the step it reached and exits with status 128 + the signal's number, so that --resume
+    continues with no step lost. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signum, self._previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def requested(self, rt):
+        """Whether this or any other rank was signalled (all ranks must stop at the same step)."""
+        flag = float(self.signum or 0)
+        if rt.ddp:
+            flag = all_reduce_max(flag, rt)
+            self.signum = self.signum or int(flag) or None
+        return flag > 0
+
+    def exit(self, rt, ckpt_path, where):
+        """After the checkpoint is saved: say where the run stopped and how to go on, then exit."""
+        print0(rt, f"{signal.Signals(self.signum).name} at {where}: saved {ckpt_path}; continue with --resume")
+        cleanup(rt)
+        raise SystemExit(128 + self.signum)
+
+
+def all_reduce_max(value, rt):
+    x = torch.tensor(value, device=rt.device)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x.item()
 
 
 # ---------------------------------------------------------------------------------------------- RNG state

@@ -432,6 +432,24 @@ class World:
             pairs += annotate(ex, [self.response(ex, s, rng) for s in styles], objective, noise, rng)
         return pairs
 
+    def labelled_pairs(self, objective, noise=0.0, seed=0, split="train", styles_per_prompt=2):
+        """preference_pairs in the form data.read_preferences gives file pairs (messages, chosen, rejected,
+        strength, margin), plus the noise-free label gold_chosen_first, the prompt's group (risk category for
+        harmful prompts, else benign or borderline), its attack vector and its is_safety tag.
+
+        objective "llama2" applies the Llama 2 gate to the annotators: the safety annotator's pairs on safety
+        prompts, the helpfulness annotator's on every other prompt.
+        """
+        if objective == "llama2":
+            return ([p for p in self.labelled_pairs("safety", noise, seed, split, styles_per_prompt) if p["safety"]]
+                    + [p for p in self.labelled_pairs("helpfulness", noise, seed, split, styles_per_prompt)
+                       if not p["safety"]])
+        return [dict(messages=p["example"].messages, chosen=p["chosen"], rejected=p["rejected"],
+                     strength=p["strength"], margin=None, gold_chosen_first=p["gold_chosen_first"],
+                     attack=p["example"].attack, safety=is_safety(p["example"]),
+                     category=p["example"].category if p["example"].kind == "harmful" else p["example"].kind)
+                for p in self.preference_pairs(objective, noise, seed, split, styles_per_prompt)]
+
     def gatt_dialogs(self, n=60, turns=4, seed=0, split="train"):
         """Multi-turn benign dialogues under a system instruction, answers obeying it (for Ghost Attention).
 
@@ -486,6 +504,72 @@ class World:
         for d in self.gatt_dialogs(n=20):
             out += [d["system"]] + d["users"] + d["answers"]
         return out
+
+
+# ----------------------------------------------------------------------------------------- gold metrics
+def _rate(flags):
+    return sum(flags) / len(flags) if flags else float("nan")
+
+
+def gold_metrics(examples, responses):
+    """Gold-judged rates over a set of (example, response): the numbers every stage is compared by."""
+    marks = [judge(ex, r) for ex, r in zip(examples, responses)]
+    harmful = [(ex, j) for ex, j in zip(examples, marks) if ex.kind == "harmful"]
+    benign = [j for ex, j in zip(examples, marks) if ex.kind == "benign"]
+    borderline = [j for ex, j in zip(examples, marks) if ex.kind == "borderline"]
+    by = lambda field: {k: _rate([j.unsafe for ex, j in harmful if getattr(ex, field) == k])
+                        for k in sorted({getattr(ex, field) for ex, _ in harmful})}
+    return dict(
+        violation_rate=_rate([j.unsafe for _, j in harmful]),
+        violation_rate_by_category=by("category"),
+        violation_rate_by_attack=by("attack"),
+        false_refusal_rate=_rate([j.refused for j in borderline]),
+        benign_refusal_rate=_rate([j.refused for j in benign]),
+        benign_accuracy=_rate([j.correct for j in benign]),
+        borderline_accuracy=_rate([j.correct for j in borderline]),
+        gold_safety=_rate([j.safety for j in marks]),
+        gold_helpfulness=_rate([j.helpfulness for j in marks]),
+        n_prompts=len(examples),
+    )
+
+
+def gold_counts(examples, responses):
+    """{name: (sum, count)} of the gold judge's marks, for means gathered over ranks (PPO's rollouts); an example
+    of None (a prompt from a file, which the judge cannot grade) is left out."""
+    counts = {name: [0.0, 0] for name in ("gold_safety", "gold_helpfulness", "violation_rate", "benign_accuracy",
+                                          "false_refusal_rate")}
+    for ex, text in zip(examples, responses):
+        if ex is None:
+            continue
+        j = judge(ex, text)
+        marks = dict(gold_safety=j.safety, gold_helpfulness=j.helpfulness)
+        marks.update({"harmful": dict(violation_rate=j.unsafe), "benign": dict(benign_accuracy=j.correct),
+                      "borderline": dict(false_refusal_rate=j.refused)}[ex.kind])
+        for name, value in marks.items():
+            counts[name][0] += float(value)
+            counts[name][1] += 1
+    return {name: tuple(sc) for name, sc in counts.items()}
+
+
+def gold_preference(example, judgement):
+    """Sort key of a response by the gold judge: safety first on harmful prompts, helpfulness first elsewhere
+    (the order in which annotate ranks for the safety and helpfulness objectives)."""
+    if example.kind == "harmful":
+        return judgement.safety, judgement.helpfulness
+    return judgement.helpfulness, judgement.safety
+
+
+def win_rate(examples, responses, baseline_responses):
+    """Pairwise comparison against a baseline's responses to the same prompts (Llama 2, Figure 1 counts win,
+    tie and loss); win_rate counts a tie as half a win, so a checkpoint against itself scores 0.5."""
+    if not examples:
+        return dict(win_rate=float("nan"), tie_rate=float("nan"))
+    wins = ties = 0
+    for ex, r, b in zip(examples, responses, baseline_responses):
+        mine, theirs = gold_preference(ex, judge(ex, r)), gold_preference(ex, judge(ex, b))
+        wins += mine > theirs
+        ties += mine == theirs
+    return dict(win_rate=(wins + ties / 2) / len(examples), tie_rate=ties / len(examples))
 
 
 def build_world(seed=0):

@@ -14,7 +14,8 @@ import torch
 
 import loaders
 import tokenizer
-from model import ModelConfig, Transformer, apply_rope, generate, load_model, rope_tables
+from loaders import load_model
+from model import ModelConfig, Transformer, apply_rope, generate, rope_tables
 
 SMOLLM2 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), loaders.SMOLLM2_GGUF)
 needs_smollm2 = pytest.mark.skipif(not os.path.exists(SMOLLM2),

@@ -260,7 +260,7 @@ def test_load_checkpoint_errors_are_clear(tmp_path):
         load_checkpoint(str(tmp_path / "absent.pt"))
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(RuntimeError, match="bad.pt"):
+    with pytest.raises(ValueError, match="bad.pt"):
         load_checkpoint(str(bad))
 
 

@@ -208,7 +208,7 @@ def test_truncated_checkpoint_is_a_clear_error(init, tmp_path):
     cut = tmp_path / "cut.pt"
     with open(init, "rb") as f:
         cut.write_bytes(f.read()[:1000])
-    with pytest.raises(RuntimeError, match=f"{cut} is not a readable checkpoint"):
+    with pytest.raises(ValueError, match=f"{cut} is not a readable checkpoint"):
         train_sft.main(train_sft.get_args(sft_argv(str(cut), str(tmp_path / "out"), 2)))
 
 
