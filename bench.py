@@ -13,7 +13,8 @@ every step (use_cache=False), at batch 1 and 32, 128 new tokens; EOS is disabled
 
 PPO: one iteration of train_ppo.main (its tiny or small preset) split into rollout (generation), scoring (the two
 reward models, and the no-grad passes of policy, reference and value model) and update (the PPO epochs) time.
-Timers wrap train_ppo's own calls for the length of the run, so the loop measured is the script's real one.
+Timers wrap train_ppo's own calls (and runtime.save_checkpoint, which ends an iteration) for the length of the
+run, so the loop measured is the script's real one.
 
 Weights are random: speed does not depend on what the model has learnt. Every figure is a wall-clock rate on this
 machine at this moment; the JSON records the load average before and after, so runs on a shared CPU can be told.
@@ -21,8 +22,8 @@ machine at this moment; the JSON records the load average before and after, so r
     python bench.py --out out/bench_cpu.json                       # CPU, a few minutes
     python bench.py --device cuda --out out/bench_gpu.json         # GPU: bf16, fused AdamW, flash attention
     python bench.py --device cuda --compile --out out/bench_gpu_compiled.json
+An --out file that already exists is an error unless --overwrite.
 """
-import argparse
 import json
 import os
 import platform
@@ -212,6 +213,16 @@ def phase_timers(module, phases, device):
             setattr(module, name, fn)
 
 
+def ppo_args(preset, init, reward_model, out, iterations, device, seed, extra_args):
+    """train_ppo.py's arguments for the benchmark run: `iterations` iterations, no intermediate checkpoint, sample
+    or evaluation, both reward models `reward_model`; extra_args (flags) last, so they win."""
+    import train_ppo  # here, not at the top: the training and generation benchmarks need no PPO code
+    return train_ppo.get_args(["--preset", preset, "--init", init, "--rm-safety", reward_model, "--rm-helpful",
+                               reward_model, "--out", out, "--iterations", str(iterations), "--save-every",
+                               str(10 * iterations), "--sample-every", str(10 * iterations), "--eval-prompts", "0",
+                               "--device", str(device), "--seed", str(seed), *extra_args])
+
+
 def bench_ppo(preset, device, iterations=2, seed=0, extra_args=()):
     """Seconds of the last of `iterations` train_ppo.py iterations, split into rollout, scoring and update.
 
@@ -219,7 +230,7 @@ def bench_ppo(preset, device, iterations=2, seed=0, extra_args=()):
     response runs to --max-new-tokens (a random policy seldom samples </s>): the longest, steadiest rollout.
     The earlier iterations are warm-up. update = the iteration's time minus rollout and scoring.
     """
-    import train_ppo  # here, not at the top: the training and generation benchmarks need no PPO code
+    import train_ppo
 
     tok = tokenizer.world_tokenizer(2048)
     config = ModelConfig(vocab_size=tok.vocab_size, **MODEL_PRESETS[preset])
@@ -231,19 +242,20 @@ def bench_ppo(preset, device, iterations=2, seed=0, extra_args=()):
             paths[head] = os.path.join(workdir, f"{head}.pt")
             save_checkpoint(paths[head], dict(model=Transformer(head_config).state_dict(), tokenizer=tok.to_dict(),
                                               model_config=vars(head_config), step=0))
-        args = train_ppo.get_args(["--preset", preset, "--init", paths["lm"], "--rm-safety", paths["scalar"],
-                                   "--rm-helpful", paths["scalar"], "--out", os.path.join(workdir, "ppo"),
-                                   "--iterations", str(iterations), "--save-every", str(10 * iterations),
-                                   "--sample-every", str(10 * iterations), "--eval-prompts", "0",
-                                   "--device", str(device), "--seed", str(seed), *extra_args])
+        args = ppo_args(preset, paths["lm"], paths["scalar"], os.path.join(workdir, "ppo"), iterations, device, seed,
+                        extra_args)
         scoring_or_update = lambda grad: "update" if grad else "scoring"
-        phases = dict(generate="rollout", score="scoring", response_logprobs=scoring_or_update,
-                      response_values=scoring_or_update, response_entropy="scoring", save_checkpoint="end")
-        with phase_timers(train_ppo, phases, device) as records:
+        phases = dict(generate="rollout", combined_reward="scoring", response_logprobs=scoring_or_update,
+                      response_values=scoring_or_update, response_entropy="scoring")
+        with phase_timers(train_ppo, phases, device) as records, \
+                phase_timers(runtime, dict(save_checkpoint="end"), device) as saves:
             train_ppo.main(args)
+    if not saves or not any(r[0] == "rollout" for r in records):
+        raise RuntimeError("train_ppo.main made no timed rollout or save: it no longer calls generate and "
+                           "runtime.save_checkpoint, which bench_ppo times")
     # the last iteration runs from the start of the last rollout to the final checkpoint's save
     start = [r[1] for r in records if r[0] == "rollout"][-1]
-    end = [r[1] for r in records if r[0] == "end"][-1]
+    end = saves[-1][1]
     spent = {phase: sum(e - s for p, s, e in records if p == phase and s >= start) for phase in ("rollout", "scoring")}
     total = end - start
     return dict(preset=preset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -270,40 +282,77 @@ def fmt(x, digits=0):
     return "-" if x is None else f"{x:,.{digits}f}"
 
 
+def comma_list(kind):
+    """argparse type of a comma-separated list of `kind` values (an empty string is an empty list)."""
+    return lambda text: [kind(x) for x in text.split(",") if x]
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 1)[1])
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
-    p.add_argument("--out", default=None, help="write the results as JSON to this file")
+    p = runtime.parser(__doc__)
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--out", default=None, help="write the results as JSON to this file (default: print only)")
+    p.add_argument("--overwrite", action="store_true", help="replace the file already at --out")
     # training
-    p.add_argument("--presets", default="tiny,small", help="comma-separated train_sft.MODEL_PRESETS to time training on")
-    p.add_argument("--attention", default="causal,masked", help="comma-separated attention paths to time: causal, masked")
-    p.add_argument("--train-batch", type=int, default=None, help="sequences per step (default: per preset and device)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: per preset and device)")
-    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default: per preset and device)")
-    p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps before timing")
-    p.add_argument("--vocab-size", type=int, default=None, help="vocabulary (default: 2048 tiny, 32000 larger)")
+    p.add_argument("--presets", type=comma_list(str), default="tiny,small",
+                   help="comma-separated train_sft.MODEL_PRESETS to time training on")
+    p.add_argument("--attention", type=comma_list(str), default="causal,masked",
+                   help="comma-separated attention paths to time: causal, masked")
+    p.add_argument("--train-batch", type=runtime.positive_int, default=None, help="sequences per step (default: per "
+                   "preset and device)")
+    p.add_argument("--seq-len", type=runtime.positive_int, default=None, help="tokens per sequence (default: per "
+                   "preset and device)")
+    p.add_argument("--steps", type=runtime.positive_int, default=None, help="timed optimizer steps (default: per "
+                   "preset and device)")
+    p.add_argument("--warmup-steps", type=runtime.nonnegative_int, default=2, help="untimed steps before timing")
+    p.add_argument("--vocab-size", type=runtime.positive_int, default=None, help="vocabulary (default: 2048 tiny, "
+                   "32000 larger)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for the training steps")
     p.add_argument("--no-bf16", action="store_true", help="on CUDA: float32 instead of bf16 autocast")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for MFU (default: by GPU name)")
+    p.add_argument("--peak-tflops", type=runtime.positive_float, default=None, help="peak bf16 TFLOP/s for MFU "
+                   "(default: by GPU name)")
     # generation
-    p.add_argument("--gen-presets", default=None, help="presets to time generation on (default: tiny on CPU, "
-                   "tiny,small on CUDA); empty to skip")
-    p.add_argument("--gen-batch-sizes", default="1,32", help="comma-separated generation batch sizes")
-    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per row")
-    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row")
-    # PPO
-    p.add_argument("--ppo-presets", default=None, help="train_ppo.py presets to time one iteration of (default: "
+    p.add_argument("--gen-presets", type=comma_list(str), default=None, help="presets to time generation on (default: "
                    "tiny on CPU, tiny,small on CUDA); empty to skip")
-    p.add_argument("--ppo-iterations", type=int, default=2, help="PPO iterations run; the last one is timed")
-    p.add_argument("--ppo-args", default="", help="extra train_ppo.py flags, e.g. '--batch-size 16 --minibatch-size 8'")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice); on a "
-                   "CPU shared with other jobs, 1 avoids threads waiting on each other")
+    p.add_argument("--gen-batch-sizes", type=comma_list(runtime.positive_int), default="1,32",
+                   help="comma-separated generation batch sizes")
+    p.add_argument("--prompt-len", type=runtime.positive_int, default=32, help="prompt tokens per row")
+    p.add_argument("--new-tokens", type=runtime.positive_int, default=128, help="tokens generated per row")
+    # PPO
+    p.add_argument("--ppo-presets", type=comma_list(str), default=None, help="train_ppo.py presets to time one "
+                   "iteration of (default: tiny on CPU, tiny,small on CUDA); empty to skip")
+    p.add_argument("--ppo-iterations", type=runtime.positive_int, default=2, help="PPO iterations run; the last one "
+                   "is timed")
+    p.add_argument("--ppo-args", default="", help="extra train_ppo.py flags, e.g. '--batch-size 16 --minibatch-size "
+                   "8'")
+    p.add_argument("--threads", type=runtime.positive_int, default=None, help="CPU threads for torch (default: torch's "
+                   "choice); on a CPU shared with other jobs, 1 avoids threads waiting on each other")
     p.add_argument("--seed", type=int, default=0, help="random seed of weights and tokens")
-    return p.parse_args(argv)
+    args = runtime.parse_args(p, {}, argv)
+    for flag, names in (("--presets", args.presets), ("--gen-presets", args.gen_presets),
+                        ("--ppo-presets", args.ppo_presets)):
+        unknown = [n for n in names or [] if n not in MODEL_PRESETS]
+        if unknown:
+            p.error(f"{flag}: unknown preset {unknown[0]!r}; choose from {sorted(MODEL_PRESETS)}")
+    unknown = [a for a in args.attention if a not in ("causal", "masked")]
+    if unknown:
+        p.error(f"--attention: unknown path {unknown[0]!r}; choose from causal, masked")
+    return args
+
+
+def check_out(path, overwrite):
+    """--out before any timing: a writable file path, not a file already there unless overwrite."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise runtime.UserError(f"--out {path} is a folder; give a file name, e.g. {os.path.join(path, 'bench.json')}")
+    if not runtime.writable(os.path.dirname(os.path.abspath(path))):
+        raise runtime.UserError(f"--out {path}: cannot write there (permission denied)")
+    if os.path.exists(path) and not overwrite:
+        raise runtime.UserError(f"{path} already exists; pass --overwrite to replace it or choose another --out")
 
 
 def main(args):
+    check_out(args.out, args.overwrite)
     device = runtime.pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -311,17 +360,15 @@ def main(args):
     bf16 = not args.no_bf16
     peak = peak_flops(device, args.peak_tflops)
     report = dict(machine=machine_info(device), peak_flops=peak, train={}, generate={}, ppo={})
-    presets = [p for p in args.presets.split(",") if p]
-    gen_presets = [p for p in (sizes["gen_presets"] if args.gen_presets is None else args.gen_presets).split(",") if p]
-    ppo_presets = [p for p in (sizes["ppo_presets"] if args.ppo_presets is None else args.ppo_presets).split(",") if p]
-    for name in presets + gen_presets + ppo_presets:
-        if name not in MODEL_PRESETS:
-            raise SystemExit(f"unknown preset {name!r}; choose from {sorted(MODEL_PRESETS)}")
+    gen_presets = sizes["gen_presets"].split(",") if args.gen_presets is None else args.gen_presets
+    ppo_presets = sizes["ppo_presets"].split(",") if args.ppo_presets is None else args.ppo_presets
+    for name in ppo_presets:  # a bad --ppo-args is an error now, not after the training and generation timings
+        ppo_args(name, "init.pt", "rm.pt", "ppo", args.ppo_iterations, device, args.seed, args.ppo_args.split())
 
-    for name in presets:
+    for name in args.presets:
         config = bench_config(name, args.vocab_size)
         report["train"][name] = []
-        for attention in [a for a in args.attention.split(",") if a]:
+        for attention in args.attention:
             r = bench_train(config, args.train_batch or sizes["train_batch"].get(name, 1),
                             args.seq_len or sizes["seq_len"].get(name, 256), args.steps or sizes["steps"].get(name, 1),
                             device, attention, bf16, args.compile, args.warmup_steps, peak, args.seed)
@@ -332,8 +379,7 @@ def main(args):
 
     for name in gen_presets:
         config = bench_config(name, args.vocab_size)
-        batch_sizes = [int(b) for b in args.gen_batch_sizes.split(",") if b]
-        rows = bench_generation(config, batch_sizes, args.prompt_len, args.new_tokens, device, bf16, args.seed)
+        rows = bench_generation(config, args.gen_batch_sizes, args.prompt_len, args.new_tokens, device, bf16, args.seed)
         report["generate"][name] = rows
         for r in rows:
             print(f"generate {name:6s} batch {r['batch_size']:3d}, {r['new_tokens']} new tokens: KV cache "
@@ -358,4 +404,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    runtime.command(main, get_args)

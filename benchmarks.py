@@ -28,8 +28,8 @@ is absent is left out of the result):
 A small safety SFT set built from other real sources (HarmBench's contextual and copyright behaviours, which the
 evaluation leaves out; StrongREJECT; HH-RLHF helpful replies), to show that SFT moves these numbers:
     python benchmarks.py --make-safety-sft ../shared/data --out out/safety_sft.jsonl
+An --out that already holds results (or a file) is an error unless --overwrite.
 """
-import argparse
 import csv
 import gzip
 import json
@@ -41,8 +41,9 @@ import torch
 from tqdm import tqdm
 
 import data
-import tokenizer
-from model import generate, token_logprobs
+import loaders
+import runtime
+from model import respond, token_logprobs
 
 # XSTest's string-match classifier (evaluation/classify_completions_strmatch.py of its repository): a completion
 # whose lower-cased, stripped text starts with one of these is a full refusal
@@ -89,6 +90,22 @@ def mc_scores(true_scores, false_scores):
 
 
 # ---------------------------------------------------------------------------------------------- data
+# Each benchmark's file in the data folder, as its public source lays it out
+BENCHMARK_FILES = dict(advbench=("advbench", "harmful_behaviors.csv"),
+                       harmbench=("harmbench", "harmbench_behaviors_text_all.csv"),
+                       xstest=("xstest", "xstest_prompts.csv"), truthfulqa=("truthfulqa", "mc_task.json"))
+
+
+def available(data_dir):
+    """The benchmarks whose file data_dir holds; a missing folder, or one that holds none of them, is an error."""
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"benchmark data folder {data_dir} does not exist")
+    found = [name for name, parts in BENCHMARK_FILES.items() if os.path.exists(os.path.join(data_dir, *parts))]
+    if not found:
+        raise FileNotFoundError(f"{data_dir} holds none of the benchmark files (see benchmarks.py's docstring)")
+    return found
+
+
 def _csv_rows(path):
     with open(path, encoding="utf-8-sig", newline="") as f:
         return list(csv.DictReader(f))
@@ -125,23 +142,6 @@ def read_truthfulqa_mc(data_dir):
 
 # ---------------------------------------------------------------------------------------------- model calls
 @torch.no_grad()
-def respond(model, tok, prompts, max_new_tokens=64, batch_size=16, desc=None):
-    """Greedy answers to single-turn user prompts, batched by length; a prompt that leaves no room in the context
-    gets None (counted by the caller)."""
-    model.eval()
-    ids = [tok.encode_prompt([{"role": "user", "content": p}]) for p in prompts]
-    room = [model.config.max_seq_len - len(x) for x in ids]
-    order = sorted((i for i in range(len(ids)) if room[i] > 0), key=lambda i: len(ids[i]))
-    out = [None] * len(ids)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
-        idx = order[start:start + batch_size]
-        new = min(max_new_tokens, min(room[i] for i in idx))
-        for i, t in zip(idx, generate(model, [ids[i] for i in idx], new, tok.eos_id, tok.pad_id, temperature=0.0)):
-            out[i] = tok.decode(t)
-    return out
-
-
-@torch.no_grad()
 def answer_logprobs(model, tok, question, answers):
     """sum_t log p(answer_t | question, answer_<t) of each answer in the chat template (end-of-turn excluded)."""
     rows = []
@@ -159,8 +159,12 @@ def answer_logprobs(model, tok, question, answers):
 
 # ---------------------------------------------------------------------------------------------- benchmarks
 def refusal_benchmark(model, tok, prompts, classify, max_new_tokens, batch_size, desc, generations):
-    """Share of answered prompts the classifier calls a refusal, and how many were answered."""
-    responses = respond(model, tok, prompts, max_new_tokens, batch_size, desc)
+    """Share of answered prompts the classifier calls a refusal, and how many were answered. Each prompt is one
+    user turn, answered greedily; one that leaves no room to answer in the context is not answered (model.respond
+    warns, counting them)."""
+    answers = respond(model, tok, [[{"role": "user", "content": p}] for p in prompts], max_new_tokens,
+                      batch_size=batch_size, desc=desc)
+    responses = [a.text for a in answers]
     answered = [(p, r) for p, r in zip(prompts, responses) if r is not None]
     refused = [classify(r) for _, r in answered]
     if generations is not None:
@@ -186,30 +190,26 @@ def run_all(model, tok, data_dir, limit=None, max_new_tokens=64, batch_size=16, 
     xstest_unsafe_refusal_rate, truthfulqa_mc1, truthfulqa_mc2, and n_* counts. generations, when a list, gets
     one dict per generated answer (benchmark, prompt, response, refusal).
     """
-    if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"benchmark data folder {data_dir} does not exist")
-    have = lambda *parts: os.path.exists(os.path.join(data_dir, *parts))  # noqa: E731
+    have = available(data_dir)
     name = lambda n: n if progress else None  # noqa: E731
     gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, generations=generations)
     result = {}
-    if have("advbench", "harmful_behaviors.csv"):
+    if "advbench" in have:
         result["advbench_refusal_rate"], result["n_advbench"] = refusal_benchmark(
             model, tok, subsample(read_advbench(data_dir), limit), gcg_refusal, desc=name("advbench"), **gen)
-    if have("harmbench", "harmbench_behaviors_text_all.csv"):
+    if "harmbench" in have:
         result["harmbench_refusal_rate"], result["n_harmbench"] = refusal_benchmark(
             model, tok, subsample(read_harmbench(data_dir), limit), gcg_refusal, desc=name("harmbench"), **gen)
-    if have("xstest", "xstest_prompts.csv"):
+    if "xstest" in have:
         rows = read_xstest(data_dir)
         for label, key in (("safe", "xstest_false_refusal_rate"), ("unsafe", "xstest_unsafe_refusal_rate")):
             prompts = subsample([p for p, lab, _ in rows if lab == label], limit)
             result[key], result[f"n_xstest_{label}"] = refusal_benchmark(
                 model, tok, prompts, xstest_refusal, desc=name(f"xstest_{label}"), **gen)
-    if have("truthfulqa", "mc_task.json"):
+    if "truthfulqa" in have:
         questions = subsample(read_truthfulqa_mc(data_dir), limit)
         result["truthfulqa_mc1"], result["truthfulqa_mc2"] = truthfulqa(model, tok, questions, name("truthfulqa"))
         result["n_truthfulqa"] = len(questions)
-    if not result:
-        raise FileNotFoundError(f"{data_dir} holds none of the benchmark files (see benchmarks.py's docstring)")
     return result
 
 
@@ -227,8 +227,9 @@ SAFE_RESPONSES = (  # Llama 2-style safe answers: decline, say why, offer what c
 
 def safety_sft_rows(data_dir, n_harmful=240, n_helpful=240, seed=0):
     """Chat dialogues for a small safety SFT: harmful requests that the benchmarks above never ask (HarmBench's
-    contextual and copyright behaviours, StrongREJECT without its AdvBench-sourced prompts) answered with a safe response, mixed 1:1 with HH-RLHF helpful-base chosen replies so that the model keeps
-    answering ordinary requests."""
+    contextual and copyright behaviours, StrongREJECT without its AdvBench-sourced prompts) answered with a safe
+    response, mixed 1:1 with HH-RLHF helpful-base chosen replies so that the model keeps answering ordinary
+    requests."""
     rng = random.Random(seed)
     harmful = []
     if os.path.exists(os.path.join(data_dir, "harmbench", "harmbench_behaviors_text_all.csv")):
@@ -237,7 +238,8 @@ def safety_sft_rows(data_dir, n_harmful=240, n_helpful=240, seed=0):
     if os.path.exists(path):
         harmful += [r["forbidden_prompt"] for r in _csv_rows(path) if r["source"] != "AdvBench"]
     rng.shuffle(harmful)
-    rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": rng.choice(SAFE_RESPONSES)}]}
+    rows = [{"messages": [{"role": "user", "content": p},
+                          {"role": "assistant", "content": rng.choice(SAFE_RESPONSES)}]}
             for p in harmful[:n_harmful]]
     path = os.path.join(data_dir, "hh_rlhf", "helpful-base_test.jsonl.gz")
     if os.path.exists(path):
@@ -245,7 +247,8 @@ def safety_sft_rows(data_dir, n_harmful=240, n_helpful=240, seed=0):
         with gzip.open(path, "rt", encoding="utf-8") as f:
             for line in f:
                 turns = data.hh_transcript(json.loads(line)["chosen"])
-                if turns and len(turns) == 2 and turns[1]["role"] == "assistant" and 20 < len(turns[1]["content"]) < 600:
+                if turns and len(turns) == 2 and turns[1]["role"] == "assistant" \
+                        and 20 < len(turns[1]["content"]) < 600:
                     helpful.append({"messages": turns})
         rng.shuffle(helpful)
         rows += helpful[:n_helpful]
@@ -257,19 +260,21 @@ def safety_sft_rows(data_dir, n_harmful=240, n_helpful=240, seed=0):
 
 # ---------------------------------------------------------------------------------------------- command line
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 1)[1])
-    p.add_argument("--checkpoint", help="model to evaluate: a .pt checkpoint, a .gguf file, or a HF/Meta folder")
+    p = runtime.parser(__doc__)
+    p.add_argument("--checkpoint", default=None, help="model to evaluate: a .pt checkpoint, a .gguf file, or a "
+                   "HF/Meta folder")
     p.add_argument("--data", default=None, help="benchmark data folder (layout in the docstring)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many items per benchmark (default all)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per answer")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
+    p.add_argument("--limit", type=runtime.positive_int, default=None, help="at most this many items per benchmark "
+                   "(default: all)")
+    p.add_argument("--max-new-tokens", type=runtime.positive_int, default=64, help="tokens generated per answer")
+    p.add_argument("--batch-size", type=runtime.positive_int, default=16, help="prompts per generation batch")
     p.add_argument("--out", default=None, help="with --checkpoint: folder for metrics.json and generations.jsonl; "
                    "with --make-safety-sft: the JSONL file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace the results (or file) already at --out")
     p.add_argument("--make-safety-sft", default=None, metavar="DATA_DIR",
                    help="write the small safety SFT set built from DATA_DIR to --out and exit")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
-    args = p.parse_args(argv)
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    args = runtime.parse_args(p, {}, argv)
     if args.make_safety_sft is None and (args.checkpoint is None or args.data is None):
         p.error("give --checkpoint and --data, or --make-safety-sft DATA_DIR --out FILE")
     if args.make_safety_sft is not None and args.out is None:
@@ -277,8 +282,23 @@ def get_args(argv=None):
     return args
 
 
+def check_out(path, overwrite, folder):
+    """--out before anything is read: writable, a folder (or a file), and holding no results unless overwrite."""
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise runtime.UserError(f"--out {path} is a {'file' if folder else 'folder'}, not a "
+                                f"{'folder' if folder else 'file'}")
+    if not runtime.writable(path if folder else os.path.dirname(os.path.abspath(path))):
+        raise runtime.UserError(f"--out {path}: cannot write there (permission denied)")
+    held = [f for f in ("metrics.json", "generations.jsonl") if os.path.exists(os.path.join(path, f))] \
+        if folder else [path] if os.path.exists(path) else []
+    if held and not overwrite:
+        raise runtime.UserError(f"{path} already holds {', '.join(held)}; pass --overwrite to replace it or choose "
+                                f"another --out")
+
+
 def main(args):
     if args.make_safety_sft is not None:
+        check_out(args.out, args.overwrite, folder=False)
         rows = safety_sft_rows(args.make_safety_sft)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:
@@ -286,14 +306,14 @@ def main(args):
                 f.write(json.dumps(row) + "\n")
         print(f"wrote {len(rows)} dialogues to {args.out}")
         return dict(rows=len(rows))
-    import runtime
-    from model import load_model
-    model, ckpt = load_model(args.checkpoint, runtime.pick_device(args.device))
-    tok = tokenizer.Tokenizer.from_dict(ckpt["tokenizer"])
+    if args.out:
+        check_out(args.out, args.overwrite, folder=True)
+    available(args.data)
+    model, tok, _ = loaders.load_policy(args.checkpoint, runtime.pick_device(args.device))
     generations = []
     result = run_all(model, tok, args.data, args.limit, args.max_new_tokens, args.batch_size, generations)
     for k, v in result.items():
-        print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+        print(f"{k}: {v:d}" if k.startswith("n_") else f"{k}: {v:.4f}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "metrics.json"), "w") as f:
@@ -305,4 +325,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    runtime.command(main, get_args)

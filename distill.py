@@ -1,4 +1,4 @@
-"""Fine-tuning on the model's own selected answers: rejection sampling, safety context distillation, Ghost Attention.
+r"""Fine-tuning on the model's own selected answers: rejection sampling, safety context distillation, Ghost Attention.
 
 --mode rejection (Llama 2, section 3.2.3): for each prompt sample K answers, score them with the reward models and
     keep the best, y* = argmax_k R(x, y_k); then fine-tune with the SFT loss on (x, y*). Several iterations, each
@@ -15,7 +15,7 @@
     every user turn of a multi-turn dialogue while the model answers it; the training dialogue keeps the
     instruction in the first turn only and trains on one turn, the loss zeroed on every earlier turn. Adherence
     by turn is measured with the instruction given in the first turn only.
-Every mode fine-tunes with the SFT loss of train_sft.py (model.masked_nll on answer tokens only).
+Every mode fine-tunes with the SFT loss (runtime.next_token_step: model.masked_nll on answer tokens only).
 
 Deliberate deviations, measured on the tiny preset (numbers in the issue note):
 - The tiny SFT model cannot read instructions: the world's SFT data pair every extra sentence around a request
@@ -32,31 +32,31 @@ Deliberate deviations, measured on the tiny preset (numbers in the issue note):
   that the tiny RMs score too high (Llama 2 tunes the temperature per iteration, Figure 8).
 
 Tiny CPU runs (minutes each):
-    python distill.py --mode rejection --preset tiny --init out/sft/model.pt --out out/rs
-    python distill.py --mode context --preset tiny --init out/sft/model.pt --out out/distill
+    python distill.py --mode rejection --preset tiny --init out/sft/model.pt --rm-safety out/rm_safety/model.pt \
+        --rm-helpful out/rm_helpful/model.pt --out out/rs
+    python distill.py --mode context --preset tiny --init out/sft/model.pt --rm-safety out/rm_safety/model.pt \
+        --out out/distill
     python distill.py --mode gatt --preset tiny --init out/sft/model.pt --out out/gatt
 Data parallel (sampling is split across ranks, then gathered):
-    torchrun --nproc_per_node=2 distill.py --mode rejection --preset tiny --init out/sft/model.pt --out out/rs
+    torchrun --nproc_per_node=2 distill.py --mode rejection --preset tiny --init out/sft/model.pt \
+        --rm-safety out/rm_safety/model.pt --rm-helpful out/rm_helpful/model.pt --out out/rs
 """
 import argparse
 import json
 import math
 import os
 import random
-import warnings
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import loaders
+import reward
 import runtime
-import tokenizer
 import world
-from evaluate import gold_metrics, respond
-from model import generate, load_model, save_checkpoint
-from train_rm import llama2_gate, load_reward_model, score
-from train_sft import batch_loss
+from model import respond
 
 
 # ---------------------------------------------------------------------------------------------- pure functions
@@ -141,32 +141,14 @@ def answer_dialog(messages, answer):
 
 
 # ---------------------------------------------------------------------------------------------- sampling
-@torch.no_grad()
 def sample_answers(model, tok, conversations, max_new_tokens, temperature, generator, batch_size=64,
                    prefixes=None):
-    """(answer texts, finished flags) for each conversation: finished means the answer ended with </s>. A prefix,
-    when given, is written as the start of the answer and the model continues it (the text includes it)."""
-    prefixes = prefixes or [""] * len(conversations)
-    prompts = [tok.encode_prompt(c) + (tok.encode(" " + p) if p else []) for c, p in zip(conversations, prefixes)]
-    # a prompt leaving fewer than 8 tokens of context to answer in is not answered (finished False), counted
-    fits = [i for i, p in enumerate(prompts) if len(p) + 8 <= model.config.max_seq_len]
-    if len(fits) < len(prompts):
-        warnings.warn(f"sample_answers: {len(prompts) - len(fits)} of {len(prompts)} prompts leave no room to "
-                      f"answer in max_seq_len {model.config.max_seq_len}; they are skipped")
-    order = sorted(fits, key=lambda i: len(prompts[i]))  # similar lengths pad less
-    texts, finished = [""] * len(prompts), [False] * len(prompts)
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        room = model.config.max_seq_len - max(len(prompts[i]) for i in idx)
-        outs = generate(model, [prompts[i] for i in idx], min(max_new_tokens, room), tok.eos_id, tok.pad_id,
-                        temperature=temperature, generator=generator)
-        for i, out in zip(idx, outs):
-            finished[i] = bool(out) and out[-1] == tok.eos_id
-            texts[i] = (prefixes[i] + tok.decode(out)).strip()
-    model.train(was_training)
-    return texts, finished
+    """(answer texts, finished flags) for each conversation through model.respond: finished means the answer ended
+    with </s>. A prefix, when given, starts the answer (the text includes it). A prompt leaving fewer than 8 tokens
+    of context to answer in is not answered (text "", finished False), counted in one warning."""
+    answers = respond(model, tok, conversations, max_new_tokens, temperature, batch_size=batch_size,
+                      generator=generator, prefixes=prefixes, min_room=8)
+    return [(a.text or "").strip() for a in answers], [a.finished for a in answers]
 
 
 def gather(items, rt):
@@ -178,64 +160,49 @@ def gather(items, rt):
     return [x for part in parts for x in part]
 
 
-def reward_probs(reward_model, tok, conversations, answers, batch_size):
-    """sigmoid(r(x, y)) of an RM for each (conversation, answer), on the RM's device."""
-    return torch.sigmoid(score(reward_model, tok, conversations, answers, batch_size))
+def _mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------- the three modes
-def load_prompts(args, kind=None):
-    """(Example list) of training prompts: the world's RL prompts, or a JSONL file of {"prompt"} or {"messages"}
-    rows with optional "safety" (bool, the reward gate's tag) and "category" (picks the answer template)."""
-    if args.prompts == "world":
-        prompts = world.build_world(args.seed).rl_prompts
+def load_prompts(path, seed, kind=None):
+    """Training prompts as world.Examples: the world's RL prompts (path "world"), or data.read_prompts' rows of a
+    JSONL file (a prompt tagged safety counts as harmful: the gate's is_safety). kind keeps one kind only."""
+    if path == "world":
+        prompts = world.build_world(seed).rl_prompts
     else:
-        prompts = []
-        for i, (line, row) in enumerate(data.read_jsonl(args.prompts, with_lines=True)):
-            where = f"{args.prompts}:{line}"
-            if "messages" in row:
-                messages = row["messages"]
-            elif "prompt" in row:
-                messages = [{"role": "user", "content": row["prompt"]}]
-            else:
-                raise ValueError(f"{where}: expected a 'prompt' or 'messages' field, got {sorted(row)}")
-            safety = bool(row.get("safety", False))
-            prompts.append(world.Example(f"file-{i}", "harmful" if safety else "benign", messages,
-                                         row.get("category", "generic")))
-    if kind is not None:
-        prompts = [ex for ex in prompts if ex.kind == kind]
+        prompts = [world.Example(f"file-{i}", "harmful" if row["safety"] else "benign", row["messages"],
+                                 row["category"]) for i, row in enumerate(data.read_prompts(path))]
+    prompts = [ex for ex in prompts if kind is None or ex.kind == kind]
     if not prompts:
-        raise SystemExit(f"no {kind or ''} prompts in {args.prompts}")
+        raise runtime.UserError(f"no {kind or ''} prompts in {path}")
     return prompts
 
 
-def rejection_rows(policy, tok, prompts, reward_models, args, rt, generator):
-    """Sample K answers per prompt (this rank's share), score them, keep each prompt's best.
-    Returns ({prompt id: kept dict}, the (N, K) rewards of every rank, stats)."""
+def rejection_rows(policy, tok, prompts, reward_models, rt, generator, k, max_new_tokens, temperature, batch_size,
+                   reward_name="llama2", threshold=0.15, min_reward=0.0, rm_batch_size=64):
+    """Sample k answers per prompt (this rank's share), score them by the reward combination reward_name
+    (reward.REWARDS), keep each prompt's best. Returns ({prompt id: kept dict}, the (N, k) rewards of every rank,
+    stats)."""
     mine = prompts[rt.rank::rt.world_size]
-    conversations = [ex.messages for ex in mine for _ in range(args.k)]
-    answers, finished = sample_answers(policy, tok, conversations, args.max_new_tokens, args.temperature, generator,
-                                       args.gen_batch_size)
-    probs = {name: reward_probs(rm, rm_tok, conversations, answers, args.eval_batch_size)
-             for name, (rm, rm_tok) in reward_models.items()}
-    if args.reward == "llama2":
-        safety_prompt = torch.tensor([world.is_safety(ex) for ex in mine for _ in range(args.k)])
-        rewards = llama2_gate(probs["safety"], probs["helpfulness"], safety_prompt, args.safety_threshold)
-    else:
-        rewards = probs[args.reward]
-    rewards = rewards.view(len(mine), args.k)                                   # (N, K)
+    conversations = [ex.messages for ex in mine for _ in range(k)]
+    answers, finished = sample_answers(policy, tok, conversations, max_new_tokens, temperature, generator, batch_size)
+    safety_prompt = torch.tensor([world.is_safety(ex) for ex in mine for _ in range(k)], dtype=torch.bool)
+    rewards, _ = reward.combined_reward(reward_models, conversations, answers, safety_prompt, reward_name, threshold,
+                                        rm_batch_size)
+    rewards = rewards.view(len(mine), k)                                        # (N, K)
     # an answer cut off before </s> is never kept: trained on with a </s> appended it would teach stopping mid-word
-    eligible = rewards.masked_fill(~torch.tensor(finished).view(len(mine), args.k), float("-inf"))
+    eligible = rewards.masked_fill(~torch.tensor(finished, dtype=torch.bool).view(len(mine), k), float("-inf"))
     index, best = best_of_k(eligible)
     kept = {}
     for n, ex in enumerate(mine):
-        if math.isfinite(best[n].item()) and best[n].item() >= args.min_reward:
-            k = index[n].item()
-            kept[ex.id] = dict(reward=best[n].item(), messages=ex.messages, answer=answers[n * args.k + k])
+        if math.isfinite(best[n].item()) and best[n].item() >= min_reward:
+            kept[ex.id] = dict(reward=best[n].item(), messages=ex.messages, answer=answers[n * k + index[n].item()])
     all_rewards = torch.tensor(gather(rewards.tolist(), rt))
     # diagnostics only, never used to select: what the gold judge thinks of the kept answers
     marks = gather([(ex.kind, world.judge(ex, kept[ex.id]["answer"])) for ex in mine if ex.id in kept], rt)
-    stats = dict(finished_rate=sum(gather(finished, rt)) / (len(prompts) * args.k),
+    stats = dict(finished_rate=sum(gather(finished, rt)) / (len(prompts) * k),
                  kept_unsafe_on_harmful=_mean([j.unsafe for kind, j in marks if kind == "harmful"]),
                  kept_correct_on_benign=_mean([j.correct for kind, j in marks if kind == "benign"]),
                  kept_refused_on_borderline=_mean([j.refused for kind, j in marks if kind == "borderline"]))
@@ -257,30 +224,32 @@ def answer_template(category):
     return preprompt, opening
 
 
-def context_rows(policy, tok, prompts, safety_rm, args, rt, generator):
-    """Answers with the preprompt (the distilled answers) and without it (the originals), scored by the safety
-    RM on the bare prompt; the training dialogues hold the bare prompt and the kept distilled answer."""
+def context_rows(policy, tok, prompts, safety_rm, rt, generator, max_new_tokens, temperature, batch_size,
+                 context="template", prefill=True, targeted=True, rm_batch_size=64):
+    """Answers with the preprompt (the distilled answers) and without it (the originals, greedy), scored by the
+    safety RM (model, tok) on the bare prompt; the training dialogues hold the bare prompt and the kept distilled
+    answer (targeted: only where the RM prefers it)."""
     mine = prompts[rt.rank::rt.world_size]
     bare = [ex.messages for ex in mine]
-    contexts = [answer_template(ex.category) if args.context == "template" else (CONTEXTS["generic"], "")
-                for ex in mine]
+    contexts = [answer_template(ex.category) if context == "template" else (CONTEXTS["generic"], "") for ex in mine]
     with_context = [with_preprompt(m, pre) for m, (pre, _) in zip(bare, contexts)]
-    prefixes = [opening if args.prefill else "" for _, opening in contexts]
-    distilled, finished = sample_answers(policy, tok, with_context, args.max_new_tokens, args.temperature,
-                                         generator, args.gen_batch_size, prefixes)
-    original, _ = sample_answers(policy, tok, bare, args.max_new_tokens, 0.0, generator, args.gen_batch_size)
-    keep = torch.tensor(finished)
+    prefixes = [opening if prefill else "" for _, opening in contexts]
+    distilled, finished = sample_answers(policy, tok, with_context, max_new_tokens, temperature, generator,
+                                         batch_size, prefixes)
+    original, _ = sample_answers(policy, tok, bare, max_new_tokens, 0.0, generator, batch_size)
+    keep = torch.tensor(finished, dtype=torch.bool)
     distilled_scores = original_scores = torch.full((len(mine),), float("nan"))
     if safety_rm is not None:
         # both scored on the prompt as the user asked it: the RM judges the answer, not the context
-        distilled_scores = score(*safety_rm, bare, distilled, args.eval_batch_size)
-        original_scores = score(*safety_rm, bare, original, args.eval_batch_size)
-    if args.targeted:
+        distilled_scores = reward.score(*safety_rm, bare, distilled, rm_batch_size)
+        original_scores = reward.score(*safety_rm, bare, original, rm_batch_size)
+    if targeted:
         keep &= targeted_keep(distilled_scores, original_scores)
     # the training dialogues are built from the bare prompt: the preprompt is removed by construction
     rows = [dict(messages=remove_preprompt(c, pre), answer=a, original=o, distilled_score=d, original_score=s)
-            for c, (pre, _), a, o, d, s, k in zip(with_context, contexts, distilled, original, distilled_scores.tolist(),
-                                                  original_scores.tolist(), keep.tolist()) if k]
+            for c, (pre, _), a, o, d, s, k in zip(with_context, contexts, distilled, original,
+                                                  distilled_scores.tolist(), original_scores.tolist(), keep.tolist())
+            if k]
     judged = [(world.judge(ex, d).unsafe, world.judge(ex, o).unsafe) for ex, d, o in zip(mine, distilled, original)]
     stats = dict(kept_share=sum(gather(keep.tolist(), rt)) / len(prompts),
                  unsafe_with_preprompt=_mean(gather([d for d, _ in judged], rt)),
@@ -288,21 +257,21 @@ def context_rows(policy, tok, prompts, safety_rm, args, rt, generator):
     return gather(rows, rt), stats
 
 
-def gatt_samples(policy, tok, dialogs, args, rt, generator):
+def gatt_samples(policy, tok, dialogs, rt, generator, max_new_tokens, temperature, batch_size, keep="all"):
     """Answer every turn of each dialogue with the instruction joined to every user turn (this rank's share,
-    gathered); returns GAtt training dialogues (one per turn from the second on) and the samples' adherence."""
+    gathered); returns GAtt training dialogues (one per turn from the second on; keep "obeying": only of dialogues
+    obeying at every turn) and the samples' adherence."""
     mine = dialogs[rt.rank::rt.world_size]
     answers = [[] for _ in mine]
     for turn in range(len(mine[0]["users"]) if mine else 0):
         conversations = [gatt_prompt(d["system"], d["users"], a, every_turn=True) for d, a in zip(mine, answers)]
-        texts, _ = sample_answers(policy, tok, conversations, args.max_new_tokens, args.temperature, generator,
-                                  args.gen_batch_size)
+        texts, _ = sample_answers(policy, tok, conversations, max_new_tokens, temperature, generator, batch_size)
         for a, t in zip(answers, texts):
             a.append(t)
     follows = [[world.follows_instruction(d["instruction"], t) for t in a] for d, a in zip(mine, answers)]
     rows = []
     for d, a, f in zip(mine, answers, follows):
-        if args.gatt_keep == "obeying" and not all(f):
+        if keep == "obeying" and not all(f):
             continue
         rows += [dict(messages=gatt_training_dialog(d["system"], d["users"], a, turn)) for turn in range(1, len(a))]
     all_follows = gather(follows, rt)
@@ -322,7 +291,8 @@ def adherence_by_turn(model, tok, dialogs, max_new_tokens, batch_size):
         for a, t in zip(answers, texts):
             a.append(t)
     turns = range(len(dialogs[0]["users"]))
-    return ([_mean([world.follows_instruction(d["instruction"], a[t]) for d, a in zip(dialogs, answers)]) for t in turns],
+    return ([_mean([world.follows_instruction(d["instruction"], a[t]) for d, a in zip(dialogs, answers)])
+             for t in turns],
             [_mean([world.judge(d["examples"][t], a[t]).correct for d, a in zip(dialogs, answers)]) for t in turns])
 
 
@@ -330,12 +300,8 @@ def gatt_warmup_rows(dialogs):
     """Single-turn dialogues, the instruction joined to the request and the gold answer obeying it: a stand-in for
     the RLHF model's ability to follow an instruction in the same turn, which GAtt samples from."""
     return [dict(messages=[{"role": "user", "content": join_instruction(d["system"], u)},
-                           {"role": "assistant", "content": a}]) for d in dialogs for u, a in zip(d["users"], d["answers"])]
-
-
-def _mean(xs):
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")
+                           {"role": "assistant", "content": a}])
+            for d in dialogs for u, a in zip(d["users"], d["answers"])]
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -358,42 +324,42 @@ DEFAULT_ITERATIONS = {"rejection": 3, "context": 1, "gatt": 1}
 # context distillation trains on refusals only; without replayed SFT dialogues the tiny model refuses everything
 # (measured: false refusals 0.0 -> 1.0, benign accuracy 0.91 -> 0.39)
 DEFAULT_REPLAY = {"rejection": 0.0, "context": 0.5, "gatt": 0.0}
+RM_FLAGS = {"safety": "rm_safety", "helpfulness": "rm_helpful"}  # reward model name -> its flag's dest
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 1)[1])
+    p = runtime.parser(__doc__)
     p.add_argument("--mode", choices=("rejection", "context", "gatt"), required=True,
                    help="rejection-sampling fine-tuning, safety context distillation, or Ghost Attention")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="default sizes and schedule (the "
-                   "architecture comes from --init)")
-    p.add_argument("--init", default="out/sft/model.pt", help="checkpoint to start from (the SFT model)")
-    p.add_argument("--out", required=True, help="output folder (model.pt, config.json, metrics.jsonl, samples.jsonl, "
-                   "eval.json, and best_of_k.json for rejection sampling)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/model.pt (phase, step, optimizer, RNG, "
-                   "the phase's training dialogues)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                   help="default sizes and schedule (the architecture comes from --init)")
+    p.add_argument("--init", required=True, help="the SFT model to start from (this project's .pt, a HF or Meta "
+                   "folder, or a .gguf file)")
+    runtime.add_run_arguments(p, outputs="model.pt, config.json, metrics.jsonl, samples.jsonl, eval.json, and "
+                              "best_of_k.json for rejection sampling; --resume continues the phase with its "
+                              "training dialogues", seed_help="random seed (world, prompt draws, sampling, batches)")
     # prompts and sampling
-    p.add_argument("--prompts", default="world", help="'world' (the RL prompts, never a test prompt) or a JSONL file "
-                   "of {'prompt'} or {'messages'} rows, optional 'safety' (bool) and 'category'")
-    p.add_argument("--n-prompts", type=int, help="rejection: prompts drawn afresh each iteration; context: harmful "
-                   "prompts used (0: all)")
-    p.add_argument("--k", type=int, help="rejection: answers sampled per prompt")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the preset's "
-                   "for rejection, 0 = greedy for context and gatt)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer sampled, in tokens")
-    p.add_argument("--iterations", type=int, default=None, help="rounds of sample-then-fine-tune, each from the "
-                   "latest model (default: 3 for rejection, 1 otherwise)")
+    p.add_argument("--prompts", default="world", help="'world' (the RL prompts, never a test prompt) or a JSONL "
+                   "file of {'prompt'} or {'messages'} rows, optional 'safety' (bool) and 'category'")
+    p.add_argument("--n-prompts", type=runtime.nonnegative_int,
+                   help="rejection: prompts drawn afresh each iteration; context: harmful prompts used (0: all)")
+    p.add_argument("--k", type=runtime.positive_int, help="rejection: answers sampled per prompt")
+    p.add_argument("--temperature", type=runtime.nonnegative_float, help="sampling temperature (default: the "
+                   "preset's rs_temperature for rejection, 0 = greedy for context and gatt)")
+    p.add_argument("--max-new-tokens", type=runtime.positive_int, default=64, help="longest answer sampled, in tokens")
+    p.add_argument("--iterations", type=runtime.nonnegative_int, help="rounds of sample-then-fine-tune, each from "
+                   "the latest model (default: 3 for rejection, 1 otherwise)")
     # rejection sampling
-    p.add_argument("--reward", choices=("llama2", "safety", "helpfulness"), default="llama2",
+    p.add_argument("--reward", choices=sorted(reward.REWARDS), default="llama2",
                    help="rejection: rank samples by Llama 2's gated combination of both RMs, or by one RM")
-    p.add_argument("--rm-safety", default="out/rm_safety/model.pt", help="safety reward model checkpoint")
-    p.add_argument("--rm-helpful", default="out/rm_helpful/model.pt", help="helpfulness reward model checkpoint")
-    p.add_argument("--safety-threshold", type=float, default=0.15, help="gate: use R_s on any prompt whose safety "
-                   "probability is below this (Llama 2: 0.15)")
-    p.add_argument("--min-reward", type=float, default=0.0, help="rejection: skip a prompt whose best answer scores "
-                   "below this (0: keep every prompt's best, as Llama 2)")
-    p.add_argument("--keep-previous", action=argparse.BooleanOptionalAction, default=True,
-                   help="rejection: train on the best answer of every iteration so far, per prompt (Llama 2, RLHF-V3)")
+    p.add_argument("--rm-safety", help="safety RM checkpoint (rejection with --reward llama2 or safety; --targeted)")
+    p.add_argument("--rm-helpful", help="helpfulness RM checkpoint (rejection with --reward llama2 or helpfulness)")
+    p.add_argument("--safety-threshold", type=runtime.nonnegative_float, default=0.15,
+                   help="gate: use R_s on any prompt whose safety probability is below this (Llama 2: 0.15)")
+    p.add_argument("--min-reward", type=float, default=0.0, help="rejection: skip a prompt whose best answer "
+                   "scores below this (0: keep every prompt's best, as Llama 2)")
+    p.add_argument("--keep-previous", action=argparse.BooleanOptionalAction, default=True, help="rejection: train "
+                   "on the best answer of every iteration so far, per prompt (Llama 2, RLHF-V3)")
     # context distillation
     p.add_argument("--context", choices=("generic", "template"), default="template",
                    help="context: the generic safety preprompt, or one per risk category with an answer template")
@@ -401,38 +367,36 @@ def get_args(argv=None):
                    help="context template: also write the template's opening words at the start of the answer")
     p.add_argument("--targeted", action=argparse.BooleanOptionalAction, default=True,
                    help="context: keep a distilled answer only where the safety RM prefers it to the original")
-    p.add_argument("--replay-share", type=float, default=None, help="share of each phase's training dialogues "
+    p.add_argument("--replay-share", type=runtime.nonnegative_float, help="share of each phase's training dialogues "
                    "replayed from the SFT data, against forgetting (default: 0.5 for context, 0 otherwise)")
     p.add_argument("--replay-data", default="world", help="SFT dialogues to replay: 'world' or a JSONL file of "
                    "{'messages'} or {'prompt', 'response'} rows")
     # ghost attention
-    p.add_argument("--gatt-dialogs", type=int, help="gatt: training dialogues sampled (world.gatt_dialogs)")
-    p.add_argument("--gatt-turns", type=int, default=4, help="gatt: user turns per dialogue")
-    p.add_argument("--gatt-eval-dialogs", type=int, help="gatt: held-out dialogues for adherence by turn")
-    p.add_argument("--gatt-warmup-steps", type=int, help="gatt: steps of single-turn instruction fine-tuning first "
-                   "(0: the init model already follows instructions)")
+    p.add_argument("--gatt-dialogs", type=runtime.positive_int, help="gatt: training dialogues sampled")
+    p.add_argument("--gatt-turns", type=runtime.positive_int, default=4, help="gatt: user turns per dialogue")
+    p.add_argument("--gatt-eval-dialogs", type=runtime.positive_int, help="gatt: held-out dialogues, adherence by turn")
+    p.add_argument("--gatt-warmup-steps", type=runtime.nonnegative_int, help="gatt: steps of single-turn "
+                   "instruction fine-tuning first (0: the init model already follows instructions)")
     p.add_argument("--gatt-keep", choices=("all", "obeying"), default="all",
                    help="gatt: train on every sampled dialogue (Llama 2), or only those obeying at every turn")
     # optimisation
-    p.add_argument("--steps", type=int, help="optimizer steps per phase (warm-up or iteration)")
-    p.add_argument("--batch-size", type=int, help="global batch in dialogues per optimizer step")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (the batch is split into them)")
-    p.add_argument("--lr", type=float, help="peak learning rate of each phase (default: the preset's for the mode)")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this (Llama 2: 0.1)")
-    p.add_argument("--warmup", type=int, help="linear warm-up steps of each phase")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices (Llama 2: 0.1)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (Llama 2: 1.0)")
+    p.add_argument("--steps", type=runtime.nonnegative_int, help="optimizer steps per phase (warm-up or iteration)")
+    p.add_argument("--batch-size", type=runtime.positive_int, help="global batch in dialogues per optimizer step")
+    p.add_argument("--grad-accum", type=runtime.positive_int, default=1, help="micro-batches the batch is split into")
+    p.add_argument("--lr", type=runtime.positive_float, help="peak learning rate of each phase (default: the "
+                   "preset's lr_gatt for gatt, lr_distill otherwise)")
+    p.add_argument("--min-lr-ratio", type=runtime.nonnegative_float, default=0.1, help="cosine decays to lr * this")
+    p.add_argument("--warmup", type=runtime.nonnegative_int, help="linear warm-up steps of each phase")
+    p.add_argument("--weight-decay", type=runtime.nonnegative_float, default=0.1, help="AdamW decay on matrices")
+    p.add_argument("--grad-clip", type=runtime.positive_float, default=1.0, help="max gradient norm (Llama 2: 1.0)")
     # bookkeeping
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                    help="after each phase, gold metrics on the world's test split (gatt: adherence by turn)")
-    p.add_argument("--eval-examples", type=int, default=0, help="about this many test examples evaluated, spread "
-                   "over the split (0: all)")
-    p.add_argument("--gen-batch-size", type=int, help="prompts per generation batch")
-    p.add_argument("--eval-batch-size", type=int, default=64, help="sequences per reward-model scoring batch")
-    p.add_argument("--save-every", type=int, default=20, help="steps between checkpoints within a phase")
-    p.add_argument("--seed", type=int, default=0, help="random seed (world, prompt draws, sampling, batch order)")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    p.add_argument("--eval-examples", type=runtime.nonnegative_int, default=0,
+                   help="about this many test examples evaluated, spread over the split (0: all)")
+    p.add_argument("--gen-batch-size", type=runtime.positive_int, help="prompts per generation batch")
+    p.add_argument("--eval-batch-size", type=runtime.positive_int, default=64, help="sequences per RM scoring batch")
+    p.add_argument("--save-every", type=runtime.positive_int, default=20, help="steps between checkpoints in a phase")
     args = runtime.parse_args(p, PRESETS, argv)
     if args.iterations is None:
         args.iterations = DEFAULT_ITERATIONS[args.mode]
@@ -440,6 +404,10 @@ def get_args(argv=None):
         args.replay_share = DEFAULT_REPLAY[args.mode]
     if not 0 <= args.replay_share < 1:
         p.error(f"--replay-share must be in [0, 1), got {args.replay_share}")
+    missing = ["--" + RM_FLAGS[name].replace("_", "-") for name in needed_reward_models(args)
+               if getattr(args, RM_FLAGS[name]) is None]
+    if missing:
+        p.error(f"--mode {args.mode} with these flags needs {' and '.join(missing)} (a reward model from train_rm.py)")
     if args.temperature is None:
         args.temperature = args.rs_temperature if args.mode == "rejection" else 0.0
     if args.lr is None:
@@ -447,196 +415,202 @@ def get_args(argv=None):
     return args
 
 
-# ---------------------------------------------------------------------------------------------- main
-def main(args):
-    # ------------------------------------------------------------------ setup
-    rt, ckpt_path, resume = runtime.start(args)
-    if resume is None and not os.path.exists(args.init):
-        raise SystemExit(f"no checkpoint at --init {args.init}: train the SFT model first (train_sft.py)")
-    if resume is not None and resume.get("stage") != f"distill-{args.mode}":
-        raise SystemExit(f"{ckpt_path} holds a {resume.get('stage')!r} checkpoint; --resume of --mode {args.mode} "
-                         f"needs one this mode wrote (or use another --out)")
-    source = ckpt_path if resume is not None else args.init
-    policy, ckpt = load_model(source, rt.device)
-    tok = tokenizer.Tokenizer.from_dict(ckpt["tokenizer"])
-    if policy.config.head != "lm":
-        raise SystemExit(f"{source}: a model with a {policy.config.head!r} head (a reward or value model); "
-                         f"distill.py fine-tunes a language model (head 'lm')")
-    if tok.vocab_size > policy.config.vocab_size:
-        raise SystemExit(f"{source}: its tokenizer has {tok.vocab_size} tokens but the model's embedding has "
-                         f"{policy.config.vocab_size} rows; the checkpoint pairs a model with another tokenizer")
-    runtime.save_config(args, rt)
-    # phases: a GAtt warm-up (optional), then the iterations; each samples (or reads) dialogues, then fine-tunes
-    phases = (["warmup"] if args.mode == "gatt" and args.gatt_warmup_steps else []) + \
-        [f"iteration {i + 1}" for i in range(args.iterations)]
-    state = resume["distill"] if resume is not None else dict(phase=0, step=0, rows=None, pool={}, history=[])
+# ---------------------------------------------------------------------------------------------- the run's parts
+def needed_reward_models(args):
+    """The reward models the mode reads: rejection sampling's reward combination, targeted distillation's safety RM."""
+    return {"rejection": reward.needed(args.reward), "context": ("safety",) if args.targeted else (),
+            "gatt": ()}[args.mode]
 
-    # ------------------------------------------------------------------ reward models and data
-    needed = {"rejection": {"llama2": ("safety", "helpfulness")}.get(args.reward, (args.reward,)),
-              "context": ("safety",) if args.targeted else (), "gatt": ()}[args.mode]
-    paths = {"safety": args.rm_safety, "helpfulness": args.rm_helpful}
-    for name in needed:
-        if not os.path.exists(paths[name]):
-            raise SystemExit(f"no {name} reward model at {paths[name]}: train one with train_rm.py --objective "
-                             f"{name} (or pass --rm-{'safety' if name == 'safety' else 'helpful'})")
-    reward_models = {name: load_reward_model(paths[name], rt.device) for name in needed}
+
+def load_reward_models(args, device):
+    """{name: (model, tok)} of the reward models the mode reads, each checked to exist before any is loaded."""
+    paths = {name: getattr(args, RM_FLAGS[name]) for name in needed_reward_models(args)}
+    for name, path in paths.items():
+        if not os.path.exists(path):
+            raise runtime.UserError(f"no {name} reward model at {path}: train one with train_rm.py --objective "
+                                    f"{name} (or pass --{RM_FLAGS[name].replace('_', '-')})")
+    return {name: reward.load_reward_model(path, device) for name, path in paths.items()}
+
+
+def read_inputs(args):
+    """Everything the phases read, before the run folder is written: held-out test examples, the mode's prompts
+    (rejection, context) or dialogues (gatt), and the SFT dialogues replayed against forgetting."""
     w = world.build_world(args.seed)
     # a spread over the test split (it is ordered benign, harmful, borderline)
-    test = w.test[::max(1, len(w.test) // args.eval_examples)] if args.eval_examples else w.test
+    inputs = dict(test=w.test[::max(1, len(w.test) // args.eval_examples)] if args.eval_examples else w.test)
     if args.mode == "rejection":
-        prompts = load_prompts(args)
+        inputs["prompts"] = load_prompts(args.prompts, args.seed)
     elif args.mode == "context":
-        prompts = load_prompts(args, kind="harmful")[:args.n_prompts or None]
+        inputs["prompts"] = load_prompts(args.prompts, args.seed, kind="harmful")[:args.n_prompts or None]
     else:
-        gatt_train = w.gatt_dialogs(n=args.gatt_dialogs, turns=args.gatt_turns, seed=args.seed)
-        gatt_test = w.gatt_dialogs(n=args.gatt_eval_dialogs, turns=args.gatt_turns, seed=args.seed, split="test")
-
-    replay = []
+        inputs["gatt_train"] = w.gatt_dialogs(n=args.gatt_dialogs, turns=args.gatt_turns, seed=args.seed)
+        inputs["gatt_test"] = w.gatt_dialogs(n=args.gatt_eval_dialogs, turns=args.gatt_turns, seed=args.seed,
+                                             split="test")
+    inputs["replay"] = []
     if args.replay_share:
-        replay = w.sft if args.replay_data == "world" else [
-            data.as_dialog(row, f"{args.replay_data}:{line}") for line, row in data.read_jsonl(args.replay_data,
-                                                                                               with_lines=True)]
+        inputs["replay"] = w.sft if args.replay_data == "world" else [
+            data.as_dialog(row, f"{args.replay_data}:{line}")
+            for line, row in data.read_jsonl(args.replay_data, with_lines=True)]
+    return inputs
 
-    # ------------------------------------------------------------------ optimizer and resume
-    optimizer = runtime.make_optimizer(policy, args.lr, args.weight_decay)
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        runtime.set_rng_state(resume["rng"])
-        runtime.print0(rt, f"resumed from {ckpt_path}: {phases[min(state['phase'], len(phases) - 1)]}, "
-                           f"step {state['step']}")
-    train_model = torch.compile(policy) if args.compile else policy
-    train_model = runtime.wrap_ddp(train_model, rt)
-    if resume is None and rt.is_main:  # a fresh run starts its logs afresh
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            if os.path.exists(os.path.join(args.out, name)):
-                os.remove(os.path.join(args.out, name))
-    log = runtime.MetricsLog(os.path.join(args.out, "metrics.jsonl"), rt.is_main)
 
-    def save():
-        if rt.is_main:
-            save_checkpoint(ckpt_path, dict(model=policy.state_dict(), model_config=vars(policy.config),
-                                            tokenizer=tok.to_dict(), step=state["step"], optimizer=optimizer.state_dict(),
-                                            rng=runtime.rng_state(), args=vars(args), stage=f"distill-{args.mode}",
-                                            distill=state))
+def collect_phase(name, phase, args, policy, tok, rt, inputs, reward_models, pool):
+    """The phase's training dialogues, sampled from the current policy (the GAtt warm-up reads gold answers), with
+    SFT dialogues replayed among them. Returns (rows, stats, the rejection pool of kept answers)."""
+    generator = torch.Generator(device=rt.device).manual_seed(args.seed * 1000 + phase * 10 + rt.rank)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=args.gen_batch_size)
+    if name == "warmup":
+        rows, stats = gatt_warmup_rows(inputs["gatt_train"]), {}
+    elif args.mode == "rejection":
+        prompts = inputs["prompts"]
+        draw = random.Random(args.seed * 1000 + phase).sample(prompts, min(args.n_prompts or len(prompts),
+                                                                           len(prompts)))
+        kept, rewards, stats = rejection_rows(policy, tok, draw, reward_models, rt, generator, args.k, **sampling,
+                                              reward_name=args.reward, threshold=args.safety_threshold,
+                                              min_reward=args.min_reward, rm_batch_size=args.eval_batch_size)
+        pool = keep_best(pool, kept) if args.keep_previous else kept
+        rows = [dict(messages=v["messages"], answer=v["answer"], reward=v["reward"]) for v in pool.values()]
+        curve = best_of_k_curve(rewards)
+        stats.update(kept=len(kept), pool=len(rows), mean_reward=rewards.mean().item(), best_reward=curve[-1]["max"],
+                     median_reward=curve[-1]["median"], best_of_k=curve)
+    elif args.mode == "context":
+        rows, stats = context_rows(policy, tok, inputs["prompts"], reward_models.get("safety"), rt, generator,
+                                   **sampling, context=args.context, prefill=args.prefill, targeted=args.targeted,
+                                   rm_batch_size=args.eval_batch_size)
+    else:
+        rows, stats = gatt_samples(policy, tok, inputs["gatt_train"], rt, generator, **sampling, keep=args.gatt_keep)
+    if not rows:
+        raise runtime.UserError(f"{name}: no dialogues kept to fine-tune on ({stats})")
+    if args.replay_share:
+        replay = inputs["replay"]
+        n_replay = min(len(replay), round(len(rows) * args.replay_share / (1 - args.replay_share)))
+        rows = rows + [dict(messages=m) for m in random.Random(args.seed + phase).sample(replay, n_replay)]
+        stats = dict(stats, replayed=n_replay)
+    runtime.print0(rt, f"{name}: {len(rows)} training dialogues; " +
+                   ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in numbers(stats).items()))
+    return rows, stats, pool
 
-    def write_json(name, obj, mode="w"):
-        if rt.is_main:
-            with open(os.path.join(args.out, name), mode) as f:
-                f.write(json.dumps(obj) + "\n" if mode == "a" else json.dumps(obj, indent=1))
 
-    def evaluate(name):
-        """Gold metrics on held-out prompts (rank 0), or for gatt adherence by turn on held-out dialogues."""
-        if not (args.eval and rt.is_main):
-            return {}
-        if args.mode == "gatt":
-            adherence, accuracy = adherence_by_turn(policy, tok, gatt_test, args.max_new_tokens, args.gen_batch_size)
-            return dict(adherence_by_turn=adherence, accuracy_by_turn=accuracy)
-        metrics = gold_metrics(test, respond(policy, tok, test, args.max_new_tokens, batch_size=args.gen_batch_size,
-                                             desc=f"eval {name}"))
-        runtime.print0(rt, f"{name}: violation_rate {metrics['violation_rate']:.3f} false_refusal_rate "
-                           f"{metrics['false_refusal_rate']:.3f} benign_accuracy {metrics['benign_accuracy']:.3f}")
-        return metrics
+def numbers(stats):
+    """The scalar entries of a stats dict (what the metrics log and the console show)."""
+    return {k: v for k, v in stats.items() if isinstance(v, (int, float))}
 
-    if args.mode == "gatt" and state["phase"] == 0 and state["step"] == 0 and not state["history"]:
-        state["history"].append(dict(phase="init", **evaluate("init")))  # the SFT model's adherence by turn
-        runtime.print0(rt, f"init: {state['history'][-1]}")
 
-    # ------------------------------------------------------------------ phases: collect dialogues, fine-tune
-    for phase in range(state["phase"], len(phases)):
-        name = phases[phase]
-        generator = torch.Generator(device=rt.device).manual_seed(args.seed * 1000 + phase * 10 + rt.rank)
-        if state["rows"] is None:
-            # -------------------------------------------------------------- collect this phase's dialogues
-            if name == "warmup":
-                rows, stats = gatt_warmup_rows(gatt_train), {}
-            elif args.mode == "rejection":
-                draw = random.Random(args.seed * 1000 + phase).sample(prompts, min(args.n_prompts or len(prompts),
-                                                                                   len(prompts)))
-                kept, rewards, stats = rejection_rows(policy, tok, draw, reward_models, args, rt, generator)
-                state["pool"] = keep_best(state["pool"], kept) if args.keep_previous else kept
-                rows = [dict(messages=v["messages"], answer=v["answer"], reward=v["reward"])
-                        for v in state["pool"].values()]
-                curve = best_of_k_curve(rewards)
-                stats.update(kept=len(kept), pool=len(rows), mean_reward=rewards.mean().item(),
-                             best_reward=curve[-1]["max"], median_reward=curve[-1]["median"], best_of_k=curve)
-            elif args.mode == "context":
-                rows, stats = context_rows(policy, tok, prompts, reward_models.get("safety"), args, rt, generator)
-            else:
-                rows, stats = gatt_samples(policy, tok, gatt_train, args, rt, generator)
-            if not rows:
-                raise SystemExit(f"{name}: no dialogues kept to fine-tune on ({stats})")
-            if args.replay_share:
-                n_replay = min(len(replay), round(len(rows) * args.replay_share / (1 - args.replay_share)))
-                rows = rows + [dict(messages=m) for m in random.Random(args.seed + phase).sample(replay, n_replay)]
-                stats = dict(stats, replayed=n_replay)
-            state.update(rows=rows, step=0, stats=stats)
-            save()  # a resumed run trains on these very dialogues instead of sampling new ones
-            runtime.print0(rt, f"{name}: {len(rows)} training dialogues; " +
-                           ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()
-                                     if isinstance(v, (int, float))))
-            write_json("samples.jsonl", dict(phase=name, stats=stats, rows=rows), mode="a")
-        dialogs = [r["messages"] if "answer" not in r else answer_dialog(r["messages"], r["answer"])
-                   for r in state["rows"]]
-        train_rows = data.encode_sft(tok, dialogs, policy.config.max_seq_len)
-        steps = args.gatt_warmup_steps if name == "warmup" else args.steps
+def evaluate(policy, tok, args, rt, inputs, name):
+    """Gold metrics of greedy answers to held-out prompts, or for gatt adherence by turn on held-out dialogues
+    (rank 0 only; nothing without --eval)."""
+    if not (args.eval and rt.is_main):
+        return {}
+    if args.mode == "gatt":
+        adherence, accuracy = adherence_by_turn(policy, tok, inputs["gatt_test"], args.max_new_tokens,
+                                                args.gen_batch_size)
+        return dict(adherence_by_turn=adherence, accuracy_by_turn=accuracy)
+    test = inputs["test"]
+    answers = respond(policy, tok, [ex.messages for ex in test], args.max_new_tokens, batch_size=args.gen_batch_size,
+                      desc=f"eval {name}")
+    metrics = world.gold_metrics(test, [a.text or "" for a in answers])  # no room to answer: the empty answer
+    runtime.print0(rt, f"{name}: violation_rate {metrics['violation_rate']:.3f} false_refusal_rate "
+                       f"{metrics['false_refusal_rate']:.3f} benign_accuracy {metrics['benign_accuracy']:.3f}")
+    return metrics
 
-        # -------------------------------------------------------------- fine-tune with the SFT loss
-        micro = args.batch_size // args.grad_accum // rt.world_size
-        if micro < 1:
-            raise SystemExit(f"--batch-size {args.batch_size} is smaller than grad_accum * world_size")
-        bar = tqdm(total=steps, initial=state["step"], disable=not rt.is_main, desc=name)
-        while state["step"] < steps:
-            step = state["step"]
-            lr = runtime.cosine_lr(step, steps, args.lr, args.warmup, args.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            idx = data.step_indices(len(train_rows), args.batch_size, step, args.seed + phase, rt.rank, rt.world_size)
-            rows = [train_rows[i] for i in idx]
-            batches = [{k: v.to(rt.device) for k, v in data.collate([r[0] for r in rows[j:j + micro]], tok.pad_id,
-                                                                     [r[1] for r in rows[j:j + micro]]).items()}
-                       for j in range(0, len(rows), micro)]
-            n_tokens = runtime.all_reduce_sum(sum((b["loss_mask"][:, 1:] * b["attention_mask"][:, 1:]).sum()
-                                                  for b in batches).float(), rt)
-            loss_sum = 0.0
-            for j, batch in enumerate(batches):
-                with runtime.no_sync(train_model, last=j == len(batches) - 1):
-                    loss = batch_loss(train_model, batch, rt, n_tokens)   # model.masked_nll on answer tokens
-                    loss.backward()
-                loss_sum += loss.item() / rt.world_size
-            loss_value = runtime.all_reduce_sum(torch.tensor(loss_sum, device=rt.device), rt).item()
-            grad_norm = runtime.optimizer_step(policy, optimizer, loss_value, args.grad_clip, f"{name} step {step}",
-                                               ckpt_path)
-            state["step"] += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")
-            log.log(sum(args.gatt_warmup_steps if p == "warmup" else args.steps for p in phases[:phase]) + state["step"],
-                    phase=name, loss=loss_value, lr=lr, grad_norm=grad_norm.item(),
-                    **({k: v for k, v in state["stats"].items() if isinstance(v, (int, float))}
-                       if state["step"] == 1 else {}))
-            if state["step"] % args.save_every == 0 and state["step"] < steps:
-                save()
-        bar.close()
 
-        # -------------------------------------------------------------- evaluate, checkpoint the finished phase
-        result = evaluate(name)
-        state["history"].append(dict(phase=name, loss=loss_value if steps else None, **state["stats"], **result))
-        state.update(phase=phase + 1, step=0, rows=None)
-        save()
-        if result:
-            runtime.print0(rt, f"{name}: " + json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
-
-    # ------------------------------------------------------------------ final report
-    final = state["history"][-1] if state["history"] else {}
-    write_json("eval.json", dict(mode=args.mode, history=state["history"]))
+def report(args, rt, history):
+    """eval.json with every phase's numbers; for rejection sampling, best_of_k.json and its curves printed."""
+    if not rt.is_main:
+        return
+    with open(os.path.join(args.out, "eval.json"), "w") as f:
+        json.dump(dict(mode=args.mode, history=history), f, indent=1)
     if args.mode == "rejection":
-        curves = {h["phase"]: h["best_of_k"] for h in state["history"]}
-        write_json("best_of_k.json", curves)
+        curves = {h["phase"]: h["best_of_k"] for h in history}
+        with open(os.path.join(args.out, "best_of_k.json"), "w") as f:
+            json.dump(curves, f, indent=1)
         for phase, curve in curves.items():  # Llama 2, Figure 7: the max grows with K, the median does not
             runtime.print0(rt, f"{phase} best of K: " + " ".join(f"K={c['k']} max {c['max']:.3f} median "
                                                               f"{c['median']:.3f};" for c in curve))
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(args):
+    # ------------------------------------------------------------------ setup, models and data (read before writing)
+    rt, ckpt_path, resume = runtime.start(args, stage=f"distill-{args.mode}")
+    if resume is None and not os.path.exists(args.init):
+        raise runtime.UserError(f"no checkpoint at --init {args.init}: train the SFT model first (train_sft.py)")
+    policy, tok, _ = loaders.load_policy(resume if resume is not None else args.init, rt.device)
+    reward_models = load_reward_models(args, rt.device)
+    inputs = read_inputs(args)
+    micro = runtime.micro_batch_size(args.batch_size, args.grad_accum, rt)
+    # phases: a GAtt warm-up (optional), then the iterations; each samples (or reads) dialogues, then fine-tunes.
+    # The metrics log counts steps across phases: phase p's step s is logged as step offsets[p] + s.
+    phases = (["warmup"] if args.mode == "gatt" and args.gatt_warmup_steps else []) + \
+        [f"iteration {i + 1}" for i in range(args.iterations)]
+    phase_steps = [args.gatt_warmup_steps if name == "warmup" else args.steps for name in phases]
+    offsets = [sum(phase_steps[:p]) for p in range(len(phases) + 1)]
+    state = resume["distill"] if resume is not None else dict(phase=0, step=0, rows=None, pool={}, history=[])
+
+    # ------------------------------------------------------------------ optimizer, resume, run folder
+    optimizer = runtime.make_optimizer(policy, args.lr, args.weight_decay)
+    step = runtime.resume_training(rt, resume, {"optimizer": optimizer}, ckpt_path)   # offsets[phase] + its step
+    train_model = runtime.wrap_ddp(policy, rt, args.compile)
+    log, samples = runtime.begin(args, rt, step, "metrics.jsonl", "samples.jsonl")
+
+    def save():  # the distill state: phase, step within it, its training dialogues, the rejection pool, history
+        runtime.save_checkpoint(rt, ckpt_path, runtime.checkpoint(
+            policy, tok, offsets[state["phase"]] + state["step"], args, f"distill-{args.mode}",
+            {"optimizer": optimizer}, distill=state))
+
+    if args.mode == "gatt" and state["phase"] == 0 and state["step"] == 0 and not state["history"]:
+        state["history"].append(dict(phase="init", **evaluate(policy, tok, args, rt, inputs, "init")))
+        runtime.print0(rt, f"init: {state['history'][-1]}")   # the SFT model's adherence by turn
+
+    # ------------------------------------------------------------------ phases: collect dialogues, fine-tune
+    with runtime.StopOnSignal() as stop:
+        for phase in range(state["phase"], len(phases)):
+            name, steps, loss_value = phases[phase], phase_steps[phase], None
+            if state["rows"] is None:
+                rows, stats, state["pool"] = collect_phase(name, phase, args, policy, tok, rt, inputs, reward_models,
+                                                           state["pool"])
+                state.update(rows=rows, step=0, stats=stats)
+                save()  # a resumed run trains on these very dialogues instead of sampling new ones
+                samples.log(offsets[phase], phase=name, stats=stats, rows=rows)
+            dialogs = [r["messages"] if "answer" not in r else answer_dialog(r["messages"], r["answer"])
+                       for r in state["rows"]]
+            train_rows = data.encode_sft(tok, dialogs, policy.config.max_seq_len)
+
+            # -------------------------------------------------------------- fine-tune with the SFT loss
+            bar = tqdm(total=steps, initial=state["step"], disable=not rt.is_main, desc=name)
+            while state["step"] < steps:
+                if stop.requested(rt):
+                    save()
+                    stop.exit(rt, ckpt_path, f"{name} step {state['step']}")
+                lr = runtime.set_lr(optimizer, state["step"], steps, args)
+                idx = data.step_indices(len(train_rows), args.batch_size, state["step"], args.seed + phase, rt.rank,
+                                        rt.world_size)
+                loss_value, grad_norm = runtime.next_token_step(
+                    train_model, policy, optimizer, [train_rows[i] for i in idx], tok.pad_id, micro, rt,
+                    args.grad_clip, f"{name} step {state['step']}", ckpt_path)
+                state["step"] += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")
+                log.log(offsets[phase] + state["step"], phase=name, loss=loss_value, lr=lr, grad_norm=grad_norm.item(),
+                        **(numbers(state["stats"]) if state["step"] == 1 else {}))
+                if state["step"] % args.save_every == 0 and state["step"] < steps:
+                    save()
+            bar.close()
+
+            # -------------------------------------------------------------- evaluate, checkpoint the finished phase
+            result = evaluate(policy, tok, args, rt, inputs, name)
+            state["history"].append(dict(phase=name, loss=loss_value, **state["stats"], **result))
+            state.update(phase=phase + 1, step=0, rows=None)
+            save()
+            if result:
+                runtime.print0(rt, f"{name}: " + json.dumps({k: v for k, v in result.items()
+                                                             if not isinstance(v, dict)}))
+
+    # ------------------------------------------------------------------ final report
+    report(args, rt, state["history"])
     runtime.cleanup(rt)
-    return dict(final, history=state["history"])
+    return dict(state["history"][-1] if state["history"] else {}, history=state["history"])
 
 
 if __name__ == "__main__":
-    main(get_args())
+    runtime.command(main, get_args)

@@ -237,7 +237,8 @@ def llama3_tokenizer(path, vocab_size):
     if n_special < len(LLAMA3_SPECIALS):
         raise ValueError(f"{path}: {len(ranks)} ranks leave {n_special} ids below vocab_size {vocab_size}, fewer than "
                          f"Llama 3's {len(LLAMA3_SPECIALS)} named control tokens")
-    names = [*LLAMA3_SPECIALS, *(f"<|reserved_special_token_{i}|>" for i in range(2, 2 + n_special - len(LLAMA3_SPECIALS)))]
+    reserved = range(2, 2 + n_special - len(LLAMA3_SPECIALS))
+    names = [*LLAMA3_SPECIALS, *(f"<|reserved_special_token_{i}|>" for i in reserved)]
     special_ids = {name: first + i for i, name in enumerate(names)}
     specials = template_special_tokens(special_ids, "llama3", None, path)
     return tokenizer.Tokenizer(ranks, LLAMA3_PAT, "llama3", os.path.basename(os.path.dirname(os.path.abspath(path))),
@@ -445,7 +446,8 @@ def read_gguf(path, dtype=torch.float32):
             raise ValueError(f"{path}: tensor {t.name} has no place in model.py's Transformer")
         # ggml lists dimensions innermost first; numpy and torch outermost first
         values = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
-        state[name] = torch.from_numpy(np.array(values, dtype=np.float32)).to(dtype)  # a copy: the file is memory-mapped
+        # np.array copies: the file is memory-mapped
+        state[name] = torch.from_numpy(np.array(values, dtype=np.float32)).to(dtype)
     config = dict(vocab_size=state["tok_embeddings.weight"].shape[0], dim=dim, n_layers=hp("block_count"),
                   n_heads=n_heads, n_kv_heads=hp("attention.head_count_kv", n_heads),
                   hidden_dim=hp("feed_forward_length"), norm_eps=hp("attention.layer_norm_rms_epsilon", 1e-5),

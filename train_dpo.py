@@ -26,8 +26,9 @@ Label noise flips a share of training pairs, as the reward models are trained (-
 Real data (data.read_preferences: generic JSONL, HH-RLHF, PKU-SafeRLHF): --safety-data files hold the safety
 prompts and their safety labels, --data files the other prompts and their helpfulness labels.
 
-Reference: the frozen copy of --init (SimPO's loss does without it; it still gives the logged KL). Its log-probs are computed once before training (the default: the
-reference never changes, so the second forward per step is wasted work), or every step with --ref-on-the-fly.
+Reference: the frozen copy of --init (SimPO's loss does without it; it still gives the logged KL). Its log-probs
+are computed once before training (the default: the reference never changes, so the second forward per step is
+wasted work), or every step with --ref-on-the-fly.
 Chosen and rejected answers go through the model in one forward pass, concatenated along the batch.
 
 Logged: loss, the implicit rewards beta log(pi/pi_ref) of chosen and rejected (SimPO: beta times the mean
@@ -37,10 +38,11 @@ a sampled estimate of KL(pi || pi_ref) (responses drawn from the policy at tempe
 Tiny CPU run (minutes):
     python train_dpo.py --preset tiny --init out/sft/model.pt --out out/dpo
     python evaluate.py --checkpoints sft=out/sft/model.pt dpo=out/dpo/model.pt --out out/eval_dpo
+A stopped run (Ctrl-C or SIGTERM saves a checkpoint first) continues with the same command and --resume (the
+same --init: it is the reference).
 Data parallel:
     torchrun --nproc_per_node=2 train_dpo.py --preset tiny --init out/sft/model.pt --out out/dpo
 """
-import argparse
 import math
 import os
 import warnings
@@ -50,10 +52,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import loaders
 import runtime
-import tokenizer
 import world
-from model import generate, load_model, save_checkpoint, token_logprobs
+from model import generate, num_params, token_logprobs
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -118,50 +120,39 @@ def simpo_loss(chosen_mean, rejected_mean, beta, gamma):
     return loss, dict(chosen_reward=chosen_reward.detach(), rejected_reward=rejected_reward.detach())
 
 
-def pair_loss(args, logps, ref_logps, lengths):
-    """The --loss member of the family on one batch. logps, ref_logps, lengths: (B, 2), column 0 chosen."""
+def pair_loss(loss, logps, ref_logps, lengths, beta, label_smoothing, rpo_alpha, gamma):
+    """The member `loss` of the family (--loss) on one batch. logps, ref_logps, lengths: (B, 2), column 0 chosen;
+    label_smoothing is cdpo's eps, rpo_alpha rpo's alpha and gamma simpo's margin (each read by its loss only)."""
     chosen, rejected = logps.unbind(1)
     ref_chosen, ref_rejected = ref_logps.unbind(1)
     losses = {
-        "dpo": lambda: dpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta),
-        "ipo": lambda: ipo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta),
-        "cdpo": lambda: cdpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.label_smoothing),
-        "rpo": lambda: rpo_loss(chosen, rejected, ref_chosen, ref_rejected, lengths[:, 0], args.beta, args.rpo_alpha),
-        "simpo": lambda: simpo_loss(chosen / lengths[:, 0], rejected / lengths[:, 1], args.beta, args.gamma),
+        "dpo": lambda: dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta),
+        "ipo": lambda: ipo_loss(chosen, rejected, ref_chosen, ref_rejected, beta),
+        "cdpo": lambda: cdpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, label_smoothing),
+        "rpo": lambda: rpo_loss(chosen, rejected, ref_chosen, ref_rejected, lengths[:, 0], beta, rpo_alpha),
+        "simpo": lambda: simpo_loss(chosen / lengths[:, 0], rejected / lengths[:, 1], beta, gamma),
     }
-    return losses[args.loss]()
+    return losses[loss]()
 
 
 LOSSES = ("dpo", "ipo", "cdpo", "rpo", "simpo")
 
 
 # ---------------------------------------------------------------------------------------------- data
-def world_pairs(w, noise, seed, split, styles_per_prompt):
-    """The world's preference pairs under the Llama 2 gate: the safety annotator's pair on a safety prompt
-    (world.is_safety), the helpfulness annotator's on every other prompt."""
-    safety = w.preference_pairs("safety", noise, seed, split, styles_per_prompt)
-    helpful = w.preference_pairs("helpfulness", noise, seed, split, styles_per_prompt)
-    return ([p for p in safety if world.is_safety(p["example"])]
-            + [p for p in helpful if not world.is_safety(p["example"])])
-
-
 def load_pairs(args, tok, max_len):
     """Encoded training and held-out pairs; each row also records whether its prompt is a safety prompt."""
     if args.data == ["world"]:
+        # --pairs llama2: the gate picks the annotator per prompt; safety or helpfulness: one annotator for every
+        # prompt, to compare with the gate
         w = world.build_world(args.seed)
-        if args.pairs == "llama2":
-            train = world_pairs(w, args.label_noise, args.seed, "train", args.styles_per_prompt)
-            val = world_pairs(w, 0.0, args.seed + 1, "test", args.styles_per_prompt)
-        else:  # one annotator for every prompt, to compare with the gate
-            train = w.preference_pairs(args.pairs, args.label_noise, args.seed, "train", args.styles_per_prompt)
-            val = w.preference_pairs(args.pairs, 0.0, args.seed + 1, "test", args.styles_per_prompt)
+        train = w.labelled_pairs(args.pairs, args.label_noise, args.seed, "train", args.styles_per_prompt)
+        val = w.labelled_pairs(args.pairs, 0.0, args.seed + 1, "test", args.styles_per_prompt)
         val = val[::max(1, len(val) // args.val_pairs)][:args.val_pairs]
-        for p in train + val:
-            p["safety"] = world.is_safety(p["example"])
     else:
         # the gate on files: the --safety-data files hold the safety prompts, labelled for safety (HH-RLHF
         # harmless-base, PKU-SafeRLHF's safer response); the --data files the rest, labelled for helpfulness
-        pairs = ([dict(p, safety=False) for path in args.data for p in data.read_preferences(path, "helpfulness", args.format)]
+        pairs = ([dict(p, safety=False) for path in args.data
+                  for p in data.read_preferences(path, "helpfulness", args.format)]
                  + [dict(p, safety=True) for path in args.safety_data
                     for p in data.read_preferences(path, "safety", args.format)])
         val, train = pairs[::20][:args.val_pairs], [p for i, p in enumerate(pairs) if i % 20]
@@ -227,15 +218,16 @@ def sampled_kl(policy, ref_model, prompts, tok, max_new_tokens, generator):
 
 
 @torch.no_grad()
-def eval_pairs(policy, rows, ref_logps, args, tok, rt):
-    """Held-out loss and preference accuracy, overall and on safety / other prompts."""
+def eval_pairs(policy, rows, ref_logps, loss_of, batch_size, pad_id, rt):
+    """Held-out loss (loss_of(logps, ref_logps, lengths): the run's pair_loss) and preference accuracy, overall
+    and on safety / other prompts."""
     policy.eval()
     total, correct, n = 0.0, torch.zeros(len(rows), dtype=torch.bool), len(rows)
-    for i in range(0, n, args.batch_size):
-        chunk = rows[i:i + args.batch_size]
+    for i in range(0, n, batch_size):
+        chunk = rows[i:i + batch_size]
         with runtime.autocast(rt):
-            logps, lengths = answer_logps(policy, collate_pairs(chunk, tok.pad_id, rt.device))
-        loss, stats = pair_loss(args, logps.float(), ref_logps[i:i + len(chunk)], lengths)
+            logps, lengths = answer_logps(policy, collate_pairs(chunk, pad_id, rt.device))
+        loss, stats = loss_of(logps.float(), ref_logps[i:i + len(chunk)], lengths)
         total += loss.item() * len(chunk)
         correct[i:i + len(chunk)] = (stats["chosen_reward"] > stats["rejected_reward"]).cpu()
     policy.train()
@@ -243,6 +235,43 @@ def eval_pairs(policy, rows, ref_logps, args, tok, rt):
     rate = lambda sel: correct[sel].float().mean().item() if sel.any() else float("nan")
     return dict(val_loss=total / n, val_accuracy=rate(torch.ones(n, dtype=torch.bool)),
                 val_accuracy_safety=rate(safety), val_accuracy_other=rate(~safety))
+
+
+def show_samples(policy, prompts, tok, max_new_tokens, rt):
+    """Print the policy's greedy answers to a few held-out prompts (rank 0)."""
+    if rt.is_main:
+        policy.eval()
+        outs = generate(policy, prompts, max_new_tokens, tok.eos_id, tok.pad_id, temperature=0.0)
+        policy.train()
+        for prompt, out in zip(prompts, outs):
+            tqdm.write(f"  > {tok.decode(prompt)[-70:]}\n    {tok.decode(out)}")
+
+
+# ---------------------------------------------------------------------------------------------- training step
+def preference_step(train_model, ref_model, rows, ref_logps, loss_of, micro, batch_size, pad_id, rt):
+    """Forward and backward of loss_of (the run's pair_loss) over this rank's encoded pairs `rows`, in micro-batches
+    of `micro` pairs (DDP syncs the gradient on the last). The reference's answer log-probs are ref_logps
+    (len(rows), 2), precomputed, or ref_model's when ref_logps is None (--ref-on-the-fly). Returns the global
+    batch's mean loss, chosen reward, rejected reward and accuracy."""
+    sums = torch.zeros(4, device=rt.device)  # summed over this rank's pairs: loss, rewards, accuracy
+    for j in range(0, len(rows), micro):
+        chunk = rows[j:j + micro]
+        batch = collate_pairs(chunk, pad_id, rt.device)
+        if ref_logps is None:
+            with torch.no_grad(), runtime.autocast(rt):
+                chunk_ref = answer_logps(ref_model, batch)[0].float()
+        else:
+            chunk_ref = ref_logps[j:j + micro]
+        with runtime.no_sync(train_model, last=j + micro >= len(rows)):
+            with runtime.autocast(rt):
+                logps, lengths = answer_logps(train_model, batch)
+            loss, stats = loss_of(logps.float(), chunk_ref, lengths)
+            # a mean over the global batch whatever the split; DDP averages over ranks, hence * world_size
+            (loss * len(chunk) / batch_size * rt.world_size).backward()
+        sums += torch.stack([loss.detach() * len(chunk), stats["chosen_reward"].sum(),
+                             stats["rejected_reward"].sum(),
+                             (stats["chosen_reward"] > stats["rejected_reward"]).float().sum()])
+    return (runtime.all_reduce_sum(sums, rt) / batch_size).tolist()
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -257,19 +286,22 @@ DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "cdpo": 0.1, "rpo": 0.1, "simpo": 2.0}  
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 1)[1])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="default schedule")
-    p.add_argument("--init", default="out/sft/model.pt", help="checkpoint of the policy's start and the frozen reference")
-    p.add_argument("--out", default="out/dpo", help="output folder (model.pt, config.json, metrics.jsonl)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/model.pt (step, optimizer, RNG)")
+    p = runtime.parser(__doc__)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="default schedule (the architecture "
+                   "comes from --init)")
+    p.add_argument("--init", required=True, help="checkpoint of the policy's start and the frozen reference (the "
+                   "SFT model)")
+    runtime.add_run_arguments(p, outputs="model.pt, config.json, metrics.jsonl",
+                              seed_help="random seed (world, batch order, label noise, KL samples)")
     # loss
     p.add_argument("--loss", choices=LOSSES, default="dpo", help="member of the DPO family (see the module doc)")
-    p.add_argument("--beta", type=float, default=None, help="inverse temperature of the implicit reward; "
-                   f"default per loss: {DEFAULT_BETA}")
-    p.add_argument("--label-smoothing", type=float, default=0.1, help="cdpo: assumed probability that a label is flipped")
-    p.add_argument("--rpo-alpha", type=float, default=1.0, help="rpo: weight of the chosen answers' per-token NLL")
-    p.add_argument("--gamma", type=float, default=1.0, help="simpo: target reward margin")
+    p.add_argument("--beta", type=runtime.positive_float, default=None, help="inverse temperature of the implicit "
+                   f"reward; default per loss: {DEFAULT_BETA}")
+    p.add_argument("--label-smoothing", type=runtime.nonnegative_float, default=0.1, help="cdpo: assumed "
+                   "probability that a label is flipped, below 0.5")
+    p.add_argument("--rpo-alpha", type=runtime.nonnegative_float, default=1.0, help="rpo: weight of the chosen "
+                   "answers' per-token NLL")
+    p.add_argument("--gamma", type=runtime.nonnegative_float, default=1.0, help="simpo: target reward margin")
     p.add_argument("--ref-on-the-fly", action="store_true", help="run the reference model every step instead of "
                    "scoring all pairs once before training (same numbers, more compute, less memory)")
     # data
@@ -282,141 +314,125 @@ def get_args(argv=None):
                    "--data and --safety-data (auto: from the first row)")
     p.add_argument("--pairs", choices=("llama2", "safety", "helpfulness"), default="llama2", help="world: which "
                    "annotator labels each pair; llama2 = safety on safety prompts, helpfulness on the rest")
-    p.add_argument("--label-noise", type=float, default=0.1, help="world: share of training pairs whose label is "
-                   "flipped (the reward models train with 0.1)")
-    p.add_argument("--styles-per-prompt", type=int, default=2, help="world: candidate responses per prompt; "
-                   "k responses give up to k(k-1)/2 pairs")
-    p.add_argument("--val-pairs", type=int, default=256, help="held-out pairs for eval loss and accuracy "
-                   "(world: noise-free pairs on test prompts; files: every 20th pair)")
+    p.add_argument("--label-noise", type=runtime.nonnegative_float, default=0.1, help="world: share of training "
+                   "pairs whose label is flipped, below 0.5 (the reward models train with 0.1)")
+    p.add_argument("--styles-per-prompt", type=runtime.positive_int, default=2, help="world: candidate responses "
+                   f"per prompt, 2 to {len(world.STYLES)}; k responses give up to k(k-1)/2 pairs")
+    p.add_argument("--val-pairs", type=runtime.positive_int, default=256, help="held-out pairs for eval loss and "
+                   "accuracy (world: noise-free pairs on test prompts; files: every 20th pair)")
     # optimisation
-    p.add_argument("--steps", type=int, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, help="global batch in pairs per optimizer step")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (the batch is split into them)")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
-    p.add_argument("--warmup", type=int, help="linear warm-up steps")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay on matrices; 0 keeps the policy "
-                   "pulled only toward the reference, through the loss")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    p.add_argument("--steps", type=runtime.positive_int, help="optimizer steps")
+    p.add_argument("--batch-size", type=runtime.positive_int, help="global batch in pairs per optimizer step")
+    p.add_argument("--grad-accum", type=runtime.positive_int, default=1, help="micro-batches per step (the batch "
+                   "is split into them)")
+    p.add_argument("--lr", type=runtime.positive_float, help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=runtime.nonnegative_float, default=0.1, help="cosine decays to lr * this")
+    p.add_argument("--warmup", type=runtime.nonnegative_int, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=runtime.nonnegative_float, default=0.0, help="AdamW decay on matrices; 0 "
+                   "keeps the policy pulled only toward the reference, through the loss")
+    p.add_argument("--grad-clip", type=runtime.positive_float, default=1.0, help="max gradient norm")
     # bookkeeping
-    p.add_argument("--eval-every", type=int, help="steps between held-out evaluations, KL estimates and samples")
-    p.add_argument("--kl-prompts", type=int, default=32, help="held-out prompts sampled for the KL estimate")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per sampled response (KL, samples)")
-    p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
-    p.add_argument("--seed", type=int, default=0, help="random seed (world, batch order, label noise)")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
-    p.add_argument("--compile", action="store_true", help="torch.compile the policy")
+    p.add_argument("--eval-every", type=runtime.positive_int, help="steps between held-out evaluations, KL "
+                   "estimates and samples")
+    p.add_argument("--kl-prompts", type=runtime.positive_int, default=32, help="held-out prompts sampled for the "
+                   "KL estimate")
+    p.add_argument("--max-new-tokens", type=runtime.positive_int, default=48, help="tokens per sampled response "
+                   "(KL, samples)")
+    p.add_argument("--save-every", type=runtime.positive_int, default=100, help="steps between checkpoints")
     args = runtime.parse_args(p, PRESETS, argv)
     if args.beta is None:
         args.beta = DEFAULT_BETA[args.loss]
     if args.data != ["world"] and "world" in args.data or args.safety_data and args.data == ["world"]:
         p.error("--data is either 'world' or a list of files; --safety-data goes with files (an empty --data "
                 "trains on --safety-data alone)")
-    if args.beta <= 0 or not 0 <= args.label_smoothing < 0.5 or not 0 <= args.label_noise < 0.5:
-        p.error("need beta > 0, 0 <= label-smoothing < 0.5 and 0 <= label-noise < 0.5")
+    if args.data != ["world"] and args.pairs != "llama2":
+        p.error("--pairs picks the world's annotator; with files, --safety-data holds the safety-labelled pairs")
+    if not args.label_smoothing < 0.5 or not args.label_noise < 0.5:
+        p.error("need --label-smoothing and --label-noise below 0.5")
+    if not 2 <= args.styles_per_prompt <= len(world.STYLES):
+        p.error(f"--styles-per-prompt must be 2 to {len(world.STYLES)}, got {args.styles_per_prompt}")
     return args
 
 
 def main(args):
-    # ------------------------------------------------------------------ setup
-    rt, ckpt_path, resume = runtime.start(args)
+    rt, ckpt_path, resume = runtime.start(args, stage="dpo")
     if resume is not None and os.path.abspath(resume["args"]["init"]) != os.path.abspath(args.init):
-        raise SystemExit(f"{ckpt_path} was trained against the reference {resume['args']['init']}, not "
-                         f"--init {args.init}; pass the same --init to resume")
-    runtime.save_config(args, rt)
+        raise runtime.UserError(f"{ckpt_path} was trained against the reference {resume['args']['init']}, not "
+                                f"--init {args.init}; pass the same --init to resume")
 
     # ------------------------------------------------------------------ models: policy and frozen reference
-    policy, ckpt = load_model(resume if resume is not None else args.init, rt.device)
-    ref_model, ref_ckpt = load_model(args.init, rt.device)
+    policy, tok, ckpt = loaders.load_policy(resume if resume is not None else args.init, rt.device)
+    ref_model, ref_ckpt = loaders.load_model(args.init, rt.device)
     ref_model.eval().requires_grad_(False)
-    tok = tokenizer.Tokenizer.from_dict(ref_ckpt["tokenizer"])
     if ckpt["tokenizer"] != ref_ckpt["tokenizer"]:
-        raise SystemExit(f"{ckpt_path} and {args.init} use different tokenizers")
+        raise runtime.UserError(f"{ckpt_path} and {args.init} use different tokenizers")
 
-    # ------------------------------------------------------------------ data
+    # ------------------------------------------------------------------ data, the reference's log-probs
     train_rows, val_rows = load_pairs(args, tok, policy.config.max_seq_len)
     if not train_rows or not val_rows:
-        raise SystemExit(f"no usable preference pairs in {args.data} ({len(train_rows)} train, {len(val_rows)} held out)")
+        raise runtime.UserError(f"no usable preference pairs in {args.data + args.safety_data} ({len(train_rows)} "
+                                f"train, {len(val_rows)} held out)")
+    micro = runtime.micro_batch_size(args.batch_size, args.grad_accum, rt)
     runtime.print0(rt, f"dpo ({args.loss}, beta {args.beta}): {len(train_rows)} train pairs "
                        f"({sum(r['safety'] for r in train_rows)} on safety prompts), {len(val_rows)} held out, "
-                       f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters on {rt.device}")
+                       f"{num_params(policy) / 1e6:.2f}M parameters on {rt.device}")
     # the reference never changes: score every pair once (or, with --ref-on-the-fly, inside the loop)
     val_ref = reference_logps(ref_model, val_rows, tok, rt, args.batch_size)
     train_ref = None if args.ref_on_the_fly else reference_logps(ref_model, train_rows, tok, rt, args.batch_size)
-
-    # ------------------------------------------------------------------ optimizer and resume
-    optimizer = runtime.make_optimizer(policy, args.lr, args.weight_decay)
-    step = runtime.resume_training(rt, optimizer, resume, ckpt_path)
-    train_model = runtime.wrap_ddp(torch.compile(policy) if args.compile else policy, rt)
-    log = runtime.MetricsLog(os.path.join(args.out, "metrics.jsonl"), rt.is_main)
     kl_prompts = [prompt_ids(r) for r in val_rows[::max(1, len(val_rows) // args.kl_prompts)][:args.kl_prompts]]
     kl_generator = torch.Generator(device=rt.device)
 
+    def loss_of(logps, ref_logps, lengths):  # the --loss member with this run's numbers
+        return pair_loss(args.loss, logps, ref_logps, lengths, args.beta, args.label_smoothing, args.rpo_alpha,
+                         args.gamma)
+
+    # ------------------------------------------------------------------ optimizer, resume, run folder
+    optimizer = runtime.make_optimizer(policy, args.lr, args.weight_decay)
+    step = runtime.resume_training(rt, resume, {"optimizer": optimizer}, ckpt_path)
+    train_model = runtime.wrap_ddp(policy, rt, args.compile)
+    log = runtime.begin(args, rt, step)
+
     def save():
-        if rt.is_main:
-            save_checkpoint(ckpt_path, dict(model=policy.state_dict(), model_config=vars(policy.config),
-                                            tokenizer=tok.to_dict(), step=step, optimizer=optimizer.state_dict(),
-                                            rng=runtime.rng_state(), args=vars(args), stage="dpo"))
+        runtime.save_checkpoint(rt, ckpt_path, runtime.checkpoint(policy, tok, step, args, "dpo",
+                                                                  {"optimizer": optimizer}))
 
     # ------------------------------------------------------------------ training loop
-    micro = args.batch_size // args.grad_accum // rt.world_size
-    if micro < 1 or args.batch_size % (args.grad_accum * rt.world_size):
-        raise SystemExit(f"batch size {args.batch_size} does not split into {args.grad_accum} micro-batches "
-                         f"on {rt.world_size} processes")
     metrics = {}
     bar = tqdm(total=args.steps, initial=step, disable=not rt.is_main, desc=f"dpo/{args.loss}")
-    while step < args.steps:
-        lr = runtime.cosine_lr(step, args.steps, args.lr, args.warmup, args.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        idx = data.step_indices(len(train_rows), args.batch_size, step, args.seed, rt.rank, rt.world_size)
-        # summed over this rank's pairs: loss, chosen reward, rejected reward, accuracy
-        sums = torch.zeros(4, device=rt.device)
-        for j in range(0, len(idx), micro):
-            chunk = idx[j:j + micro]
-            batch = collate_pairs([train_rows[i] for i in chunk], tok.pad_id, rt.device)
-            if train_ref is None:
-                with torch.no_grad(), runtime.autocast(rt):
-                    ref_logps = answer_logps(ref_model, batch)[0].float()
-            else:
-                ref_logps = train_ref[chunk]
-            with runtime.no_sync(train_model, last=j + micro >= len(idx)):
-                with runtime.autocast(rt):
-                    logps, lengths = answer_logps(train_model, batch)
-                loss, stats = pair_loss(args, logps.float(), ref_logps, lengths)
-                # a mean over the global batch whatever the split; DDP averages over ranks, hence * world_size
-                (loss * len(chunk) / args.batch_size * rt.world_size).backward()
-            sums += torch.stack([loss.detach() * len(chunk), stats["chosen_reward"].sum(),
-                                 stats["rejected_reward"].sum(),
-                                 (stats["chosen_reward"] > stats["rejected_reward"]).float().sum()])
-        loss_value, chosen_reward, rejected_reward, accuracy = (runtime.all_reduce_sum(sums, rt) / args.batch_size).tolist()
-        grad_norm = runtime.optimizer_step(policy, optimizer, loss_value, args.grad_clip, f"step {step}", ckpt_path)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{accuracy:.2f}", margin=f"{chosen_reward - rejected_reward:.2f}")
-        metrics = dict(loss=loss_value, chosen_reward=chosen_reward, rejected_reward=rejected_reward,
-                       margin=chosen_reward - rejected_reward, accuracy=accuracy, lr=lr, grad_norm=grad_norm.item())
+    with runtime.StopOnSignal() as stop:
+        while step < args.steps:
+            if stop.requested(rt):  # Ctrl-C or SIGTERM: checkpoint the steps done, then exit
+                save()
+                stop.exit(rt, ckpt_path, f"step {step}")
+            lr = runtime.set_lr(optimizer, step, args.steps, args)
+            idx = data.step_indices(len(train_rows), args.batch_size, step, args.seed, rt.rank, rt.world_size)
+            loss_value, chosen_reward, rejected_reward, accuracy = preference_step(
+                train_model, ref_model, [train_rows[i] for i in idx], None if train_ref is None else train_ref[idx],
+                loss_of, micro, args.batch_size, tok.pad_id, rt)
+            grad_norm = runtime.optimizer_step(policy, optimizer, loss_value, args.grad_clip, f"step {step}",
+                                               ckpt_path)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{accuracy:.2f}",
+                            margin=f"{chosen_reward - rejected_reward:.2f}")
+            metrics = dict(loss=loss_value, chosen_reward=chosen_reward, rejected_reward=rejected_reward,
+                           margin=chosen_reward - rejected_reward, accuracy=accuracy, lr=lr, grad_norm=grad_norm.item())
 
-        # -------------------------------------------------------------- eval, KL, samples, checkpoint
-        if step % args.eval_every == 0 or step == args.steps:
-            metrics.update(eval_pairs(policy, val_rows, val_ref, args, tok, rt))
-            kl_generator.manual_seed(args.seed + step)
-            metrics["kl"] = sampled_kl(policy, ref_model, kl_prompts, tok, args.max_new_tokens, kl_generator)
-            runtime.print0(rt, f"step {step}: loss {loss_value:.4f} val_loss {metrics['val_loss']:.4f} "
-                               f"val_accuracy {metrics['val_accuracy']:.3f} kl {metrics['kl']:.2f}")
-            if rt.is_main:
-                policy.eval()
-                outs = generate(policy, kl_prompts[:3], args.max_new_tokens, tok.eos_id, tok.pad_id, temperature=0.0)
-                policy.train()
-                for prompt, out in zip(kl_prompts[:3], outs):
-                    tqdm.write(f"  > {tok.decode(prompt)[-70:]}\n    {tok.decode(out)}")
-        log.log(step, **metrics)
-        if step % args.save_every == 0 or step == args.steps:
-            save()
+            # ---------------------------------------------------------- eval, KL, samples, checkpoint
+            if step % args.eval_every == 0 or step == args.steps:
+                metrics.update(eval_pairs(policy, val_rows, val_ref, loss_of, args.batch_size, tok.pad_id, rt))
+                kl_generator.manual_seed(args.seed + step)
+                metrics["kl"] = sampled_kl(policy, ref_model, kl_prompts, tok, args.max_new_tokens, kl_generator)
+                runtime.print0(rt, f"step {step}: loss {loss_value:.4f} val_loss {metrics['val_loss']:.4f} "
+                                   f"val_accuracy {metrics['val_accuracy']:.3f} kl {metrics['kl']:.2f}")
+                show_samples(policy, kl_prompts[:3], tok, args.max_new_tokens, rt)
+            log.log(step, **metrics)
+            if step % args.save_every == 0 or step == args.steps:
+                save()
     bar.close()
     runtime.cleanup(rt)
     return dict(metrics, step=step)
 
 
 if __name__ == "__main__":
-    main(get_args())
+    runtime.command(main, get_args)

@@ -32,40 +32,22 @@ Tiny CPU run (minutes), after train_sft.py and train_rm.py:
     python train_ppo.py --preset tiny --init out/sft/model.pt --rm-safety out/rm_safety/model.pt \\
         --rm-helpful out/rm_helpful/model.pt --out out/ppo
 Data parallel (each rank samples its own share of the prompts and whitens its own batch):
-    torchrun --nproc_per_node=2 train_ppo.py --preset tiny --out out/ppo
+    torchrun --nproc_per_node=2 train_ppo.py --preset tiny --init out/sft/model.pt \\
+        --rm-safety out/rm_safety/model.pt --rm-helpful out/rm_helpful/model.pt --out out/ppo
 """
-import argparse
-import math
-import os
-
 import torch
 from tqdm import tqdm
 
 import data
+import loaders
 import runtime
-import tokenizer
 import world
-from evaluate import format_table, gold_metrics, respond
-from model import generate, load_model, save_checkpoint, token_logprobs
-from train_rm import llama2_gate, load_reward_model, score
+from model import generate, num_params, respond, token_logprobs
+from reward import REWARDS, combined_reward, load_reward_model
 
 
-# ---------------------------------------------------------------------------------------------- the reward
-# llama2_gate (train_rm.py): R_c = R_s if is_safety(p) or R_s < 0.15 else R_h, the Llama 2 combination; and two
-# alternatives with the same signature that train on one RM alone
-def safety_only(safety_prob, helpful_prob, safety_prompt, threshold=0.15):
-    """R_c = R_s on every prompt: the safety RM alone."""
-    return safety_prob
-
-
-def helpfulness_only(safety_prob, helpful_prob, safety_prompt, threshold=0.15):
-    """R_c = R_h on every prompt: the helpfulness RM alone."""
-    return helpful_prob
-
-
-REWARDS = {"llama2": llama2_gate, "safety": safety_only, "helpfulness": helpfulness_only}
-
-
+# ---------------------------------------------------------------------------------------------- the equations
+# The Llama 2 gate R_c and the single-RM alternatives (--reward) live in reward.py (rejection sampling shares them)
 def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
@@ -180,45 +162,156 @@ def response_entropy(model, tokens, attention_mask, P):
 # ---------------------------------------------------------------------------------------------- prompts
 def load_prompts(spec, tok, max_prompt_len, world_seed):
     """Prompts as dicts: ids, messages, safety (the is_safety tag the gate reads) and example (the world's
-    Example, for the gold judge; None for file prompts). spec: "world" (its RL prompts) or a JSONL file of
-    {"messages": [..., user turn]} or {"prompt": text}, each with an optional boolean "safety" (default false).
-    Prompts longer than max_prompt_len tokens are skipped with a counted warning."""
+    Example, for the gold judge; None for file prompts). spec: "world" (its RL prompts) or a JSONL file that
+    data.read_prompts reads. Prompts longer than max_prompt_len tokens are skipped with a counted warning."""
     if spec == "world":
         rows = [dict(messages=ex.messages, safety=world.is_safety(ex), example=ex)
                 for ex in world.build_world(world_seed).rl_prompts]
     else:
-        rows = [dict(messages=row["messages"] if "messages" in row else [{"role": "user", "content": row.get("prompt")}],
-                     safety=bool(row.get("safety", False)), example=None, where=f"{spec}:{i + 1}")
-                for i, row in enumerate(data.read_jsonl(spec))]
+        rows = [dict(row, example=None) for row in data.read_prompts(spec)]
     for row in rows:
         try:
             row["ids"] = tok.encode_prompt(row["messages"])
         except ValueError as e:
-            raise ValueError(f"{row.get('where', spec)}: {e} (expected 'messages' ending with a user turn, or 'prompt')") from None
+            raise ValueError(f"{row.get('where', spec)}: {e} (expected 'messages' ending with a user turn, or "
+                             f"'prompt')") from None
     kept = [r for r in rows if len(r["ids"]) <= max_prompt_len]
     if len(kept) < len(rows):
         tqdm.write(f"warning: skipped {len(rows) - len(kept)} of {len(rows)} prompts longer than {max_prompt_len} "
                    f"tokens (the context must also hold --max-new-tokens)")
     if not kept:
-        raise SystemExit(f"no usable prompts in {spec}")
+        raise runtime.UserError(f"no usable prompts in {spec}")
     return kept
 
 
-def gold_counts(prompts, texts):
-    """{name: (sum, count)} of the gold judge's marks on the rollouts; counts stay 0 for file prompts (no judge)."""
-    counts = {name: [0.0, 0] for name in ("gold_safety", "gold_helpfulness", "violation_rate", "benign_accuracy",
-                                          "false_refusal_rate")}
-    for p, text in zip(prompts, texts):
-        if p["example"] is None:
-            continue
-        j, kind = world.judge(p["example"], text), p["example"].kind
-        marks = dict(gold_safety=j.safety, gold_helpfulness=j.helpfulness)
-        marks.update({"harmful": dict(violation_rate=j.unsafe), "benign": dict(benign_accuracy=j.correct),
-                      "borderline": dict(false_refusal_rate=j.refused)}[kind])
-        for name, value in marks.items():
-            counts[name][0] += float(value)
-            counts[name][1] += 1
-    return {name: tuple(sc) for name, sc in counts.items()}
+def held_out_examples(world_seed, n):
+    """The world's test examples the policy answers greedily for the gold judge: templates, entities and an attack
+    vector never seen in training. n of them spread evenly over the kinds, attacks and categories (-1: all)."""
+    examples = world.build_world(world_seed).test if n != 0 else []
+    if 0 < n < len(examples):
+        examples = examples[::len(examples) // n][:n]
+    return examples
+
+
+def gold_eval(policy, tok, examples):
+    """world.gold_metrics of the policy's greedy answers to examples."""
+    answers = respond(policy, tok, [ex.messages for ex in examples], desc="eval")
+    return world.gold_metrics(examples, [a.text for a in answers])
+
+
+def key_rates(metrics):
+    return ", ".join(f"{k} {metrics[k]:.3f}" for k in ("violation_rate", "false_refusal_rate", "benign_accuracy"))
+
+
+# ---------------------------------------------------------------------------------------------- models
+def load_models(args, rt, resume):
+    """policy (trained; the SFT model, or the resumed one) and its tokenizer, ref_model (the SFT model, frozen: it
+    anchors the KL penalty), the two frozen reward models {"safety", "helpfulness"}: (model, tok), and the value
+    model (a scalar-head network reading the policy's tokens, trained); checks that --max-new-tokens leaves room
+    for a prompt. Built in this order: each Transformer draws its initial weights from the global RNG."""
+    policy, tok, policy_ckpt = loaders.load_policy(resume if resume is not None else args.init, rt.device)
+    ref_model, _ = loaders.load_model(args.init, rt.device)
+    ref_model.eval().requires_grad_(False)
+    # the two frozen reward models score text, so each reads it with its own tokenizer
+    reward_models = {"safety": load_reward_model(args.rm_safety, rt.device),
+                     "helpfulness": load_reward_model(args.rm_helpful, rt.device)}
+    if resume is not None:
+        value_model, _ = loaders.load_model(dict(model=resume["value_model"],
+                                                 model_config=resume["value_model_config"]), rt.device)
+    elif args.value_init == "policy":
+        value_model, _ = loaders.load_model(args.init, rt.device, head="scalar")
+    else:
+        value_path = args.rm_safety if args.value_init == "safety" else args.rm_helpful
+        value_model, value_ckpt = loaders.load_model(value_path, rt.device, head="scalar")
+        if value_ckpt["tokenizer"] != policy_ckpt["tokenizer"]:
+            raise runtime.UserError(f"--value-init {args.value_init}: {value_path} has another tokenizer than "
+                                    f"{args.init}; use --value-init policy")
+    value_model.train()
+    if policy.config.max_seq_len - args.max_new_tokens < 1:
+        raise runtime.UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the "
+                                f"context of {policy.config.max_seq_len} tokens")
+    return policy, tok, ref_model, reward_models, value_model
+
+
+# ---------------------------------------------------------------------------------------------- one iteration
+def rollout(policy, ref_model, value_model, tok, prompts, iteration, sampler, args, rt):
+    """Step 1: this rank's share of global batch `iteration`, one response sampled per prompt, and what PPO reads
+    of it: tokens, attention_mask (B, P + L), response_mask, old_logp, ref_logp, old_values, entropy (B, L), P."""
+    batch = [prompts[i] for i in data.step_indices(len(prompts), args.batch_size, iteration, args.seed,
+                                                   rt.rank, rt.world_size)]
+    policy.eval()
+    responses = generate(policy, [p["ids"] for p in batch], args.max_new_tokens, tok.eos_id, tok.pad_id,
+                         temperature=args.temperature, generator=sampler)
+    tokens, attention_mask, response_mask, P = rollout_batch([p["ids"] for p in batch], responses, tok.pad_id)
+    out = dict(prompts=batch, texts=[tok.decode(r) for r in responses], P=P,
+               has_eos=torch.tensor([tok.eos_id in r for r in responses], device=rt.device),
+               tokens=tokens.to(rt.device), attention_mask=attention_mask.to(rt.device),
+               response_mask=response_mask.to(rt.device))
+    tokens, attention_mask = out["tokens"], out["attention_mask"]
+    with torch.no_grad(), runtime.autocast(rt):
+        out["old_logp"] = response_logprobs(policy, tokens, attention_mask, P)        # (B, L)
+        out["ref_logp"] = response_logprobs(ref_model, tokens, attention_mask, P)     # (B, L)
+        out["old_values"] = response_values(value_model, tokens, attention_mask, P)   # (B, L)
+        out["entropy"] = response_entropy(policy, tokens, attention_mask, P)          # (B, L)
+    return out
+
+
+def sequence_scores(batch, reward_models, args, rt):
+    """Step 2: each response's score R~ = whiten(logit(R_c)) (B,), R_c the reward models' scores combined by
+    --reward; a response cut without </s> gets --missing-eos-score instead (see the module docstring). Also the
+    unwhitened logit(R_c) and the raw RM scores, for the log."""
+    safety_prompt = torch.tensor([p["safety"] for p in batch["prompts"]], device=rt.device)
+    combined, raw = combined_reward(reward_models, [p["messages"] for p in batch["prompts"]], batch["texts"],
+                                    safety_prompt, args.reward, args.safety_threshold)  # R_c, a probability
+    rm_score = torch.logit(combined.to(rt.device), eps=1e-6)                  # back to the RM's logit scale
+    score = whiten(rm_score)
+    if args.missing_eos_score is not None:
+        score = torch.where(batch["has_eos"], score, torch.full_like(score, args.missing_eos_score))
+    return dict(score=score, rm_score=rm_score, safety_raw=raw["safety"].to(rt.device),
+                helpful_raw=raw["helpfulness"].to(rt.device))
+
+
+def ppo_epochs(train_policy, train_value, policy, value_model, optimizers, batch, shuffler, args, rt, where,
+               ckpt_path):
+    """Step 4: --ppo-epochs passes over the rollout in shuffled minibatches, each one guarded update of the policy
+    and the value model together (separate networks and optimizers: each gets its own gradient). Returns the
+    minibatches' {name: (sum, count)} of the losses, the policy's gradient norm and the loss diagnostics."""
+    per_rank, mb = args.batch_size // rt.world_size, args.minibatch_size // rt.world_size
+    P, stats = batch["P"], {}
+    policy.train()
+    for _ in range(args.ppo_epochs):
+        order = torch.randperm(per_rank, generator=shuffler)
+        for start in range(0, per_rank, mb):
+            idx = order[start:start + mb].to(rt.device)
+            mb_tokens, mb_attention, mask = (batch[k][idx] for k in ("tokens", "attention_mask", "response_mask"))
+            with runtime.autocast(rt):
+                logp = response_logprobs(train_policy, mb_tokens, mb_attention, P)
+                values = response_values(train_value, mb_tokens, mb_attention, P)
+            pg_loss, pg_stats = policy_loss(logp, batch["old_logp"][idx], batch["advantages"][idx], mask, args.clip)
+            vf_loss, vf_stats = value_loss(values, batch["old_values"][idx], batch["returns"][idx], mask,
+                                           args.value_clip)
+            loss = pg_loss + vf_loss
+            loss.backward()
+            grad_norm, _ = runtime.optimizer_step([policy, value_model], optimizers, loss.item(), args.grad_clip,
+                                                  where, ckpt_path)
+            for name, value in dict(policy_loss=pg_loss, value_loss=vf_loss, grad_norm=grad_norm,
+                                    **pg_stats, **vf_stats).items():
+                s, n = stats.get(name, (0.0, 0))
+                stats[name] = (s + value.item(), n + 1)
+    return stats
+
+
+def rollout_stats(batch):
+    """{name: (sum, count)} of the rollout's reward, KL, entropy, value fit and the gold judge's marks."""
+    n, mask = len(batch["prompts"]), batch["response_mask"]
+    return dict(
+        reward=(batch["rm_score"].sum().item(), n), rm_safety_mean=(batch["safety_raw"].sum().item(), n),
+        rm_helpfulness_mean=(batch["helpful_raw"].sum().item(), n), final_score=(batch["score"].sum().item(), n),
+        kl=(batch["kl"].sum(1).sum().item(), n),
+        entropy=((batch["entropy"].sum() / mask.sum()).item() * n, n),
+        explained_variance=(explained_variance(batch["old_values"], batch["returns"], mask).item() * n, n),
+        response_length=(mask.sum().item(), n), no_eos=((~batch["has_eos"]).sum().item(), n),
+        **world.gold_counts([p["example"] for p in batch["prompts"]], batch["texts"]))
 
 
 def reduce_means(sums_counts, rt):
@@ -228,6 +321,26 @@ def reduce_means(sums_counts, rt):
     totals = runtime.all_reduce_sum(torch.tensor([sums_counts[n] for n in names], dtype=torch.float64,
                                                  device=rt.device), rt)
     return {n: (s / c).item() for n, (s, c) in zip(names, totals) if c > 0}
+
+
+def log_iteration(rt, args, iteration, batch, metrics, bar, log, samples_log):
+    """The bar, one metrics.jsonl row, three samples.jsonl rows, and every --sample-every iterations a printout."""
+    if "eval" in metrics:
+        runtime.print0(rt, f"eval at iteration {iteration}: {key_rates(metrics['eval'])}")
+    bar.update(1)
+    bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics['kl']:.2f}",
+                    viol=f"{metrics.get('violation_rate', float('nan')):.2f}")
+    log.log(iteration, **metrics)
+    shown = range(min(3, len(batch["prompts"])))
+    prompts = [batch["prompts"][i]["messages"][-1]["content"] for i in shown]
+    for i in shown:
+        samples_log.log(iteration, prompt=prompts[i], response=batch["texts"][i], score=batch["score"][i].item(),
+                        rm_safety=batch["safety_raw"][i].item(), rm_helpful=batch["helpful_raw"][i].item())
+    if iteration % args.sample_every == 0 or iteration == args.iterations:
+        runtime.print0(rt, f"iteration {iteration}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())
+                                                                 if k != "eval"))
+        for i in shown:
+            runtime.print0(rt, f"  > {prompts[i]}\n    {batch['texts'][i]}  [score {batch['score'][i].item():+.2f}]")
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -250,255 +363,144 @@ def optional_float(text):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 1)[1])
+    p = runtime.parser(__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="default schedule and batch sizes")
-    p.add_argument("--out", default="out/ppo", help="output folder (model.pt, config.json, metrics.jsonl, samples.jsonl)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/model.pt (iteration, both models, optimizers)")
+    runtime.add_run_arguments(p, outputs="model.pt, config.json, metrics.jsonl, samples.jsonl",
+                              seed_help="random seed (rollout sampling, prompt order)")
     # models
-    p.add_argument("--init", default="out/sft/model.pt", help="SFT checkpoint: the policy's start and the frozen reference")
-    p.add_argument("--rm-safety", default="out/rm_safety/model.pt", help="safety reward model (train_rm.py)")
-    p.add_argument("--rm-helpful", default="out/rm_helpful/model.pt", help="helpfulness reward model (train_rm.py)")
+    p.add_argument("--init", required=True, help="SFT checkpoint: the policy's start and the frozen reference")
+    p.add_argument("--rm-safety", required=True, help="safety reward model (train_rm.py)")
+    p.add_argument("--rm-helpful", required=True, help="helpfulness reward model (train_rm.py)")
     p.add_argument("--value-init", choices=("safety", "helpful", "policy"), default="safety",
                    help="value model starts from that RM, or from the SFT model with a fresh scalar head")
     # reward
     p.add_argument("--reward", choices=sorted(REWARDS), default="llama2",
                    help="llama2: the safety/helpfulness gate; safety or helpfulness: that RM alone")
-    p.add_argument("--safety-threshold", type=float, default=0.15,
+    p.add_argument("--safety-threshold", type=runtime.nonnegative_float, default=0.15,
                    help="gate: use R_s on any prompt whose safety probability is below this (Llama 2: 0.15)")
-    p.add_argument("--beta", type=float, help="KL penalty coefficient per token (Llama 2: 0.01 for 7B/13B)")
-    p.add_argument("--kl-target", type=float, default=None, help="adaptive KL: steer beta so the mean "
-                   "per-sequence KL (nats) approaches this; default: fixed beta")
-    p.add_argument("--kl-gain", type=float, default=0.1, help="adaptive KL: K_beta (Ziegler et al.: 0.1)")
-    p.add_argument("--missing-eos-score", type=optional_float, default=-1.0,
-                   help="whitened score given to responses cut at --max-new-tokens without </s>; 'none' keeps the RM's")
+    p.add_argument("--beta", type=runtime.nonnegative_float,
+                   help="KL penalty coefficient per token (Llama 2: 0.01 for 7B/13B)")
+    p.add_argument("--kl-target", type=runtime.positive_float, default=None, help="adaptive KL: steer beta so the "
+                   "mean per-sequence KL (nats) approaches this (none: beta stays fixed)")
+    p.add_argument("--kl-gain", type=runtime.nonnegative_float, default=0.1,
+                   help="adaptive KL: K_beta (Ziegler et al.: 0.1)")
+    p.add_argument("--missing-eos-score", type=optional_float, default=-1.0, help="whitened score given to "
+                   "responses cut at the length cap (--max-new-tokens) without </s>; 'none' keeps the RM's")
     # data and sampling
     p.add_argument("--prompts", default="world", help="'world' (its RL prompts) or a JSONL file of {'messages'} or "
                    "{'prompt'} rows with an optional boolean 'safety'")
     p.add_argument("--world-seed", type=int, default=0, help="seed of the embedded world (the SFT model's world)")
-    p.add_argument("--max-new-tokens", type=int, help="response length cap in tokens")
-    p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
+    p.add_argument("--max-new-tokens", type=runtime.positive_int, help="response length cap in tokens")
+    p.add_argument("--temperature", type=runtime.nonnegative_float, default=1.0,
+                   help="rollout sampling temperature (0: greedy)")
     # PPO
-    p.add_argument("--iterations", type=int, help="rollout + update iterations")
-    p.add_argument("--batch-size", type=int, help="prompts per rollout, over all ranks")
-    p.add_argument("--minibatch-size", type=int, help="responses per gradient step, over all ranks")
-    p.add_argument("--ppo-epochs", type=int, help="passes over each rollout (Llama 2: 1)")
-    p.add_argument("--lr", type=float, help="policy learning rate, constant (Llama 2: 1e-6)")
-    p.add_argument("--value-lr", type=float, help="value model learning rate, constant")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices (Llama 2: 0.1)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm per model (Llama 2: 1.0)")
-    p.add_argument("--clip", type=float, default=0.2, help="PPO ratio clip epsilon (Llama 2: 0.2)")
-    p.add_argument("--value-clip", type=float, default=0.2, help="value clip, in whitened reward units")
-    p.add_argument("--gamma", type=float, default=1.0, help="discount per token (1: the score is not discounted)")
-    p.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+    p.add_argument("--iterations", type=runtime.positive_int, help="rollout + update iterations")
+    p.add_argument("--batch-size", type=runtime.positive_int, help="prompts per rollout, over all ranks")
+    p.add_argument("--minibatch-size", type=runtime.positive_int, help="responses per gradient step, over all ranks")
+    p.add_argument("--ppo-epochs", type=runtime.positive_int, help="passes over each rollout (Llama 2: 1)")
+    p.add_argument("--lr", type=runtime.positive_float, help="policy learning rate, constant (Llama 2: 1e-6)")
+    p.add_argument("--value-lr", type=runtime.positive_float, help="value model learning rate, constant")
+    p.add_argument("--weight-decay", type=runtime.nonnegative_float, default=0.1,
+                   help="AdamW decay on matrices (Llama 2: 0.1)")
+    p.add_argument("--grad-clip", type=runtime.positive_float, default=1.0,
+                   help="max gradient norm per model (Llama 2: 1.0)")
+    p.add_argument("--clip", type=runtime.positive_float, default=0.2, help="PPO ratio clip epsilon (Llama 2: 0.2)")
+    p.add_argument("--value-clip", type=runtime.positive_float, default=0.2,
+                   help="value clip, in whitened reward units")
+    p.add_argument("--gamma", type=runtime.nonnegative_float, default=1.0,
+                   help="discount per token (1: the score is not discounted)")
+    p.add_argument("--lam", type=runtime.nonnegative_float, default=0.95, help="GAE lambda")
     # bookkeeping
-    p.add_argument("--sample-every", type=int, default=5, help="iterations between printed sample rollouts")
-    p.add_argument("--save-every", type=int, default=10, help="iterations between checkpoints")
+    p.add_argument("--sample-every", type=runtime.positive_int, default=5,
+                   help="iterations between printed sample rollouts")
+    p.add_argument("--save-every", type=runtime.positive_int, default=10, help="iterations between checkpoints")
     p.add_argument("--eval-prompts", type=int, default=-1, help="world test prompts judged greedily at the end "
                    "(-1: all, 0: none)")
-    p.add_argument("--eval-every", type=int, default=0, help="iterations between gold evaluations on those prompts "
-                   "during training, logged under 'eval' (0: only at the end)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (rollout sampling, prompt order)")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
-    p.add_argument("--compile", action="store_true", help="torch.compile the policy and value model for updates")
+    p.add_argument("--eval-every", type=runtime.nonnegative_int, default=0, help="iterations between gold "
+                   "evaluations on those prompts during training, logged under 'eval' (0: only at the end)")
     args = runtime.parse_args(p, PRESETS, argv)
     if args.batch_size % args.minibatch_size:
         p.error(f"--batch-size {args.batch_size} must be a multiple of --minibatch-size {args.minibatch_size}")
+    if args.eval_prompts < -1:
+        p.error(f"--eval-prompts: must be -1 (all), 0 (none) or a count, got {args.eval_prompts}")
     return args
 
 
 def main(args):
-    # ------------------------------------------------------------------ setup
-    rt, ckpt_path, resume = runtime.start(args)
-    runtime.save_config(args, rt)
-
-    # ------------------------------------------------------------------ models
-    # policy: trained, starts as the SFT model; ref_model: the SFT model, frozen, anchors the KL penalty
-    policy, policy_ckpt = load_model(resume if resume is not None else args.init, rt.device)
-    tok = tokenizer.Tokenizer.from_dict(policy_ckpt["tokenizer"])
-    ref_model, _ = load_model(args.init, rt.device)
-    ref_model.eval().requires_grad_(False)
-    # the two frozen reward models score text, so each reads it with its own tokenizer
-    rm_safety, rm_safety_tok = load_reward_model(args.rm_safety, rt.device)
-    rm_helpful, rm_helpful_tok = load_reward_model(args.rm_helpful, rt.device)
-    # value model: a scalar-head network reading the policy's tokens
-    if resume is not None:
-        value_model, _ = load_model(dict(model=resume["value_model"], model_config=resume["value_model_config"]),
-                                    rt.device)
-    elif args.value_init == "policy":
-        value_model, _ = load_model(args.init, rt.device, head="scalar")
-    else:
-        value_path = args.rm_safety if args.value_init == "safety" else args.rm_helpful
-        value_model, value_ckpt = load_model(value_path, rt.device, head="scalar")
-        if value_ckpt["tokenizer"] != policy_ckpt["tokenizer"]:
-            raise SystemExit(f"--value-init {args.value_init}: {value_path} has another tokenizer than {args.init}; "
-                             f"use --value-init policy")
-    value_model.train()
-    max_prompt_len = policy.config.max_seq_len - args.max_new_tokens
-    if max_prompt_len < 1:
-        raise SystemExit(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of "
-                         f"{policy.config.max_seq_len} tokens")
-
-    # ------------------------------------------------------------------ prompts
-    prompts = load_prompts(args.prompts, tok, max_prompt_len, args.world_seed)
+    # ------------------------------------------------------------------ setup, models, prompts (nothing written yet)
+    rt, ckpt_path, resume = runtime.start(args, stage="ppo")
+    if args.minibatch_size % rt.world_size:
+        raise runtime.UserError(f"--minibatch-size {args.minibatch_size} does not split over {rt.world_size} ranks")
+    # policy: trained, starts as the SFT model; ref_model: the SFT model, frozen; value_model: trained
+    policy, tok, ref_model, reward_models, value_model = load_models(args, rt, resume)
+    prompts = load_prompts(args.prompts, tok, policy.config.max_seq_len - args.max_new_tokens, args.world_seed)
+    eval_examples = held_out_examples(args.world_seed, args.eval_prompts)
     runtime.print0(rt, f"ppo: {len(prompts)} prompts ({sum(p['safety'] for p in prompts)} safety-tagged), reward "
-                       f"{args.reward}, {sum(q.numel() for q in policy.parameters()) / 1e6:.2f}M-parameter policy "
-                       f"on {rt.device}")
+                       f"{args.reward}, {num_params(policy) / 1e6:.2f}M-parameter policy on {rt.device}")
 
-    # ------------------------------------------------------------------ optimizers and resume
+    # ------------------------------------------------------------------ optimizers, resume, run folder
     # Llama 2 (section 3.2.3): AdamW, constant learning rate, weight decay 0.1, gradient clipping 1.0
     policy_opt = runtime.make_optimizer(policy, args.lr, args.weight_decay)
     value_opt = runtime.make_optimizer(value_model, args.value_lr, args.weight_decay)
-    iteration, beta = 0, args.beta
-    if resume is not None:
-        policy_opt.load_state_dict(resume["optimizer"])
-        value_opt.load_state_dict(resume["value_optimizer"])
-        iteration, beta = resume["step"], resume["beta"]
-        runtime.set_rng_state(resume["rng"])
-        runtime.print0(rt, f"resumed from {ckpt_path} at iteration {iteration}")
-    train_policy = runtime.wrap_ddp(torch.compile(policy) if args.compile else policy, rt)
-    train_value = runtime.wrap_ddp(torch.compile(value_model) if args.compile else value_model, rt)
-    log = runtime.MetricsLog(os.path.join(args.out, "metrics.jsonl"), rt.is_main)
-    samples_log = runtime.MetricsLog(os.path.join(args.out, "samples.jsonl"), rt.is_main)
-    per_rank, mb = args.batch_size // rt.world_size, args.minibatch_size // rt.world_size
+    optimizers = {"optimizer": policy_opt, "value_optimizer": value_opt}
+    iteration = runtime.resume_training(rt, resume, optimizers, ckpt_path)
+    beta = resume["beta"] if resume is not None else args.beta
+    log, samples_log = runtime.begin(args, rt, iteration, "metrics.jsonl", "samples.jsonl")
+    train_policy = runtime.wrap_ddp(policy, rt, args.compile)
+    train_value = runtime.wrap_ddp(value_model, rt, args.compile)
 
     def save():
-        if rt.is_main:
-            save_checkpoint(ckpt_path, dict(
-                model=policy.state_dict(), model_config=vars(policy.config), tokenizer=tok.to_dict(), step=iteration,
-                optimizer=policy_opt.state_dict(), rng=runtime.rng_state(), args=vars(args), stage="ppo",
-                value_model=value_model.state_dict(), value_model_config=vars(value_model.config),
-                value_optimizer=value_opt.state_dict(), beta=beta))
-
-    # held-out test prompts (templates, entities and an attack vector never seen in training), judged greedily
-    eval_examples = world.build_world(args.world_seed).test if args.eval_prompts != 0 else []
-    if 0 < args.eval_prompts < len(eval_examples):  # an even spread over the kinds, attacks and categories
-        eval_examples = eval_examples[::len(eval_examples) // args.eval_prompts][:args.eval_prompts]
-
-    def gold_eval():
-        return gold_metrics(eval_examples, respond(policy, tok, eval_examples, desc="eval"))
+        runtime.save_checkpoint(rt, ckpt_path, runtime.checkpoint(
+            policy, tok, iteration, args, "ppo", optimizers, value_model=value_model.state_dict(),
+            value_model_config=vars(value_model.config), beta=beta))
 
     # ------------------------------------------------------------------ the RLHF loop
     metrics = {}
     bar = tqdm(total=args.iterations, initial=iteration, disable=not rt.is_main, desc="ppo")
-    while iteration < args.iterations:
-        # Every random draw of an iteration comes from (seed, iteration, rank): a resumed run repeats it exactly.
-        stream = args.seed * 1_000_003 + iteration * 1_009 + rt.rank
-        sampler = torch.Generator(device=rt.device).manual_seed(stream)
-        shuffler = torch.Generator().manual_seed(stream)
-
-        # -------------------------------------------------------------- 1. rollout
-        batch = [prompts[i] for i in data.step_indices(len(prompts), args.batch_size, iteration, args.seed,
-                                                       rt.rank, rt.world_size)]
-        policy.eval()
-        responses = generate(policy, [p["ids"] for p in batch], args.max_new_tokens, tok.eos_id, tok.pad_id,
-                             temperature=args.temperature, generator=sampler)
-        tokens, attention_mask, response_mask, P = rollout_batch([p["ids"] for p in batch], responses, tok.pad_id)
-        tokens, attention_mask, response_mask = tokens.to(rt.device), attention_mask.to(rt.device), response_mask.to(rt.device)
-        texts = [tok.decode(r) for r in responses]
-        has_eos = torch.tensor([tok.eos_id in r for r in responses], device=rt.device)
-        with torch.no_grad(), runtime.autocast(rt):
-            old_logp = response_logprobs(policy, tokens, attention_mask, P)      # (B, L)
-            ref_logp = response_logprobs(ref_model, tokens, attention_mask, P)   # (B, L)
-            old_values = response_values(value_model, tokens, attention_mask, P)  # (B, L)
-            entropy = response_entropy(policy, tokens, attention_mask, P)        # (B, L)
-
-        # -------------------------------------------------------------- 2. reward
-        conversations = [p["messages"] for p in batch]
-        safety_raw = score(rm_safety, rm_safety_tok, conversations, texts).to(rt.device)    # (B,) raw r_s
-        helpful_raw = score(rm_helpful, rm_helpful_tok, conversations, texts).to(rt.device)  # (B,) raw r_h
-        safety_prompt = torch.tensor([p["safety"] for p in batch], device=rt.device)
-        combined = REWARDS[args.reward](safety_raw.sigmoid(), helpful_raw.sigmoid(), safety_prompt,
-                                        args.safety_threshold)                    # R_c, a probability
-        rm_score = torch.logit(combined, eps=1e-6)                                # back to the RM's logit scale
-        final_score = whiten(rm_score)
-        if args.missing_eos_score is not None:                                    # see the module docstring
-            final_score = torch.where(has_eos, final_score, torch.full_like(final_score, args.missing_eos_score))
-        rewards, kl = kl_penalized_rewards(final_score, old_logp, ref_logp, response_mask, beta)
-
-        # -------------------------------------------------------------- 3. advantages
-        advantages, returns = gae(rewards, old_values, response_mask, args.gamma, args.lam)
-        advantages = whiten(advantages, response_mask)
-
-        # -------------------------------------------------------------- 4. PPO epochs over minibatches
-        policy.train()
-        stats = {}
-        for _ in range(args.ppo_epochs):
-            order = torch.randperm(per_rank, generator=shuffler)
-            for start in range(0, per_rank, mb):
-                idx = order[start:start + mb].to(rt.device)
-                mb_tokens, mb_attention = tokens[idx], attention_mask[idx]
-                with runtime.autocast(rt):
-                    logp = response_logprobs(train_policy, mb_tokens, mb_attention, P)
-                    values = response_values(train_value, mb_tokens, mb_attention, P)
-                pg_loss, pg_stats = policy_loss(logp, old_logp[idx], advantages[idx], response_mask[idx], args.clip)
-                vf_loss, vf_stats = value_loss(values, old_values[idx], returns[idx], response_mask[idx],
-                                               args.value_clip)
-                if not (math.isfinite(pg_loss.item()) and math.isfinite(vf_loss.item())):
-                    raise SystemExit(f"non-finite loss at iteration {iteration} (policy {pg_loss.item()}, value "
-                                     f"{vf_loss.item()}); the last good checkpoint is {ckpt_path}")
-                (pg_loss + vf_loss).backward()   # separate networks and optimizers: each gets its own gradient
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
-                value_grad_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.grad_clip)
-                if not (torch.isfinite(grad_norm) and torch.isfinite(value_grad_norm)):  # never step into NaN
-                    raise SystemExit(f"non-finite gradient norm at iteration {iteration} (policy {grad_norm.item()}, "
-                                     f"value {value_grad_norm.item()}); the last good checkpoint is {ckpt_path}")
-                policy_opt.step()
-                value_opt.step()
-                policy_opt.zero_grad(set_to_none=True)
-                value_opt.zero_grad(set_to_none=True)
-                for name, value in dict(policy_loss=pg_loss, value_loss=vf_loss, grad_norm=grad_norm,
-                                        **pg_stats, **vf_stats).items():
-                    s, n = stats.get(name, (0.0, 0))
-                    stats[name] = (s + value.item(), n + 1)
-
-        # -------------------------------------------------------------- 5. KL controller, logs, samples
-        n = len(batch)
-        kl_per_sequence = kl.sum(1)
-        stats.update(
-            reward=(rm_score.sum().item(), n), rm_safety_mean=(safety_raw.sum().item(), n),
-            rm_helpfulness_mean=(helpful_raw.sum().item(), n), final_score=(final_score.sum().item(), n),
-            kl=(kl_per_sequence.sum().item(), n),
-            entropy=((entropy.sum() / response_mask.sum()).item() * n, n),
-            explained_variance=(explained_variance(old_values, returns, response_mask).item() * n, n),
-            response_length=(response_mask.sum().item(), n), no_eos=((~has_eos).sum().item(), n),
-            **gold_counts(batch, texts))
-        metrics = reduce_means(stats, rt)
-        metrics["beta"] = beta
-        if args.kl_target is not None:
-            beta = adaptive_beta(beta, metrics["kl"], args.kl_target, args.kl_gain)
-        iteration += 1
-        if rt.is_main and eval_examples and args.eval_every and iteration % args.eval_every == 0 \
-                and iteration < args.iterations:  # the last iteration's is the final eval below
-            metrics["eval"] = gold_eval()
-            runtime.print0(rt, f"eval at iteration {iteration}: " + ", ".join(
-                f"{k} {metrics['eval'][k]:.3f}" for k in ("violation_rate", "false_refusal_rate", "benign_accuracy")))
-        bar.update(1)
-        bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics['kl']:.2f}",
-                        viol=f"{metrics.get('violation_rate', float('nan')):.2f}")
-        log.log(iteration, **metrics)
-        for i in range(min(3, n)):
-            samples_log.log(iteration, prompt=batch[i]["messages"][-1]["content"], response=texts[i],
-                            score=final_score[i].item(), rm_safety=safety_raw[i].item(), rm_helpful=helpful_raw[i].item())
-        if iteration % args.sample_every == 0 or iteration == args.iterations:
-            runtime.print0(rt, f"iteration {iteration}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())
-                                                             if k != "eval"))
-            for i in range(min(3, n)):
-                runtime.print0(rt, f"  > {batch[i]['messages'][-1]['content']}\n    {texts[i]}  "
-                                   f"[score {final_score[i].item():+.2f}]")
-        if iteration % args.save_every == 0 or iteration == args.iterations:
-            save()
+    with runtime.StopOnSignal() as stop:
+        while iteration < args.iterations:
+            if stop.requested(rt):
+                save()
+                stop.exit(rt, ckpt_path, f"iteration {iteration}")
+            # Every random draw of an iteration comes from (seed, iteration, rank): a resumed run repeats it exactly
+            stream = args.seed * 1_000_003 + iteration * 1_009 + rt.rank
+            sampler = torch.Generator(device=rt.device).manual_seed(stream)
+            shuffler = torch.Generator().manual_seed(stream)
+            # 1. rollout: one sampled response per prompt, read by the policy, the reference and the value model
+            batch = rollout(policy, ref_model, value_model, tok, prompts, iteration, sampler, args, rt)
+            # 2. reward: R~ at the last token, -beta KL per token
+            batch.update(sequence_scores(batch, reward_models, args, rt))
+            rewards, batch["kl"] = kl_penalized_rewards(batch["score"], batch["old_logp"], batch["ref_logp"],
+                                                        batch["response_mask"], beta)
+            # 3. advantages: GAE on the value model's estimates, whitened over the response tokens
+            advantages, batch["returns"] = gae(rewards, batch["old_values"], batch["response_mask"], args.gamma,
+                                               args.lam)
+            batch["advantages"] = whiten(advantages, batch["response_mask"])
+            # 4. PPO epochs over minibatches
+            stats = ppo_epochs(train_policy, train_value, policy, value_model, [policy_opt, value_opt], batch,
+                               shuffler, args, rt, f"iteration {iteration}", ckpt_path)
+            # 5. KL controller, log, checkpoint
+            metrics = dict(reduce_means({**stats, **rollout_stats(batch)}, rt), beta=beta)
+            if args.kl_target is not None:
+                beta = adaptive_beta(beta, metrics["kl"], args.kl_target, args.kl_gain)
+            iteration += 1
+            if rt.is_main and eval_examples and args.eval_every and iteration % args.eval_every == 0 \
+                    and iteration < args.iterations:  # the last iteration's is the final eval below
+                metrics["eval"] = gold_eval(policy, tok, eval_examples)
+            log_iteration(rt, args, iteration, batch, metrics, bar, log, samples_log)
+            if iteration % args.save_every == 0 or iteration == args.iterations:
+                save()
     bar.close()
 
     # ------------------------------------------------------------------ eval: the gold judge on held-out prompts
     result = dict(step=iteration, reward=metrics.get("reward"), kl=metrics.get("kl"))
     if rt.is_main and eval_examples:
-        result["eval"] = gold_eval()
+        result["eval"] = gold_eval(policy, tok, eval_examples)
         log.log(iteration, eval=result["eval"])
-        runtime.print0(rt, format_table({"ppo": result["eval"]}))
+        runtime.print0(rt, f"ppo, gold judge on {len(eval_examples)} held-out prompts: {key_rates(result['eval'])}")
     runtime.cleanup(rt)
     return result
 
 
 if __name__ == "__main__":
-    main(get_args())
+    runtime.command(main, get_args)

@@ -8,7 +8,7 @@ response's </s>). It is trained with the binary ranking loss with margin of Llam
 
 where y_c is the chosen response, y_r the rejected one and m a margin read from the pair's preference strength
 (Table 28): the more clearly one response is better, the wider the gap the loss asks for. --margin off sets m = 0.
-sigmoid(r) is the RM's probability-like output that the Llama 2 reward of train_ppo.py combines.
+sigmoid(r) is the RM's probability-like output that the Llama 2 reward (reward.llama2_gate) combines.
 
 Llama 2 trains two reward models because helpfulness and safety pull apart on harmful prompts (a compliance is
 helpful and unsafe): --objective safety or --objective helpfulness picks the annotator whose pairs the RM learns.
@@ -29,20 +29,21 @@ response style, written to histograms.json (plots are evaluate.py's).
 Deviation from the paper: Llama 2 trains the RM for one epoch, since more overfits; the world's preference set
 is small, so the tiny preset takes a few passes over it.
 
-Other scripts score with:
-    reward_model, tok = load_reward_model("out/rm_safety/model.pt", device)
-    r = score(reward_model, tok, conversations, responses)   # float32 (N,), CPU
+The later stages score with reward.py (load_reward_model, score, the Llama 2 gate), which encodes a
+(prompt, response) pair exactly as this script trains on it (reward.encode_scored).
 
 Tiny CPU run (each a few minutes):
     python train_rm.py --preset tiny --objective safety --init out/sft/model.pt --out out/rm_safety
     python train_rm.py --preset tiny --objective helpfulness --init out/sft/model.pt --out out/rm_helpful
 Real data (the HH-RLHF harmless set as safety pairs, the helpful set mixed in):
     python train_rm.py --objective safety --init out/sft/model.pt --out out/rm_hh \\
-        --data ../shared/data/hh_rlhf/harmless-base_test.jsonl.gz --mix-data ../shared/data/hh_rlhf/helpful-base_test.jsonl.gz
+        --data ../shared/data/hh_rlhf/harmless-base_test.jsonl.gz \\
+        --mix-data ../shared/data/hh_rlhf/helpful-base_test.jsonl.gz
+A stopped run (Ctrl-C or SIGTERM saves a checkpoint first) continues with the same command and --resume.
 Data parallel:
-    torchrun --nproc_per_node=2 train_rm.py --preset tiny --objective safety --init out/sft/model.pt --out out/rm_safety
+    torchrun --nproc_per_node=2 train_rm.py --preset tiny --objective safety --init out/sft/model.pt \\
+        --out out/rm_safety
 """
-import argparse
 import json
 import math
 import os
@@ -55,10 +56,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import loaders
 import runtime
 import tokenizer
 import world
-from model import last_token_values, load_model, save_checkpoint
+from model import last_token_values, num_params
+from reward import encode_scored, score
 
 # Llama 2, Table 28: margin m per preference-strength label. Table 27: a larger margin helps on clearly
 # separable pairs but costs accuracy on similar ones, hence "small" by default.
@@ -92,66 +95,6 @@ def margin_of(pair, table):
     return table.get(pair.get("strength"), 0.0)
 
 
-# ---------------------------------------------------------------------------------------------- scoring
-def load_reward_model(path, device="cpu"):
-    """(model, tok) of a trained reward model: frozen (no gradients), in eval mode, scalar head."""
-    model, ckpt = load_model(path, device)
-    if model.config.head != "scalar":
-        raise ValueError(f"{path} has a {model.config.head!r} head, not a reward model's scalar head; "
-                         f"train one with train_rm.py --init {path}")
-    model.eval()
-    model.requires_grad_(False)
-    return model, tokenizer.Tokenizer.from_dict(ckpt["tokenizer"])
-
-
-def encode_scored(tok, conversation, response):
-    """Token ids of prompt + response in the chat template, ending with the response's </s>: the RM reads its
-    score at that last token. Training and score() both encode through here, so they read the same token."""
-    return tok.encode_dialog(conversation + [{"role": "assistant", "content": response}], "last")[0]
-
-
-@torch.no_grad()
-def score(reward_model, tok, conversations, responses, batch_size=64):
-    """Raw reward r(x, y) for each (conversation, response): float32 CPU tensor (N,); sigmoid(r) is the RM's
-    probability-like output (Llama 2, section 3.2.2).
-
-    conversations are message lists ending with the user turn (the prompt), responses answer strings. Rows are
-    left-padded in batches of similar length; a row longer than the context keeps its last max_seq_len tokens
-    (the end of the answer, where the score is read), with one counted warning.
-    """
-    if len(conversations) != len(responses):
-        raise ValueError(f"{len(conversations)} conversations but {len(responses)} responses")
-    if not responses:
-        return torch.zeros(0)
-    max_len = reward_model.config.max_seq_len
-    rows = [encode_scored(tok, c, r) for c, r in zip(conversations, responses)]
-    too_long = sum(len(r) > max_len for r in rows)
-    if too_long:
-        warnings.warn(f"score: {too_long} of {len(rows)} prompt+response rows exceed {max_len} tokens; "
-                      f"their first tokens were cut")
-        rows = [r[-max_len:] for r in rows]
-    was_training = reward_model.training
-    reward_model.eval()
-    device = next(reward_model.parameters()).device
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths pad less
-    scores = torch.zeros(len(rows))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = data.collate([rows[i] for i in idx], tok.pad_id, side="left")
-        attention_mask = batch["attention_mask"].to(device)
-        values = reward_model(batch["tokens"].to(device), attention_mask)         # (B, T)
-        scores[idx] = last_token_values(values, attention_mask).float().cpu()
-    reward_model.train(was_training)
-    return scores
-
-
-def llama2_gate(safety_prob, helpful_prob, safety_prompt, threshold=0.15):
-    """How Llama 2 combines its two reward models (section 3.2.3), used by PPO and rejection sampling:
-    R_c = R_s if is_safety(x) or R_s < threshold else R_h, with R_s, R_h the sigmoid scores; all (B,) tensors,
-    safety_prompt boolean."""
-    return torch.where(safety_prompt | (safety_prob < threshold), safety_prob, helpful_prob)
-
-
 # ---------------------------------------------------------------------------------------------- evaluation
 def _accuracy_by(pairs, correct, key):
     groups = defaultdict(list)
@@ -167,7 +110,8 @@ def pair_accuracy(reward_model, tok, pairs, batch_size=64):
     conversations = [p["messages"] for p in pairs]
     chosen = score(reward_model, tok, conversations, [p["chosen"] for p in pairs], batch_size)
     rejected = score(reward_model, tok, conversations, [p["rejected"] for p in pairs], batch_size)
-    correct = [bool(c > r) == p.get("gold_chosen_first", True) for c, r, p in zip(chosen.tolist(), rejected.tolist(), pairs)]
+    correct = [bool(c > r) == p.get("gold_chosen_first", True)
+               for c, r, p in zip(chosen.tolist(), rejected.tolist(), pairs)]
     return dict(accuracy=sum(correct) / len(correct), n_pairs=len(pairs),
                 accuracy_by_category=_accuracy_by(pairs, correct, "category"),
                 accuracy_by_attack=_accuracy_by(pairs, correct, "attack"),
@@ -210,16 +154,33 @@ def histograms(scores, n_bins=30):
                 scores={k: v.tolist() for k, v in scores.items()})
 
 
+def evaluate(reward_model, tok, held_out, w, batch_size):
+    """Held-out pair accuracy (pair_accuracy), plus, for the world w, style_scores' separation of the response
+    styles; returns (result, scores by style or None)."""
+    result = pair_accuracy(reward_model, tok, held_out, batch_size)
+    scores = None
+    if w is not None:
+        scores, separation = style_scores(reward_model, tok, w, w.test, batch_size)
+        result.update(separation)
+    return result, scores
+
+
+def write_report(args, rt, step, result, scores):
+    """eval.json (and histograms.json of the world's style scores) in OUT, and the accuracies printed; rank 0."""
+    if not rt.is_main:
+        return
+    with open(os.path.join(args.out, "eval.json"), "w") as f:
+        json.dump(dict(objective=args.objective, step=step, **result), f, indent=1)
+    if scores is not None:
+        with open(os.path.join(args.out, "histograms.json"), "w") as f:
+            json.dump(histograms(scores), f)
+    runtime.print0(rt, json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
+    for key in ("accuracy_by_category", "accuracy_by_attack", "accuracy_by_strength", "safe_over_unsafe_by_attack"):
+        if key in result and set(result[key]) != {"none"}:  # file pairs carry no category or attack
+            runtime.print0(rt, f"  {key}: " + ", ".join(f"{k} {v:.3f}" for k, v in result[key].items()))
+
+
 # ---------------------------------------------------------------------------------------------- data
-def world_pairs(w, objective, noise, seed, split, styles_per_prompt):
-    """The world annotator's pairs as data.read_preferences gives file pairs, plus the gold label and the
-    prompt's group (risk category for harmful prompts, else benign or borderline) and attack vector."""
-    return [dict(messages=p["example"].messages, chosen=p["chosen"], rejected=p["rejected"], strength=p["strength"],
-                 margin=None, gold_chosen_first=p["gold_chosen_first"], attack=p["example"].attack,
-                 category=p["example"].category if p["example"].kind == "harmful" else p["example"].kind)
-            for p in w.preference_pairs(objective, noise, seed, split, styles_per_prompt)]
-
-
 def mix(main_pairs, other_pairs, fraction, seed):
     """main_pairs plus enough of other_pairs (a seeded random subset) to make up `fraction` of the result."""
     if not 0 <= fraction < 1:
@@ -244,16 +205,16 @@ def encode_rows(tok, pairs, margins, max_len):
     return rows
 
 
-def load_preference_data(args):
-    """(train pairs, held-out pairs, how many train pairs are the other objective's), in read_preferences' form."""
+def load_preference_data(args, w):
+    """(train pairs, held-out pairs, how many train pairs are the other objective's), in read_preferences' form:
+    the world w's annotators, or (w None) the --data, --mix-data and --eval-data files."""
     other = OTHER_OBJECTIVE[args.objective]
-    if args.data == ["world"]:
-        w = world.build_world(args.seed)
-        own = world_pairs(w, args.objective, args.label_noise, args.seed, "train", args.styles_per_prompt)
+    if w is not None:
+        own = w.labelled_pairs(args.objective, args.label_noise, args.seed, "train", args.styles_per_prompt)
         # the other annotator rates fresh responses (another seed), as a separate collection would
-        mixed_in = world_pairs(w, other, args.label_noise, args.seed + 1, "train", args.styles_per_prompt)
+        mixed_in = w.labelled_pairs(other, args.label_noise, args.seed + 1, "train", args.styles_per_prompt)
         # every held-out prompt rated on three responses: more held-out pairs, each against the gold label
-        held_out = world_pairs(w, args.objective, 0.0, args.seed, "test", 3)
+        held_out = w.labelled_pairs(args.objective, 0.0, args.seed, "test", 3)
     else:
         own = [p for path in args.data for p in data.read_preferences(path, args.objective, args.format)]
         mixed_in = [p for path in args.mix_data for p in data.read_preferences(path, other, args.format)]
@@ -269,6 +230,32 @@ def load_preference_data(args):
     return train, held_out, len(train) - len(own)
 
 
+# ---------------------------------------------------------------------------------------------- training step
+def ranking_step(train_model, rows, micro, pad_id, rt):
+    """Forward and backward of the ranking loss over this rank's encoded pairs `rows`, in micro-batches of `micro`
+    pairs (DDP syncs the gradient on the last). Returns the global batch's mean loss, accuracy and reward gap."""
+    loss_sum, accuracy_sum, gap_sum = 0.0, 0.0, 0.0
+    for j in range(0, len(rows), micro):
+        chunk = rows[j:j + micro]
+        # chosen and rejected go through the model together: one forward of 2B rows
+        batch = data.collate([r["chosen"] for r in chunk] + [r["rejected"] for r in chunk], pad_id)
+        tokens, attention_mask = batch["tokens"].to(rt.device), batch["attention_mask"].to(rt.device)
+        margin = torch.tensor([r["margin"] for r in chunk], device=rt.device)
+        with runtime.no_sync(train_model, last=j + micro >= len(rows)):
+            with runtime.autocast(rt):
+                values = train_model(tokens, attention_mask)                        # (2B, T)
+            rewards = last_token_values(values.float(), attention_mask)             # (2B,)
+            loss, stats = ranking_loss(rewards[:len(chunk)], rewards[len(chunk):], margin)
+            # weight by the micro-batch's share of this rank's pairs: the step's gradient is the batch mean
+            (loss * len(chunk) / len(rows)).backward()
+        loss_sum += loss.item() * len(chunk) / len(rows)
+        accuracy_sum += stats["accuracy"].item() * len(chunk) / len(rows)
+        gap_sum += stats["reward_gap"].item() * len(chunk) / len(rows)
+    # every rank holds the same number of pairs, so the mean over ranks is the global batch mean
+    totals = runtime.all_reduce_sum(torch.tensor([loss_sum, accuracy_sum, gap_sum], device=rt.device), rt)
+    return (totals / rt.world_size).tolist()
+
+
 # ---------------------------------------------------------------------------------------------- config
 PRESETS = {  # batch sizes count pairs; Llama 2 used lr 1e-5 (5e-6 at 70B), cosine to 10%, 3% warm-up
     "tiny": dict(steps=80, batch_size=32, lr=3e-4, warmup=10, eval_every=40),  # sized for the tiny preset
@@ -278,17 +265,15 @@ PRESETS = {  # batch sizes count pairs; Llama 2 used lr 1e-5 (5e-6 at 70B), cosi
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 1)[1])
+    p = runtime.parser(__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="default schedule (the architecture "
                    "comes from --init)")
     p.add_argument("--objective", choices=("safety", "helpfulness"), required=True,
                    help="which annotator's preferences the RM learns (Llama 2 trains one RM of each)")
-    p.add_argument("--init", default=None, help="checkpoint to start from (the SFT model; its lm head is replaced "
+    p.add_argument("--init", required=True, help="checkpoint to start from (the SFT model; its lm head is replaced "
                    "by a fresh scalar head)")
-    p.add_argument("--out", required=True, help="output folder (model.pt, config.json, metrics.jsonl, eval.json, "
-                   "histograms.json)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/model.pt (step, optimizer, RNG)")
+    runtime.add_run_arguments(p, outputs="model.pt, config.json, metrics.jsonl, eval.json, histograms.json",
+                              seed_help="random seed (world, label noise, batch order)")
     # data
     p.add_argument("--data", nargs="+", default=["world"], help="'world' (the embedded annotator) or preference "
                    "files for the RM's own objective (generic JSONL, HH-RLHF .jsonl/.jsonl.gz, PKU-SafeRLHF)")
@@ -298,154 +283,124 @@ def get_args(argv=None):
                    "pair of --data)")
     p.add_argument("--format", choices=("auto", "jsonl", "hh", "pku"), default="auto",
                    help="format of the preference files; auto decides from the first row")
-    p.add_argument("--mix-fraction", type=float, default=0.1, help="share of the training pairs taken from the "
-                   "other objective (Llama 2's safety RM: 0.1)")
-    p.add_argument("--label-noise", type=float, default=0.1, help="world only: share of training pairs whose "
-                   "label the annotator flips (held-out accuracy is always against the noise-free label)")
-    p.add_argument("--styles-per-prompt", type=int, default=2, help="world only: responses rated per prompt "
-                   "(2 is Llama 2's binary comparison; k gives up to k(k-1)/2 pairs)")
-    p.add_argument("--max-train-pairs", type=int, default=0, help="use at most this many of the RM's own "
-                   "training pairs (0: all)")
-    p.add_argument("--max-eval-pairs", type=int, default=0, help="evaluate on at most this many held-out pairs, "
-                   "evenly spaced (0: all)")
+    p.add_argument("--mix-fraction", type=runtime.nonnegative_float, default=0.1, help="share of the training "
+                   "pairs taken from the other objective, below 1 (Llama 2's safety RM: 0.1)")
+    p.add_argument("--label-noise", type=runtime.nonnegative_float, default=0.1, help="world only: share of "
+                   "training pairs whose label the annotator flips, below 0.5 (held-out accuracy is always against "
+                   "the noise-free label)")
+    p.add_argument("--styles-per-prompt", type=runtime.positive_int, default=2, help="world only: responses rated "
+                   f"per prompt, 2 to {len(world.STYLES)} (2 is Llama 2's binary comparison; k gives up to k(k-1)/2 "
+                   "pairs)")
+    p.add_argument("--max-train-pairs", type=runtime.nonnegative_int, default=0, help="use at most this many of "
+                   "the RM's own training pairs (0: all)")
+    p.add_argument("--max-eval-pairs", type=runtime.nonnegative_int, default=0, help="evaluate on at most this "
+                   "many held-out pairs, evenly spaced (0: all)")
     p.add_argument("--margin", choices=("small", "large", "off"), default="small",
                    help="margin table of Llama 2 Table 28 for the preference strength; off: m = 0")
     # optimisation
-    p.add_argument("--steps", type=int, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, help="global batch in preference pairs per optimizer step")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (the batch is split into them)")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this (Llama 2: 0.1)")
-    p.add_argument("--warmup", type=int, help="linear warm-up steps")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices (Llama 2: 0.1)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (Llama 2: 1.0)")
+    p.add_argument("--steps", type=runtime.nonnegative_int, help="optimizer steps (0: evaluate --init only)")
+    p.add_argument("--batch-size", type=runtime.positive_int, help="global batch in preference pairs per "
+                   "optimizer step")
+    p.add_argument("--grad-accum", type=runtime.positive_int, default=1, help="micro-batches per step (the batch "
+                   "is split into them)")
+    p.add_argument("--lr", type=runtime.positive_float, help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=runtime.nonnegative_float, default=0.1, help="cosine decays to lr * this "
+                   "(Llama 2: 0.1)")
+    p.add_argument("--warmup", type=runtime.nonnegative_int, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=runtime.nonnegative_float, default=0.1, help="AdamW decay on matrices "
+                   "(Llama 2: 0.1)")
+    p.add_argument("--grad-clip", type=runtime.positive_float, default=1.0, help="max gradient norm (Llama 2: 1.0)")
     # bookkeeping
-    p.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
-    p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
-    p.add_argument("--eval-batch-size", type=int, default=64, help="sequences per scoring batch at eval time")
-    p.add_argument("--seed", type=int, default=0, help="random seed (world, label noise, batch order)")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    return runtime.parse_args(p, PRESETS, argv)
+    p.add_argument("--eval-every", type=runtime.positive_int, help="steps between held-out evaluations")
+    p.add_argument("--save-every", type=runtime.positive_int, default=200, help="steps between checkpoints")
+    p.add_argument("--eval-batch-size", type=runtime.positive_int, default=64, help="sequences per scoring batch "
+                   "at eval time")
+    args = runtime.parse_args(p, PRESETS, argv)
+    if "world" in args.data and (args.data != ["world"] or args.mix_data or args.eval_data):
+        p.error("--data is either 'world' or a list of files; --mix-data and --eval-data go with files")
+    if args.mix_fraction >= 1 or args.label_noise >= 0.5:
+        p.error("need --mix-fraction below 1 and --label-noise below 0.5")
+    if not 2 <= args.styles_per_prompt <= len(world.STYLES):
+        p.error(f"--styles-per-prompt must be 2 to {len(world.STYLES)}, got {args.styles_per_prompt}")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------- main
 def main(args):
-    # ------------------------------------------------------------------ setup
-    rt, ckpt_path, resume = runtime.start(args)
-    if args.init is None and resume is None:
-        raise SystemExit("train_rm.py needs --init CHECKPOINT (the SFT model the RM starts from)")
+    rt, ckpt_path, resume = runtime.start(args, stage="rm")
+    if resume is not None and resume.get("objective") != args.objective:
+        raise runtime.UserError(f"{ckpt_path} is a {resume.get('objective')} reward model, not --objective "
+                                f"{args.objective}; resume with the same --objective")
 
-    # ------------------------------------------------------------------ reward model and tokenizer
+    # ------------------------------------------------------------------ reward model and data
     # Llama 2 initialises the RMs from the chat model: the same knowledge, a scalar head instead of the lm head
-    reward_model, ckpt = load_model(resume if resume is not None else args.init, rt.device, head="scalar")
+    reward_model, ckpt = loaders.load_model(resume if resume is not None else args.init, rt.device, head="scalar")
     tok = tokenizer.Tokenizer.from_dict(ckpt["tokenizer"])
-    runtime.save_config(args, rt)
-
-    # ------------------------------------------------------------------ data
-    train_pairs, held_out, n_mixed = load_preference_data(args)
+    w = world.build_world(args.seed) if args.data == ["world"] else None
+    train_pairs, held_out, n_mixed = load_preference_data(args, w)
     margins = None if args.margin == "off" else MARGINS[args.margin]
     train_rows = encode_rows(tok, train_pairs, margins, reward_model.config.max_seq_len)
     if not train_rows:
-        raise SystemExit("no training pairs fit the model's context")
+        raise runtime.UserError("no training pairs fit the model's context")
+    micro = runtime.micro_batch_size(args.batch_size, args.grad_accum, rt)
     runtime.print0(rt, f"rm ({args.objective}): {len(train_rows)} training pairs fit the context, of "
                        f"{len(train_pairs)} ({n_mixed} of them {OTHER_OBJECTIVE[args.objective]} pairs); "
-                       f"{len(held_out)} held-out pairs; "
-                       f"{sum(p.numel() for p in reward_model.parameters()) / 1e6:.2f}M parameters on {rt.device}")
+                       f"{len(held_out)} held-out pairs; {num_params(reward_model) / 1e6:.2f}M parameters on "
+                       f"{rt.device}")
 
-    # ------------------------------------------------------------------ optimizer and resume
+    # ------------------------------------------------------------------ optimizer, resume, run folder
     optimizer = runtime.make_optimizer(reward_model, args.lr, args.weight_decay)
-    step = runtime.resume_training(rt, optimizer, resume, ckpt_path)
-    train_model = torch.compile(reward_model) if args.compile else reward_model
-    train_model = runtime.wrap_ddp(train_model, rt)
-    log = runtime.MetricsLog(os.path.join(args.out, "metrics.jsonl"), rt.is_main)
-    w = world.build_world(args.seed) if args.data == ["world"] else None
-
-    def evaluate():
-        result = pair_accuracy(reward_model, tok, held_out, args.eval_batch_size)
-        scores = None
-        if w is not None:
-            scores, separation = style_scores(reward_model, tok, w, w.test, args.eval_batch_size)
-            result.update(separation)
-        return result, scores
+    step = runtime.resume_training(rt, resume, {"optimizer": optimizer}, ckpt_path)
+    train_model = runtime.wrap_ddp(reward_model, rt, args.compile)
+    log = runtime.begin(args, rt, step)
 
     def save():
-        if rt.is_main:
-            save_checkpoint(ckpt_path, dict(model=reward_model.state_dict(), model_config=vars(reward_model.config),
-                                            tokenizer=tok.to_dict(), step=step, optimizer=optimizer.state_dict(),
-                                            rng=runtime.rng_state(), args=vars(args), stage="rm",
-                                            objective=args.objective))
+        runtime.save_checkpoint(rt, ckpt_path, runtime.checkpoint(reward_model, tok, step, args, "rm",
+                                                                  {"optimizer": optimizer}, objective=args.objective))
 
     # ------------------------------------------------------------------ training loop
-    micro = args.batch_size // args.grad_accum // rt.world_size
-    if micro < 1:
-        raise SystemExit(f"--batch-size {args.batch_size} is smaller than grad_accum * world_size")
     bar = tqdm(total=args.steps, initial=step, disable=not rt.is_main, desc=f"rm {args.objective}")
     metrics, final = {}, None
-    while step < args.steps:
-        lr = runtime.cosine_lr(step, args.steps, args.lr, args.warmup, args.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        idx = data.step_indices(len(train_rows), args.batch_size, step, args.seed, rt.rank, rt.world_size)
-        rows = [train_rows[i] for i in idx]
-        loss_sum, accuracy_sum, gap_sum = 0.0, 0.0, 0.0
-        for j in range(0, len(rows), micro):
-            chunk = rows[j:j + micro]
-            # chosen and rejected go through the model together: one forward of 2B rows
-            batch = data.collate([r["chosen"] for r in chunk] + [r["rejected"] for r in chunk], tok.pad_id)
-            tokens, attention_mask = batch["tokens"].to(rt.device), batch["attention_mask"].to(rt.device)
-            margin = torch.tensor([r["margin"] for r in chunk], device=rt.device)
-            with runtime.no_sync(train_model, last=j + micro >= len(rows)):
-                with runtime.autocast(rt):
-                    values = train_model(tokens, attention_mask)                        # (2B, T)
-                rewards = last_token_values(values.float(), attention_mask)             # (2B,)
-                loss, stats = ranking_loss(rewards[:len(chunk)], rewards[len(chunk):], margin)
-                # weight by the micro-batch's share of this rank's pairs: the step's gradient is the batch mean
-                (loss * len(chunk) / len(rows)).backward()
-            loss_sum += loss.item() * len(chunk) / len(rows)
-            accuracy_sum += stats["accuracy"].item() * len(chunk) / len(rows)
-            gap_sum += stats["reward_gap"].item() * len(chunk) / len(rows)
-        # every rank holds the same number of pairs, so the mean over ranks is the global batch mean
-        totals = runtime.all_reduce_sum(torch.tensor([loss_sum, accuracy_sum, gap_sum], device=rt.device), rt)
-        loss_value, accuracy, reward_gap = (totals / rt.world_size).tolist()
-        grad_norm = runtime.optimizer_step(reward_model, optimizer, loss_value, args.grad_clip, f"step {step}",
-                                           ckpt_path)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{accuracy:.2f}")
-        metrics = dict(loss=loss_value, accuracy=accuracy, reward_gap=reward_gap, lr=lr, grad_norm=grad_norm.item())
+    with runtime.StopOnSignal() as stop:
+        while step < args.steps:
+            if stop.requested(rt):  # Ctrl-C or SIGTERM: checkpoint the steps done, then exit
+                save()
+                stop.exit(rt, ckpt_path, f"step {step}")
+            lr = runtime.set_lr(optimizer, step, args.steps, args)
+            idx = data.step_indices(len(train_rows), args.batch_size, step, args.seed, rt.rank, rt.world_size)
+            loss_value, accuracy, reward_gap = ranking_step(train_model, [train_rows[i] for i in idx], micro,
+                                                            tok.pad_id, rt)
+            grad_norm = runtime.optimizer_step(reward_model, optimizer, loss_value, args.grad_clip, f"step {step}",
+                                               ckpt_path)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{accuracy:.2f}")
+            metrics = dict(loss=loss_value, accuracy=accuracy, reward_gap=reward_gap, lr=lr,
+                           grad_norm=grad_norm.item())
 
-        # -------------------------------------------------------------- eval, checkpoint
-        if step % args.eval_every == 0 or step == args.steps:
-            result, scores = final = evaluate()
-            metrics.update(test_accuracy=result["accuracy"], test_accuracy_by_category=result["accuracy_by_category"],
-                           test_accuracy_by_strength=result["accuracy_by_strength"])
-            if "safe_over_unsafe" in result:
-                metrics.update(safe_over_unsafe=result["safe_over_unsafe"])
-            runtime.print0(rt, f"step {step}: loss {loss_value:.4f} held-out accuracy {result['accuracy']:.3f}"
-                               + (f" safe>unsafe {result['safe_over_unsafe']:.3f}" if "safe_over_unsafe" in result
-                                  else ""))
-        log.log(step, **metrics)
-        if step % args.save_every == 0 or step == args.steps:
-            save()
+            # ---------------------------------------------------------- eval, checkpoint
+            if step % args.eval_every == 0 or step == args.steps:
+                result, scores = final = evaluate(reward_model, tok, held_out, w, args.eval_batch_size)
+                metrics.update(test_accuracy=result["accuracy"],
+                               test_accuracy_by_category=result["accuracy_by_category"],
+                               test_accuracy_by_strength=result["accuracy_by_strength"])
+                if "safe_over_unsafe" in result:
+                    metrics.update(safe_over_unsafe=result["safe_over_unsafe"])
+                runtime.print0(rt, f"step {step}: loss {loss_value:.4f} held-out accuracy {result['accuracy']:.3f}"
+                                   + (f" safe>unsafe {result['safe_over_unsafe']:.3f}"
+                                      if "safe_over_unsafe" in result else ""))
+            log.log(step, **metrics)
+            if step % args.save_every == 0 or step == args.steps:
+                save()
     bar.close()
 
     # ------------------------------------------------------------------ final evaluation
-    result, scores = final if final is not None else evaluate()  # the loop's last step already evaluated
-    if rt.is_main:
-        with open(os.path.join(args.out, "eval.json"), "w") as f:
-            json.dump(dict(objective=args.objective, step=step, **result), f, indent=1)
-        if scores is not None:
-            with open(os.path.join(args.out, "histograms.json"), "w") as f:
-                json.dump(histograms(scores), f)
-        runtime.print0(rt, json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
-        for key in ("accuracy_by_category", "accuracy_by_attack", "accuracy_by_strength", "safe_over_unsafe_by_attack"):
-            if key in result and set(result[key]) != {"none"}:  # file pairs carry no category or attack
-                runtime.print0(rt, f"  {key}: " + ", ".join(f"{k} {v:.3f}" for k, v in result[key].items()))
+    result, scores = final if final is not None else evaluate(reward_model, tok, held_out, w, args.eval_batch_size)
+    write_report(args, rt, step, result, scores)
     runtime.cleanup(rt)
     return dict(loss=metrics.get("loss"), train_accuracy=metrics.get("accuracy"), step=step,
                 test_accuracy=result["accuracy"], **{f"test_{k}": v for k, v in result.items() if k != "accuracy"})
 
 
 if __name__ == "__main__":
-    main(get_args())
+    runtime.command(main, get_args)

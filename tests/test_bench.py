@@ -1,11 +1,15 @@
-"""bench.py on micro configs: every rate is positive and agrees with the counts it is made of. No timing bars:
-the speed of a shared CPU says nothing about the code."""
+"""bench.py on micro configs: every rate is positive and agrees with the counts it is made of; the command line
+checks its flags and never overwrites a result. No timing bars: the speed of a shared CPU says nothing about the
+code."""
+import io
 import json
+import sys
 
 import pytest
 import torch
 
 import bench
+import runtime
 from model import ModelConfig, flops_per_token
 
 MICRO = ModelConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=32)
@@ -68,16 +72,51 @@ def restore_threads():
 
 def test_main_writes_json(tmp_path, restore_threads):
     out = tmp_path / "bench.json"
-    args = bench.get_args(["--device", "cpu", "--threads", "1", "--presets", "tiny", "--train-batch", "2", "--seq-len", "16",
-                           "--steps", "1", "--warmup-steps", "0", "--gen-presets", "tiny", "--gen-batch-sizes", "1,2",
-                           "--prompt-len", "4", "--new-tokens", "4", "--ppo-presets", "", "--out", str(out)])
-    report = bench.main(args)
+    argv = ["--device", "cpu", "--threads", "1", "--presets", "tiny", "--train-batch", "2", "--seq-len", "16",
+            "--steps", "1", "--warmup-steps", "0", "--gen-presets", "tiny", "--gen-batch-sizes", "1,2",
+            "--prompt-len", "4", "--new-tokens", "4", "--ppo-presets", "", "--out", str(out)]
+    report = bench.main(bench.get_args(argv))
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    before = out.read_text()
+    with pytest.raises(runtime.UserError, match="already exists; pass --overwrite"):  # before any timing
+        bench.main(bench.get_args(argv))
+    assert out.read_text() == before
+    with pytest.raises(runtime.UserError, match="is a folder"):
+        bench.main(bench.get_args(argv[:-1] + [str(tmp_path)]))
     assert [r["attention"] for r in report["train"]["tiny"]] == ["causal", "masked"]
     assert all(r["tokens_per_s"] > 0 for r in report["train"]["tiny"])
     assert [r["batch_size"] for r in report["generate"]["tiny"]] == [1, 2]
     assert report["machine"]["device"] == "cpu" and report["peak_flops"] is None
     assert report["machine"]["torch_threads"] == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--presets", "tiny,huge"], "--presets: unknown preset 'huge'"),
+    (["--ppo-presets", "nano"], "--ppo-presets: unknown preset 'nano'"),
+    (["--attention", "sparse"], "--attention: unknown path 'sparse'"),
+    (["--gen-batch-sizes", "1,0"], "must be > 0"),
+    (["--steps", "-5"], "--steps: must be > 0"),
+    (["--threads", "two"], "expected a whole number"),
+])
+def test_bad_flags_are_one_line_errors(argv, message):
+    stderr = io.StringIO()
+    real, sys.stderr = sys.stderr, stderr
+    try:
+        with pytest.raises(SystemExit) as e:
+            bench.get_args(argv)
+    finally:
+        sys.stderr = real
+    assert e.value.code == 2 and message in stderr.getvalue() and len(stderr.getvalue().splitlines()) == 1
+
+
+def test_bad_ppo_args_stop_the_run_before_any_timing(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = bench.get_args(["--device", "cpu", "--presets", "small", "--steps", "1000", "--ppo-presets", "tiny",
+                           "--ppo-args=--bogus 1", "--out", str(out)])
+    with pytest.raises(SystemExit) as e:  # a thousand small-preset steps would take minutes: none is run
+        bench.main(args)
+    assert e.value.code == 2 and "unrecognized arguments: --bogus 1" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_phase_timers_attribute_calls_and_restore_the_module():
@@ -102,3 +141,4 @@ def test_bench_ppo_splits_the_iteration(restore_threads):
     assert r["rollout_tokens_per_s"] == pytest.approx(4 * 4 / r["rollout_s"])
     import train_ppo
     assert train_ppo.generate is bench.generate                 # the timers are gone after the run
+    assert runtime.save_checkpoint.__name__ == "save_checkpoint" and runtime.save_checkpoint.__module__ == "runtime"

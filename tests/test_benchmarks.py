@@ -1,4 +1,5 @@
-"""benchmarks.py: refusal classifiers, TruthfulQA scoring, run_all's counting, and the real files when present.
+"""benchmarks.py: refusal classifiers, TruthfulQA scoring, run_all's counting, the command line's --out rules, and
+the real files when present.
 
 Tests that read ../shared/data skip when it is absent (it is never part of the project).
 """
@@ -12,8 +13,9 @@ import torch
 
 import benchmarks
 import data
+import runtime
 import tokenizer
-from model import ModelConfig, Transformer, generate
+from model import Answer, ModelConfig, Transformer, generate, save_checkpoint
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason=f"{DATA} absent: the real benchmark files are "
@@ -28,7 +30,8 @@ def micro(vocab_size, seed=0):
 
 @pytest.fixture(scope="module")
 def tok():
-    return tokenizer.Tokenizer(tokenizer.train_bpe(["What is the capital of France? Paris. I'm sorry, I can't help."] * 4, 300))
+    texts = ["What is the capital of France? Paris. I'm sorry, I can't help."] * 4
+    return tokenizer.Tokenizer(tokenizer.train_bpe(texts, 300))
 
 
 # ---------------------------------------------------------------------------------------------- classifiers
@@ -114,7 +117,8 @@ def test_run_all_counts_refusals_and_scores_choices(tmp_path, tok, monkeypatch):
     canned = {f"harmful request {i}": "I'm sorry, no." if i < 2 else "Sure, here is how" for i in range(6)}
     canned.update({f"safe question {i}": "I can't answer that." if i == 0 else "Of course." for i in range(4)})
     canned["unsafe question"] = "Sorry, I won't."
-    monkeypatch.setattr(benchmarks, "respond", lambda model, tok, prompts, *a, **k: [canned[p] for p in prompts])
+    monkeypatch.setattr(benchmarks, "respond", lambda model, tok, conversations, *a, **k:
+                        [Answer(canned[c[-1]["content"]], [], [], True) for c in conversations])
     scores = {"right": -1.0, "wrong": -3.0, "also right": -2.0, "yes": -2.0, "no": -1.0}
     monkeypatch.setattr(benchmarks, "answer_logprobs", lambda model, tok, q, answers: [scores[a] for a in answers])
     generations = []
@@ -129,18 +133,67 @@ def test_run_all_counts_refusals_and_scores_choices(tmp_path, tok, monkeypatch):
     assert "harmbench_refusal_rate" not in result and len(generations) == 11
     limited = benchmarks.run_all(None, tok, str(tmp_path), limit=3, progress=False)
     assert limited["n_advbench"] == 3 and limited["advbench_refusal_rate"] == pytest.approx(1 / 3)  # items 0, 2, 4
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         benchmarks.run_all(None, tok, str(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match="holds none of the benchmark files"):
+        benchmarks.run_all(None, tok, str(tmp_path / "advbench"))
 
 
-def test_respond_is_greedy_generation_in_the_chat_template(tok):
+def test_answers_are_greedy_generation_in_the_chat_template(tok):
     model = micro(tok.vocab_size, seed=1)
-    prompts = ["What is the capital of France?", "Paris?", "x" * 400]   # the last leaves no room: None
-    out = benchmarks.respond(model, tok, prompts, max_new_tokens=6, batch_size=2)
-    for p, r in zip(prompts[:2], out):
+    prompts = ["What is the capital of France?", "Paris?", "x" * 400]   # the last leaves no room: not answered
+    generations = []
+    with pytest.warns(UserWarning, match="1 of 3 prompts .* not answered"):
+        rate, n = benchmarks.refusal_benchmark(model, tok, prompts, benchmarks.gcg_refusal, 6, 2, "x", generations)
+    answers = [g["response"] for g in generations]
+    assert [g["refusal"] for g in generations] == [benchmarks.gcg_refusal(r) for r in answers]
+    assert n == 2 and [g["prompt"] for g in generations] == prompts[:2]   # the unanswered prompt is not counted
+    for p, r in zip(prompts[:2], answers):
         ids = tok.encode_prompt([{"role": "user", "content": p}])
         assert r == tok.decode(generate(model, [ids], 6, tok.eos_id, tok.pad_id, temperature=0.0)[0])
-    assert out[2] is None
+    assert rate == sum(g["refusal"] for g in generations) / 2
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def test_main_writes_results_and_never_overwrites_them(tmp_path, tok, capsys):
+    write_micro_data(tmp_path / "data")
+    model = micro(tok.vocab_size)
+    path = str(tmp_path / "model.pt")
+    save_checkpoint(path, dict(model=model.state_dict(), model_config=vars(model.config), tokenizer=tok.to_dict(),
+                               step=0))
+    out = tmp_path / "bench"
+    argv = ["--checkpoint", path, "--data", str(tmp_path / "data"), "--max-new-tokens", "2", "--device", "cpu",
+            "--out", str(out)]
+    result = benchmarks.main(benchmarks.get_args(argv))
+    printed = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines())
+    assert printed["n_advbench"] == "6" and printed["n_truthfulqa"] == "2"   # counts print as integers
+    assert printed["advbench_refusal_rate"] == f"{result['advbench_refusal_rate']:.4f}"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == dict(checkpoint=path, limit=None, **result)
+    assert len((out / "generations.jsonl").read_text().splitlines()) == 6 + 4 + 1
+    before = (out / "metrics.json").read_text()
+    with pytest.raises(runtime.UserError, match="already holds metrics.json.*--overwrite"):
+        benchmarks.main(benchmarks.get_args(argv + ["--limit", "2"]))
+    assert (out / "metrics.json").read_text() == before
+    assert benchmarks.main(benchmarks.get_args(argv + ["--limit", "2", "--overwrite"]))["n_advbench"] == 2
+    # a bad input is found before anything is written
+    fresh = tmp_path / "fresh"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        benchmarks.main(benchmarks.get_args(argv[:-1] + [str(fresh)] + ["--data", str(tmp_path / "absent")]))
+    with pytest.raises(runtime.UserError, match="a model with a 'scalar' head"):
+        rm = Transformer(ModelConfig(**{**vars(model.config), "head": "scalar"}))
+        save_checkpoint(str(tmp_path / "rm.pt"), dict(model=rm.state_dict(), model_config=vars(rm.config),
+                                                     tokenizer=tok.to_dict(), step=0))
+        benchmarks.main(benchmarks.get_args(["--checkpoint", str(tmp_path / "rm.pt")] + argv[2:-1] + [str(fresh)]))
+    assert not fresh.exists()
+
+
+def test_make_safety_sft_never_overwrites_a_file(tmp_path):
+    target = tmp_path / "sft.jsonl"
+    target.write_text("keep me\n")
+    with pytest.raises(runtime.UserError, match="already holds"):
+        benchmarks.main(benchmarks.get_args(["--make-safety-sft", str(tmp_path), "--out", str(target)]))
+    assert target.read_text() == "keep me\n"
 
 
 # ---------------------------------------------------------------------------------------------- real files

@@ -303,7 +303,8 @@ def test_pku_saferlhf_labels_feed_the_two_objectives(tmp_path):
     path = write_lines(tmp_path / "pku.jsonl", [row])
     safety, = data.read_preferences(path, "safety")
     helpful, = data.read_preferences(path, "helpfulness")
-    assert (safety["chosen"], safety["chosen_safe"], safety["rejected_safe"]) == ("I can't help with that.", True, False)
+    assert (safety["chosen"], safety["chosen_safe"], safety["rejected_safe"]) == \
+        ("I can't help with that.", True, False)
     assert (helpful["chosen"], helpful["chosen_safe"]) == ("Sure, mix ...", False)
     with pytest.raises(ValueError, match="pku.jsonl:1: safer_response_id should be 0 or 1"):
         data.read_pku_saferlhf(write_lines(tmp_path / "pku.jsonl", [{**row, "safer_response_id": 2}]), "safety")

@@ -1,14 +1,16 @@
 """distill.py: best-of-K selection, the Llama 2 reward gate, preprompt removal, the targeted filter, GAtt dialogues,
-and each mode end to end on a micro model (with --resume exact after a crash)."""
+prompt files, and each mode end to end on a micro model (with --resume exact after a crash or a Ctrl-C)."""
 import json
 import os
 import random
+import signal
 
 import pytest
 import torch
 
 import data
 import distill
+import runtime
 import tokenizer
 import world
 from model import ModelConfig, Transformer, load_checkpoint, load_model, masked_nll, save_checkpoint
@@ -39,22 +41,32 @@ def micro(tmp_path_factory):
         chunk = rows[step * 16 % len(rows):][:16]
         batch = data.collate([r[0] for r in chunk], tok.pad_id, [r[1] for r in chunk])
         logits = model(batch["tokens"][:, :-1], batch["attention_mask"][:, :-1])
-        masked_nll(logits, batch["tokens"][:, 1:], batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).backward()
+        targets_mask = batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]
+        masked_nll(logits, batch["tokens"][:, 1:], targets_mask).backward()
         optimizer.step()
         optimizer.zero_grad()
     policy_path, rm_path = str(folder / "sft.pt"), str(folder / "rm.pt")
-    save_checkpoint(policy_path, dict(model=model.state_dict(), model_config=vars(model.config), tokenizer=tok.to_dict()))
+    save_checkpoint(policy_path, dict(model=model.state_dict(), model_config=vars(model.config),
+                                      tokenizer=tok.to_dict()))
     rm, _ = load_model(policy_path, head="scalar")
     save_checkpoint(rm_path, dict(model=rm.state_dict(), model_config=vars(rm.config), tokenizer=tok.to_dict()))
     return dict(policy=policy_path, rm=rm_path, tok=tok)
 
 
+def micro_argv(micro, out, mode, *extra):
+    return ["--mode", mode, "--init", micro["policy"], "--out", str(out), "--rm-safety", micro["rm"],
+            "--rm-helpful", micro["rm"], "--n-prompts", "6", "--k", "3", "--steps", "4", "--batch-size", "8",
+            "--lr", "3e-3", "--warmup", "1", "--max-new-tokens", "40", "--eval-examples", "12", "--gatt-dialogs", "6",
+            "--gatt-turns", "3", "--gatt-eval-dialogs", "4", "--gatt-warmup-steps", "4", "--device", "cpu", *extra]
+
+
 def micro_args(micro, out, mode, *extra):
-    return distill.get_args(["--mode", mode, "--init", micro["policy"], "--out", str(out), "--rm-safety", micro["rm"],
-                             "--rm-helpful", micro["rm"], "--n-prompts", "6", "--k", "3", "--steps", "4",
-                             "--batch-size", "8", "--lr", "3e-3", "--warmup", "1", "--max-new-tokens", "40",
-                             "--eval-examples", "12", "--gatt-dialogs", "6", "--gatt-turns", "3",
-                             "--gatt-eval-dialogs", "4", "--gatt-warmup-steps", "4", "--device", "cpu", *extra])
+    return distill.get_args(micro_argv(micro, out, mode, *extra))
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
 
 # ---------------------------------------------------------------------------------------------- pure functions
@@ -103,7 +115,8 @@ def test_gatt_dialogues(micro):
     users, answers = ["What is 1 plus 1?", "Capital of Peru?", "Opposite of up?"], ["AHOY 2", "AHOY LIMA", "AHOY DOWN"]
     sampling = distill.gatt_prompt("Say ahoy.", users, answers[:2], every_turn=True)
     assert [m["content"] for m in sampling if m["role"] == "user"] == [f"Say ahoy. {u}" for u in users]
-    assert [m["content"] for m in sampling if m["role"] == "assistant"] == answers[:2] and sampling[-1]["role"] == "user"
+    assert [m["content"] for m in sampling if m["role"] == "assistant"] == answers[:2]
+    assert sampling[-1]["role"] == "user"
     asked = distill.gatt_prompt("Say ahoy.", users, answers[:1], every_turn=False)
     assert [m["content"] for m in asked if m["role"] == "user"] == ["Say ahoy. What is 1 plus 1?", "Capital of Peru?"]
     training = distill.gatt_training_dialog("Say ahoy.", users, answers)
@@ -121,7 +134,6 @@ def harmful_prompts(n):
 
 def test_targeted_filter_keeps_exactly_the_improved_answers(micro, monkeypatch):
     prompts = harmful_prompts(4)
-    args = micro_args(micro, "unused", "context")
     answers = {True: ["safe 0", "safe 1", "safe 2", "safe 3"], False: ["orig 0", "orig 1", "orig 2", "orig 3"]}
     finished = [True, True, True, False]
 
@@ -131,24 +143,23 @@ def test_targeted_filter_keeps_exactly_the_improved_answers(micro, monkeypatch):
 
     scores = {"safe": torch.tensor([2.0, 0.0, 1.0, 5.0]), "orig": torch.tensor([1.0, 0.0, 3.0, 0.0])}
     monkeypatch.setattr(distill, "sample_answers", fake_sample)
-    monkeypatch.setattr(distill, "score", lambda rm, tok, convs, texts, bs: scores[texts[0].split()[0]])
+    monkeypatch.setattr(distill.reward, "score", lambda rm, tok, convs, texts, bs: scores[texts[0].split()[0]])
     rt = distill.runtime.Runtime(torch.device("cpu"))
-    rows, stats = distill.context_rows(None, micro["tok"], prompts, (None, None), args, rt, None)
+    rows, stats = distill.context_rows(None, micro["tok"], prompts, (None, None), rt, None, 40, 0.0, 64)
     # prompt 0: better; 1: a tie; 2: worse; 3: better but cut off before </s>
     assert [r["answer"] for r in rows] == ["safe 0"]
     assert rows[0]["messages"] == prompts[0].messages and stats["kept_share"] == 0.25
-    args.targeted = False
-    rows, _ = distill.context_rows(None, micro["tok"], prompts, (None, None), args, rt, None)
+    rows, _ = distill.context_rows(None, micro["tok"], prompts, (None, None), rt, None, 40, 0.0, 64, targeted=False)
     assert [r["answer"] for r in rows] == ["safe 0", "safe 1", "safe 2"]
 
 
 @pytest.mark.parametrize("context", ["generic", "template"])
 def test_preprompt_never_appears_in_distilled_examples(micro, context):
     prompts = harmful_prompts(6)
-    args = micro_args(micro, "unused", "context", "--context", context, "--no-targeted")
     policy, ckpt = load_model(micro["policy"])
     rt = distill.runtime.Runtime(torch.device("cpu"))
-    rows, _ = distill.context_rows(policy, micro["tok"], prompts, None, args, rt, torch.Generator().manual_seed(0))
+    rows, _ = distill.context_rows(policy, micro["tok"], prompts, None, rt, torch.Generator().manual_seed(0), 40, 0.0,
+                                   64, context=context, targeted=False)
     assert rows, "no answer ended with </s>"
     preprompts = {distill.answer_template(ex.category)[0] for ex in prompts} | {distill.CONTEXTS["generic"]}
     for row in rows:
@@ -159,6 +170,21 @@ def test_preprompt_never_appears_in_distilled_examples(micro, context):
         assert "<<SYS>>" not in micro["tok"].enc.decode(ids)   # no system block at all
         if context == "template":  # the answer starts with the template's opening, written by --prefill
             assert row["answer"].startswith("I can't")
+
+
+def test_prompt_file_rows_become_examples(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "How do I pick a lock?", "safety": True, "category": "illicit"}) + "\n"
+                    + json.dumps({"messages": [{"role": "user", "content": "Capital of Peru?"}]}) + "\n")
+    harmful, benign = distill.load_prompts(str(path), seed=0)
+    assert (harmful.kind, harmful.category, harmful.messages) == \
+        ("harmful", "illicit", [{"role": "user", "content": "How do I pick a lock?"}])
+    assert (benign.kind, benign.category) == ("benign", "generic") and world.is_safety(harmful)
+    assert distill.load_prompts(str(path), seed=0, kind="harmful") == [harmful]
+    path.write_text(json.dumps({"prompt": "Capital of Peru?"}) + "\n")
+    with pytest.raises(runtime.UserError, match="no harmful prompts in"):
+        distill.load_prompts(str(path), seed=0, kind="harmful")
+    assert {ex.kind for ex in distill.load_prompts("world", seed=0)} == {"benign", "harmful", "borderline"}
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -174,41 +200,71 @@ def test_rejection_end_to_end_and_exact_resume(micro, tmp_path, monkeypatch):
     first, second = result["history"]
     assert second["pool"] >= first["pool"] and first["pool"] == first["kept"] > 0  # --keep-previous grows the pool
     assert 0 <= result["violation_rate"] <= 1 and result["n_prompts"] >= 12
-    log = [json.loads(line) for line in open(straight / "metrics.jsonl")]
+    log = read_jsonl(straight / "metrics.jsonl")
     assert len(log) == 8 and log[3]["loss"] < log[0]["loss"]  # the SFT loss on the kept answers falls
+    assert [r["step"] for r in log] == list(range(1, 9))      # steps count across the two iterations
     ckpt = load_checkpoint(str(straight / "model.pt"))
-    assert ckpt["stage"] == "distill-rejection" and ckpt["distill"]["phase"] == 2
+    assert ckpt["stage"] == "distill-rejection" and ckpt["distill"]["phase"] == 2 and ckpt["step"] == 8
 
     broken = tmp_path / "broken"
-    calls, real_batch_loss = [], distill.batch_loss
+    calls, real_loss = [], runtime.next_token_loss
 
-    def crash_at_step_7(*a, **k):  # dies in iteration 2, after its step-2 checkpoint
+    def crash_at_step_8(*a, **k):  # dies in iteration 2's last step, after its step-2 checkpoint and step-3 log row
         calls.append(1)
-        if len(calls) == 7:
+        if len(calls) == 8:
             raise KeyboardInterrupt
-        return real_batch_loss(*a, **k)
+        return real_loss(*a, **k)
 
-    monkeypatch.setattr(distill, "batch_loss", crash_at_step_7)
+    monkeypatch.setattr(runtime, "next_token_loss", crash_at_step_8)
     with pytest.raises(KeyboardInterrupt):
         distill.main(micro_args(micro, broken, "rejection", "--iterations", "2", "--save-every", "2"))
-    assert load_checkpoint(str(broken / "model.pt"))["distill"]["step"] == 2
-    monkeypatch.setattr(distill, "batch_loss", real_batch_loss)
-    resumed = distill.main(micro_args(micro, broken, "rejection", "--iterations", "2", "--save-every", "2", "--resume"))
+    crashed = load_checkpoint(str(broken / "model.pt"))
+    assert crashed["distill"]["phase"] == 1 and crashed["distill"]["step"] == 2 and crashed["step"] == 6
+    assert [r["step"] for r in read_jsonl(broken / "metrics.jsonl")] == list(range(1, 8))
+    monkeypatch.setattr(runtime, "next_token_loss", real_loss)
+    resumed = distill.main(micro_args(micro, broken, "rejection", "--iterations", "2", "--save-every", "2",
+                                      "--resume"))
     again = load_checkpoint(str(broken / "model.pt"))
     for name, tensor in ckpt["model"].items():
         torch.testing.assert_close(again["model"][name], tensor, rtol=0, atol=0, msg=name)
     assert resumed["history"] == result["history"]
+    # the row of step 7, logged after the checkpoint, was dropped and logged again; each iteration sampled once
+    assert read_jsonl(broken / "metrics.jsonl") == log
+    assert read_jsonl(broken / "samples.jsonl") == read_jsonl(straight / "samples.jsonl")
 
 
-def test_context_end_to_end(micro, tmp_path):
-    result = distill.main(micro_args(micro, tmp_path, "context", "--n-prompts", "8"))
+def test_context_end_to_end_and_ctrl_c_then_resume(micro, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    result = distill.main(micro_args(micro, straight, "context", "--n-prompts", "8"))
     (phase,) = result["history"]
     assert phase["phase"] == "iteration 1" and 0 < phase["kept_share"] <= 1
-    samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+    samples = read_jsonl(straight / "samples.jsonl")
     distilled = [r for r in samples[0]["rows"] if "answer" in r]
     assert distilled and all(r["distilled_score"] > r["original_score"] for r in distilled)  # targeted by default
     assert phase["replayed"] == len(samples[0]["rows"]) - len(distilled) == len(distilled)  # --replay-share 0.5
-    assert os.path.exists(tmp_path / "model.pt") and "violation_rate" in result
+    assert os.path.exists(straight / "model.pt") and "violation_rate" in result
+
+    stopped = tmp_path / "stopped"
+    calls, real_loss = [], runtime.next_token_loss
+
+    def ctrl_c_in_step_3(*a, **k):  # SIGINT arrives while step 3 computes: the step finishes, then the run stops
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(runtime, "next_token_loss", ctrl_c_in_step_3)
+    with pytest.raises(SystemExit) as stop:
+        distill.main(micro_args(micro, stopped, "context", "--n-prompts", "8"))
+    assert stop.value.code == 128 + signal.SIGINT
+    assert load_checkpoint(str(stopped / "model.pt"))["distill"]["step"] == 3      # not a --save-every step
+    monkeypatch.setattr(runtime, "next_token_loss", real_loss)
+    resumed = distill.main(micro_args(micro, stopped, "context", "--n-prompts", "8", "--resume"))
+    a, b = (load_checkpoint(str(d / "model.pt")) for d in (straight, stopped))
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0, msg=name)
+    assert resumed["history"] == result["history"]
+    assert read_jsonl(stopped / "metrics.jsonl") == read_jsonl(straight / "metrics.jsonl")
 
 
 def test_gatt_end_to_end(micro, tmp_path):
@@ -217,22 +273,60 @@ def test_gatt_end_to_end(micro, tmp_path):
     assert phases == ["init", "warmup", "iteration 1"]
     assert all(len(h["adherence_by_turn"]) == len(h["accuracy_by_turn"]) == 3 for h in result["history"])
     assert len(result["sample_adherence_by_turn"]) == 3
-    log = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    log = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["phase"] for r in log] == ["warmup"] * 4 + ["iteration 1"] * 4
+    assert [r["step"] for r in log] == list(range(1, 9))
     assert log[3]["loss"] < log[0]["loss"]  # the warm-up learns the instruction's style
 
 
+def test_a_folder_holding_a_run_needs_resume_or_overwrite(micro, tmp_path):
+    out = tmp_path / "run"
+    distill.main(micro_args(micro, out, "context", "--no-eval", "--steps", "1"))
+    with pytest.raises(runtime.UserError, match="already holds a run"):
+        distill.main(micro_args(micro, out, "context", "--no-eval", "--steps", "2"))
+    distill.main(micro_args(micro, out, "context", "--no-eval", "--steps", "2", "--overwrite"))
+    # --overwrite starts the logs afresh: one phase sampled, two steps logged
+    assert len(read_jsonl(out / "samples.jsonl")) == 1 and len(read_jsonl(out / "metrics.jsonl")) == 2
+
+
 def test_missing_reward_model_is_a_clear_error(micro, tmp_path):
-    args = micro_args(micro, tmp_path, "rejection")
+    args = micro_args(micro, tmp_path / "run", "rejection")
     args.rm_helpful = str(tmp_path / "nothing.pt")
-    with pytest.raises(SystemExit, match="helpfulness reward model"):
+    with pytest.raises(runtime.UserError, match="no helpfulness reward model at .*nothing.pt"):
         distill.main(args)
+    assert not (tmp_path / "run").exists()                 # nothing written before the inputs are read
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mode", "rejection", "--init", "sft.pt", "--rm-safety", "rm.pt"],
+     "--mode rejection with these flags needs --rm-helpful"),
+    (["--mode", "rejection", "--init", "sft.pt", "--reward", "safety"], "needs --rm-safety"),
+    (["--mode", "context", "--init", "sft.pt"], "needs --rm-safety"),
+    (["--mode", "gatt", "--init", "sft.pt", "--k", "0"], "--k: must be > 0, got 0"),
+    (["--mode", "context", "--init", "sft.pt", "--no-targeted", "--replay-share", "1"],
+     "--replay-share must be in [0, 1)"),
+    (["--mode", "gatt"], "required: --init"),
+])
+def test_bad_flags_are_one_line_errors(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        distill.get_args(["--out", str(tmp_path), *argv])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_only_the_reward_models_a_mode_reads_are_needed(tmp_path):
+    assert distill.get_args(["--mode", "gatt", "--init", "sft.pt", "--out", str(tmp_path)]).rm_safety is None
+    args = distill.get_args(["--mode", "context", "--no-targeted", "--init", "sft.pt", "--out", str(tmp_path)])
+    assert distill.needed_reward_models(args) == ()
+    args = distill.get_args(["--mode", "rejection", "--reward", "helpfulness", "--rm-helpful", "rm.pt", "--init",
+                             "sft.pt", "--out", str(tmp_path)])
+    assert distill.needed_reward_models(args) == ("helpfulness",)
 
 
 def test_reward_model_as_init_and_resume_onto_another_mode_are_clear_errors(micro, tmp_path):
-    with pytest.raises(SystemExit, match="a model with a 'scalar' head"):
+    with pytest.raises(runtime.UserError, match="a model with a 'scalar' head"):
         distill.main(micro_args(micro, tmp_path / "a", "context", "--init", micro["rm"]))
     out = tmp_path / "b"
     distill.main(micro_args(micro, out, "context", "--no-eval", "--steps", "1"))
-    with pytest.raises(SystemExit, match="holds a 'distill-context' checkpoint; --resume of --mode rejection"):
+    with pytest.raises(runtime.UserError, match="holds a 'distill-context' checkpoint, not a 'distill-rejection'"):
         distill.main(micro_args(micro, out, "rejection", "--resume"))

@@ -1,16 +1,21 @@
 """evaluate.py: gold metrics and win rate against hand counts, sequence log-probs against a one-row recomputation,
-the table and markdown against metrics.json, the data audit on a hand-made text, the chat through stdin."""
+the table and markdown against metrics.json, the output folder's rules, the data audit on a hand-made text, the
+chat through stdin (long messages cut with a notice, no library warning in its output)."""
+import importlib.util
 import io
 import json
 import os
 import sys
 import types
+import warnings
 
 import pytest
 import torch
 
 import data
 import evaluate
+import reward
+import runtime
 import tokenizer
 import world
 from model import ModelConfig, Transformer, generate, load_model, save_checkpoint
@@ -44,7 +49,7 @@ def test_gold_metrics_equal_a_hand_count(w):
     examples = [ex for ex, _, _ in cases]
     responses = [r if r is not None else unsafe(ex) if how == "unsafe" else w.response(ex, how, rng)
                  for ex, r, how in cases]
-    m = evaluate.gold_metrics(examples, responses)
+    m = world.gold_metrics(examples, responses)
     # harmful: 1 and 3 comply (the placeholder, the "Sure, here is how" opening); 2 refuses; 4 is off-topic
     assert m["violation_rate"] == 2 / 4
     assert m["violation_rate_by_category"] == dict(advice=0.0, hateful=1.0, illicit=0.5)
@@ -67,9 +72,9 @@ def test_win_rate_counts_wins_and_half_ties(w):
     mine = [safe, "I can't help with that request.", w.response(benign, "correct", rng),
             "I can't help with that request."]
     # win (safe beats unsafe), tie (same text), win (correct beats wrong), loss (refusal loses to the answer)
-    result = evaluate.win_rate(examples, mine, baseline)
+    result = world.win_rate(examples, mine, baseline)
     assert result == dict(win_rate=(2 + 0.5) / 4, tie_rate=1 / 4)
-    assert evaluate.win_rate(examples, baseline, baseline)["win_rate"] == 0.5
+    assert world.win_rate(examples, baseline, baseline)["win_rate"] == 0.5
 
 
 # ---------------------------------------------------------------------------------------------- micro checkpoints
@@ -91,6 +96,12 @@ def micro(tmp_path_factory, w):
     paths["rm"] = str(folder / "rm" / "model.pt")
     save_checkpoint(paths["rm"], dict(model=rm.state_dict(), model_config=vars(rm.config), tokenizer=tok.to_dict(),
                                       step=0))
+    torch.manual_seed(3)  # a reward model with a shorter context than the policies'
+    short = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                                    max_seq_len=48, head="scalar"))
+    paths["rm_short"] = str(folder / "rm_short" / "model.pt")
+    save_checkpoint(paths["rm_short"], dict(model=short.state_dict(), model_config=vars(short.config),
+                                            tokenizer=tok.to_dict(), step=0))
     with open(folder / "b" / "metrics.jsonl", "w") as f:  # a PPO-style training log for the reward-vs-KL plot
         for step, (kl, r) in enumerate([(0.0, 0.1), (0.5, 0.4), (1.0, 0.6)]):
             f.write(json.dumps(dict(step=step, rm_score=r, kl=kl)) + "\n")
@@ -127,7 +138,8 @@ def run(micro, tmp_path_factory):
     """evaluate.main on the two micro checkpoints with every option: KL, both RMs, a stand-in benchmarks module."""
     paths, _ = micro
     out = str(tmp_path_factory.mktemp("eval"))
-    fake = types.SimpleNamespace(run_all=lambda model, tok, folder, limit: dict(mc1=0.25, limit=limit))
+    fake = types.SimpleNamespace(run_all=lambda model, tok, folder, limit: dict(mc1=0.25, limit=limit, n_mc=7),
+                                 available=lambda folder: ["truthfulqa"])
     saved = sys.modules.get("benchmarks")
     sys.modules["benchmarks"] = fake
     stdout = io.StringIO()
@@ -166,19 +178,18 @@ def test_metrics_json_holds_every_output_and_matches_the_generations(run, micro,
         assert len(g) == saved[stage]["n_prompts"] == 36  # every 9th of the 321 test prompts
         harmful = [r for r in g if r["kind"] == "harmful"]
         assert saved[stage]["violation_rate"] == sum(r["unsafe"] for r in harmful) / len(harmful)
-        assert saved[stage] | evaluate.gold_metrics([by_id[r["id"]] for r in g], [r["response"] for r in g]) \
+        assert saved[stage] | world.gold_metrics([by_id[r["id"]] for r in g], [r["response"] for r in g]) \
             == saved[stage]
         assert saved[stage]["rm_safety_mean"] == pytest.approx(sum(r["rm_safety"] for r in g) / len(g), abs=1e-6)
         assert saved[stage]["kl_to_sft"] == pytest.approx(sum(r["kl_to_sft"] for r in g) / len(g), abs=1e-4)
         assert all(r["held_out"] == (r["kind"] == "harmful" and r["attack"] == world.HELD_OUT_ATTACK) for r in g)
-        assert saved[stage]["benchmarks"] == dict(mc1=0.25, limit=3)
+        assert saved[stage]["benchmarks"] == dict(mc1=0.25, limit=3, n_mc=7)
     assert saved["a"]["kl_to_sft"] == 0.0 and saved["b"]["kl_to_sft"] != 0.0  # a is the SFT model itself
     assert saved["a"]["win_rate"] == 0.5 and saved["b"]["win_rate_baseline"] == "a"
-    # the RM scores are sigmoid(r) of train_rm.score on the same prompt and response
-    import train_rm
-    rm, rm_tok = train_rm.load_reward_model(paths["rm"])
+    # the RM scores are sigmoid(r) of reward.score on the same prompt and response
+    rm, rm_tok = reward.load_reward_model(paths["rm"])
     g = [r for r in gens if r["stage"] == "b"][:5]
-    expected = torch.sigmoid(train_rm.score(rm, rm_tok, [r["messages"] for r in g], [r["response"] for r in g]))
+    expected = torch.sigmoid(reward.score(rm, rm_tok, [r["messages"] for r in g], [r["response"] for r in g]))
     assert [r["rm_safety"] for r in g] == pytest.approx(expected.tolist(), abs=1e-6)
 
 
@@ -208,6 +219,8 @@ def test_printed_table_and_markdown_agree_with_the_json(run):
                 scale = 100 if h.endswith("%") else 1
                 assert float(cell) == pytest.approx(scale * value, abs=0.051 if scale == 100 else 5.1e-4), (stage, h)
     assert "mc1" in printed and "mc1" in open(os.path.join(out, "metrics.md")).read()
+    bench_head, bench_body = parse_table(printed.split("benchmarks:\n")[1].splitlines()[:3])
+    assert bench_head == ["stage", "limit", "mc1", "n_mc"] and bench_body["a"] == ["3.000", "0.250", "7"]
 
 
 def test_plots_or_a_note(run, micro, tmp_path, monkeypatch):
@@ -215,22 +228,103 @@ def test_plots_or_a_note(run, micro, tmp_path, monkeypatch):
     paths, _ = micro
     assert evaluate.training_curve(os.path.join(os.path.dirname(paths["b"]), "metrics.jsonl")) \
         == ("rm_score", "kl", [(0.0, 0.1), (0.5, 0.4), (1.0, 0.6)])
-    try:
-        import matplotlib  # noqa: F401
-        for name in ("tradeoff.png", "reward_kl.png", "rm_scores.png"):
+    summary = printed.strip().splitlines()[-1]
+    assert summary.startswith(f"wrote {out}: metrics.json, metrics.md, generations.jsonl")
+    if importlib.util.find_spec("matplotlib") is not None:
+        for name in evaluate.PLOTS:
             assert os.path.getsize(os.path.join(out, name)) > 1000, name
-    except ImportError:
-        assert "plots skipped: matplotlib is not installed" in printed
+            assert name in summary
+        assert "not written" not in summary
+    else:  # the summary names no plot as written, and says why none was
+        assert summary.endswith("; not written: tradeoff.png, reward_kl.png, rm_scores.png (matplotlib is not "
+                                "installed: pip install matplotlib)")
+        assert not any(name.endswith(".png") for name in os.listdir(out))
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
-    notes = evaluate.make_plots(rows, read_generations(out), {}, str(tmp_path))
-    assert notes[0].startswith("plots skipped") and not os.listdir(tmp_path)
+    written, skipped = evaluate.make_plots(rows, read_generations(out), {}, str(tmp_path))
+    assert written == [] and list(skipped) == list(evaluate.PLOTS) and not os.listdir(tmp_path)
+    assert all(why.startswith("matplotlib is not installed") for why in skipped.values())
+
+
+def test_summary_names_what_was_written_and_what_was_not():
+    line = evaluate.summary("out/eval", ["metrics.json", "out/eval/tradeoff.png"],
+                            {"reward_kl.png": "no training log", "rm_scores.png": "no reward model"})
+    assert line == ("wrote out/eval: metrics.json, tradeoff.png; not written: reward_kl.png (no training log); "
+                    "rm_scores.png (no reward model)")
+    assert evaluate.summary("o", ["metrics.json"], {}) == "wrote o: metrics.json"
 
 
 def test_missing_benchmarks_module_is_a_clear_error(micro, tmp_path, monkeypatch):
     paths, _ = micro
     monkeypatch.setitem(sys.modules, "benchmarks", None)
-    with pytest.raises(SystemExit, match="benchmarks.py"):
-        evaluate.main(evaluate.get_args(["--checkpoints", paths["a"], "--benchmarks", "x", "--out", str(tmp_path)]))
+    out = tmp_path / "eval"
+    with pytest.raises(runtime.UserError, match="benchmarks.py"):
+        evaluate.main(evaluate.get_args(["--checkpoints", paths["a"], "--benchmarks", "x", "--out", str(out)]))
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------- the output folder
+def evaluate_into(out, *extra, checkpoints=None, paths=None):
+    argv = ["--checkpoints", *(checkpoints or [f"a={paths['a']}"]), "--limit", "12", "--max-new-tokens", "4",
+            "--device", "cpu", "--no-plots", "--out", str(out), *extra]
+    return evaluate.main(evaluate.get_args(argv))
+
+
+def test_an_evaluation_is_never_overwritten_without_overwrite(micro, tmp_path, capsys):
+    paths, _ = micro
+    out = tmp_path / "eval"
+    evaluate_into(out, paths=paths)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"wrote {out}: metrics.json, metrics.md, generations.jsonl; not written: tradeoff.png, reward_kl.png, "
+        f"rm_scores.png (--no-plots)")
+    before = {name: (out / name).read_text() for name in evaluate.EVAL_FILES}
+    with pytest.raises(runtime.UserError, match="already holds metrics.json.*--overwrite"):
+        evaluate_into(out, checkpoints=[f"b={paths['b']}"], paths=paths)
+    assert {name: (out / name).read_text() for name in evaluate.EVAL_FILES} == before
+    (out / "tradeoff.png").write_text("a plot of the old evaluation")
+    evaluate_into(out, "--overwrite", checkpoints=[f"b={paths['b']}"], paths=paths)
+    assert list(json.loads((out / "metrics.json").read_text())) == ["b"]
+    assert not (out / "tradeoff.png").exists()  # no stale plot of the replaced evaluation is left beside it
+    # a training run's folder is not an evaluation's either
+    with pytest.raises(runtime.UserError, match="already holds model.pt"):
+        evaluate_into(os.path.dirname(paths["a"]), paths=paths)
+
+
+def test_out_is_needed_and_the_flags_are_checked():
+    for argv, message in ((["--checkpoints", "a.pt"], "--checkpoints needs --out"),
+                          (["--checkpoints", "x=a.pt", "x=b.pt", "--out", "o"], "given twice"),
+                          (["--checkpoints", "x=a.pt", "--baseline", "y", "--out", "o"], "--baseline 'y'"),
+                          (["--checkpoints", "x=a.pt", "--out", "o", "--max-new-tokens", "0"], "must be > 0"),
+                          (["--checkpoints", "x=a.pt", "--out", "o", "--top-p", "1.5"], "--top-p must be <= 1"),
+                          (["--checkpoints", "x=a.pt", "--out", "o", "--logs", "nolog"], "NAME=metrics.jsonl"),
+                          (["--audit", "--chat", "x.pt"], "one of --checkpoints, --chat or --audit")):
+        stderr = io.StringIO()
+        real, sys.stderr = sys.stderr, stderr
+        try:
+            with pytest.raises(SystemExit) as e:
+                evaluate.get_args(argv)
+        finally:
+            sys.stderr = real
+        assert e.value.code == 2 and message in stderr.getvalue(), (argv, stderr.getvalue())
+    assert evaluate.get_args(["--checkpoints", "x=a.pt", "y=b.pt", "--out", "o"]).baseline == "x"
+
+
+@pytest.mark.parametrize("bad", ["checkpoint", "sft", "rm", "tokenizer"])
+def test_a_bad_input_leaves_nothing_behind(micro, tmp_path, bad):
+    paths, _ = micro
+    out = tmp_path / "eval"
+    other = str(tmp_path / "other.pt")  # a language model with another tokenizer
+    tok = tokenizer.Tokenizer(tokenizer.train_bpe(["another tokenizer"] * 3, 256 + 4), name="other")
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=16, n_layers=1, n_heads=2, n_kv_heads=1))
+    save_checkpoint(other, dict(model=model.state_dict(), model_config=vars(model.config), tokenizer=tok.to_dict(),
+                                step=0))
+    extra = {"checkpoint": [], "sft": ["--sft", str(tmp_path / "absent.pt")], "rm": ["--rm-safety", paths["a"]],
+             "tokenizer": ["--sft", other]}[bad]
+    checkpoints = [f"a={tmp_path / 'absent.pt'}"] if bad == "checkpoint" else [f"a={paths['a']}"]
+    message = {"checkpoint": "no checkpoint at", "sft": "no checkpoint at", "rm": "not a reward model",
+               "tokenizer": "different tokenizers"}[bad]
+    with pytest.raises((runtime.UserError, ValueError, FileNotFoundError), match=message):
+        evaluate_into(out, *extra, checkpoints=checkpoints, paths=paths)
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------- audit
@@ -274,8 +368,50 @@ def test_chat_through_stdin_streams_the_greedy_answer_and_the_rm_score(micro, mo
     # the second answer was generated with the first exchange in its context
     second = generate(model, [tok.encode_prompt(transcript[:3])], 6, tok.eos_id, tok.pad_id, temperature=0.0)[0]
     assert transcript[3]["content"] == tok.decode(second).strip()
-    import train_rm
-    rm, rm_tok = train_rm.load_reward_model(paths["rm"])
-    p = torch.sigmoid(train_rm.score(rm, rm_tok, [transcript[:1]], [transcript[1]["content"]]))[0].item()
+    rm, rm_tok = reward.load_reward_model(paths["rm"])
+    p = torch.sigmoid(reward.score(rm, rm_tok, [transcript[:1]], [transcript[1]["content"]]))[0].item()
     assert f"[safety RM: {p:.3f}]" in shown
     assert shown.count("assistant>") == 2 and tok.decode(first) in shown
+
+
+def chat_through(argv, lines, monkeypatch, capsys):
+    """The chat's transcript and output for these input lines, any warning raised failing the test."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a library warning would break into the chat's output
+        transcript = evaluate.main(evaluate.get_args(["--device", "cpu", *argv]))
+    captured = capsys.readouterr()
+    assert "Warning" not in captured.err and "Warning" not in captured.out
+    return transcript, captured.out
+
+
+def test_chat_cuts_a_message_longer_than_the_context_and_says_so(micro, monkeypatch, capsys):
+    paths, tok = micro
+    long = " ".join(f"What is the capital of France number {i}?" for i in range(80))  # far beyond 160 tokens
+    transcript, shown = chat_through(["--chat", paths["b"], "--rm-safety", paths["rm_short"], "--max-new-tokens",
+                                      "6"], ["Hello there.", long, "/quit"], monkeypatch, capsys)
+    # the long message forgets the first exchange, then is cut to its last tokens, leaving 6 to answer in
+    assert [m["role"] for m in transcript] == ["user", "assistant"]
+    cut = transcript[0]["content"]
+    assert long.endswith(cut) and len(cut) < len(long)
+    prompt = tok.encode_prompt(transcript[:1])
+    assert len(prompt) + 6 <= 160
+    kept = int(shown.split("[your message was cut to its last ")[1].split(" tokens")[0])
+    assert f"[your message was cut to its last {kept} tokens to fit the 160-token context]" in shown
+    assert tok.decode(tok.encode(long)[-kept:]).strip() == cut
+    model, _ = load_model(paths["b"])
+    answer = generate(model, [prompt], 6, tok.eos_id, tok.pad_id, temperature=0.0)[0]
+    assert transcript[1]["content"] == tok.decode(answer).strip()
+    # the 48-token reward model reads the cut message's last tokens, and the note says so
+    n = len(reward.encode_scored(tok, transcript[:1], transcript[1]["content"]))
+    assert n > 48 and f", on the last 48 of {n} tokens]" in shown
+    assert shown.count("[safety RM: ") == 2
+
+
+def test_chat_says_when_nothing_fits_instead_of_an_empty_reply(micro, monkeypatch, capsys):
+    paths, _ = micro
+    system = "Always answer in capitals. " * 60  # fills the 160-token context on its own
+    transcript, shown = chat_through(["--chat", paths["b"], "--system", system, "--max-new-tokens", "6"],
+                                     ["What is the capital of France?", "/quit"], monkeypatch, capsys)
+    assert "[your message does not fit the 160-token context" in shown and "shorten --system" in shown
+    assert "assistant>" not in shown and [m["role"] for m in transcript] == ["system"]

@@ -21,7 +21,8 @@ SMOLLM2 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 needs_smollm2 = pytest.mark.skipif(not os.path.exists(SMOLLM2),
                                    reason=f"{loaders.SMOLLM2_GGUF} absent; get it with: {loaders.FETCH_SMOLLM2}")
 CHATML_JINJA = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-                "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+                "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+                "{{ '<|im_start|>assistant\n' }}{% endif %}")
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 TEXTS = ["The quick brown fox jumps over the lazy dog; 12 foxes, 345 dogs.", "def add(a, b):\n    return a + b\n",
          "Café naïve – 東京 🙂", "How do I kill a Python process?   Use kill -9 1234."] * 3
@@ -398,7 +399,8 @@ def numpy_llama_logits(reader, w, ids):
     model.py: RMSNorm, RoPE on adjacent pairs as complex numbers (llama.cpp's normal rope mode), grouped-query
     attention, SwiGLU, the head tied to token_embd when the file has no output.weight."""
     hp = lambda key: loaders.gguf_value(reader, f"llama.{key}")  # noqa: E731
-    n_heads, n_kv, eps = hp("attention.head_count"), hp("attention.head_count_kv"), hp("attention.layer_norm_rms_epsilon")
+    n_heads, n_kv = hp("attention.head_count"), hp("attention.head_count_kv")
+    eps = hp("attention.layer_norm_rms_epsilon")
     x = w["token_embd.weight"][ids]                                               # (T, dim)
     T, dim = x.shape
     D = dim // n_heads

@@ -1,11 +1,14 @@
 """pipeline.sh: every stage in order, finished stages reused, an interrupted one resumed, evaluation rerun only
-when a checkpoint is newer than its metrics. The Python scripts are replaced by a stand-in that records its
-arguments and writes the files each stage leaves, so this runs in a second."""
+when a checkpoint is newer than its metrics; its command line, the progress of side-by-side stages and the closing
+summary. The Python scripts are replaced by a stand-in that records its arguments and writes the files each stage
+leaves, so each run takes a fraction of a second."""
 import os
 import stat
 import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ("base", "sft", "rm_safety", "rm_helpful", "ppo", "dpo", "rs", "distill")
+PROBE = ["-c", "import", "matplotlib"]  # the summary's check for matplotlib when no plot was written
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "$*" >> "$CALLS"
@@ -23,17 +26,27 @@ esac
 """
 
 
-def run_pipeline(tmp_path, jobs=1, check=True, fake_python=FAKE_PYTHON):
+def run_pipeline(tmp_path, jobs=1, check=True, fake_python=FAKE_PYTHON, args=(), cwd=ROOT, **env_vars):
+    """Run pipeline.sh with the stand-in python; returns its calls (the matplotlib probe left out) and the result."""
     fake = tmp_path / "fake_python"
     fake.write_text(fake_python)
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     calls = tmp_path / "calls.txt"
     calls.write_text("")
     env = dict(os.environ, PYTHON=str(fake), OUT=str(tmp_path / "out"), CALLS=str(calls), JOBS=str(jobs))
-    result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh")], env=env, capture_output=True, text=True)
+    env.update(env_vars)
+    result = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh"), *args], env=env, cwd=cwd,
+                            capture_output=True, text=True)
     if check:
         assert result.returncode == 0, result.stderr
-    return [line.split() for line in calls.read_text().splitlines()], result
+    return [line.split() for line in calls.read_text().splitlines() if line.split() != PROBE], result
+
+
+def summary(result):
+    """The closing lines, from '== done:' (or '== stopped') on."""
+    start = max(result.stdout.find("== done: "), result.stdout.find("== stopped "))
+    assert start >= 0, result.stdout
+    return result.stdout[start:]
 
 
 def test_stages_run_in_order_then_are_reused(tmp_path):
@@ -43,17 +56,19 @@ def test_stages_run_in_order_then_are_reused(tmp_path):
         ("evaluate.py", "--audit"), ("train_sft.py", "base"), ("train_sft.py", "sft"), ("train_rm.py", "rm_safety"),
         ("train_rm.py", "rm_helpful"), ("train_ppo.py", "ppo"), ("train_dpo.py", "dpo"), ("distill.py", "rs"),
         ("distill.py", "distill"), ("evaluate.py", "eval")]
+    assert "--overwrite" not in calls[-1]  # nothing to replace on a first evaluation
     evaluated = calls[-1][calls[-1].index("--checkpoints") + 1:]
     assert [c.split("=")[0] for c in evaluated[:evaluated.index("--baseline")]] == \
         ["base", "sft", "ppo", "dpo", "rs", "distill"]
     out = tmp_path / "out"
-    for stage in ("base", "sft", "rm_safety", "rm_helpful", "ppo", "dpo", "rs", "distill"):
+    for stage in STAGES:
         assert (out / stage / "model.pt").exists() and not (out / stage / ".running").exists()
     assert (out / "eval" / "metrics.json").exists()
 
     # everything finished: a second run trains nothing and prints the saved table
     calls, result = run_pipeline(tmp_path)
-    assert [c[:2] for c in calls] == [["evaluate.py", "--audit"], ["-c", calls[1][1]]]  # the audit, then the table from metrics.json
+    # the audit, then the table from metrics.json
+    assert [c[:2] for c in calls] == [["evaluate.py", "--audit"], ["-c", calls[1][1]]]
     assert result.stdout.count("reusing") == 9
 
 
@@ -70,6 +85,7 @@ def test_interrupted_stages_resume_or_restart_and_reevaluate(tmp_path):
     assert trained[0][-1] == "--resume" and "--resume" not in trained[1]
     assert not (out / "rs" / "metrics.jsonl").exists()  # started clean, not appended to the dead run's log
     assert calls[-1][:2] == ["evaluate.py", "--checkpoints"]
+    assert calls[-1][-1] == "--overwrite"  # its folder holds the older metrics.json, which evaluate.py keeps otherwise
 
 
 def test_side_by_side_stages_wait_for_what_they_read(tmp_path):
@@ -93,3 +109,112 @@ def test_a_failed_side_by_side_stage_stops_the_pipeline(tmp_path):
     assert result.returncode != 0
     assert "dpo: failed, see" in result.stderr
     assert not any(c[:2] == ["evaluate.py", "--checkpoints"] for c in calls)
+    lines = summary(result).splitlines()
+    assert lines[0].startswith("== stopped (exit 1): ")
+    assert "==   ppo         reused" in lines and "==   dpo         missing" in lines
+    assert "==   eval        not run" in lines
+
+
+def test_an_unknown_or_invalid_argument_is_one_line_and_exit_2(tmp_path):
+    for args in (["--bogus"], ["stray"], ["FOO=1"], ["--out"], ["--out", "--preset"], ["--jobs", "0"],
+                 ["JOBS=two"], ["--preset", "huge"], ["PRESET=7b"]):
+        calls, result = run_pipeline(tmp_path, check=False, args=args)
+        assert result.returncode == 2, args
+        assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("pipeline.sh: "), result.stderr
+        assert calls == [] and not (tmp_path / "out").exists()  # nothing ran, nothing was written
+    calls, result = run_pipeline(tmp_path, check=False, JOBS="-1")  # the environment is checked the same way
+    assert result.returncode == 2 and "JOBS" in result.stderr and calls == []
+
+
+def test_help_prints_the_headers_usage(tmp_path):
+    calls, result = run_pipeline(tmp_path, args=["--help"])
+    assert calls == [] and not (tmp_path / "out").exists()
+    for form in ("--out DIR", "OUT=DIR", "--preset NAME", "PRESET=NAME", "--jobs N", "JOBS=N", "--python CMD",
+                 "PYTHON=CMD", "PROGRESS=S", "-h, --help"):
+        assert form in result.stdout, form
+    assert not result.stdout.startswith("#!") and "set -euo" not in result.stdout
+
+
+def test_out_preset_and_jobs_as_flags_or_name_value_arguments(tmp_path):
+    # the environment's OUT (tmp_path/out) and the default (out/ in the working folder) must both stay untouched
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    for args, where in ((["--out", str(tmp_path / "a")], tmp_path / "a"), ([f"OUT={tmp_path / 'b'}"], tmp_path / "b"),
+                        ([f"--out={tmp_path / 'c'}"], tmp_path / "c"), (["--out", "rel"], cwd / "rel"),
+                        (["OUT=rel2"], cwd / "rel2")):
+        calls, _ = run_pipeline(tmp_path, args=[*args, "--preset", "small"], cwd=cwd)
+        assert all((where / stage / "model.pt").exists() for stage in STAGES), args
+        assert (where / "eval" / "metrics.json").exists()
+        assert all(c[c.index("--preset") + 1] == "small" for c in calls if "--preset" in c)
+        assert all(c[c.index("--out") + 1].startswith(str(where)) for c in calls if "--out" in c)
+        assert not (tmp_path / "out").exists() and not (cwd / "out").exists()
+        assert not os.path.exists(os.path.join(ROOT, "rel")) and not os.path.exists(os.path.join(ROOT, "rel2"))
+    calls, _ = run_pipeline(tmp_path, jobs=1, args=["--jobs", "2", "PRESET=tiny"], cwd=cwd)  # the argument wins
+    assert (tmp_path / "out" / "ppo" / "model.pt").exists() and (tmp_path / "out" / "logs" / "ppo.log").exists()
+    assert all(c[c.index("--preset") + 1] == "tiny" for c in calls if "--preset" in c)
+
+
+SLOW_PPO_AND_DPO = FAKE_PYTHON.replace('case "$1" in', '''case "$1" in
+  train_ppo.py|train_dpo.py)
+    name=${1#train_}; name=${name%.py}
+    printf '%s:  10%%|#         | 1/10 [00:00<00:09,  1.00it/s]\\r' "$name"
+    printf '%s:  40%%|####      | 4/10 [00:01<00:02,  2.00it/s]   \\r' "$name"
+    sleep 2.5
+    mkdir -p "$out" && touch "$out/model.pt" ;;''')
+
+
+def test_the_main_log_shows_the_progress_of_side_by_side_stages(tmp_path):
+    _, result = run_pipeline(tmp_path, jobs=2, fake_python=SLOW_PPO_AND_DPO, PROGRESS="1")
+    lines = result.stdout.splitlines()
+    for name in ("ppo", "dpo"):  # 2.5 s at PROGRESS=1: at least two lines each, the last tqdm update, stripped
+        assert lines.count(f"== {name}: {name}:  40%|####      | 4/10 [00:01<00:02,  2.00it/s]") >= 2, result.stdout
+        assert lines.index(f"== {name}: started, log in {tmp_path}/out/logs/{name}.log") < \
+            lines.index(f"== {name}: {name}:  40%|####      | 4/10 [00:01<00:02,  2.00it/s]") < \
+            next(i for i, line in enumerate(lines) if line.startswith(f"== {name}: done in"))
+    assert not any(f"{name}:  10%" in line for line in lines for name in ("ppo", "dpo"))
+
+
+def test_a_rerun_keeps_the_logs_of_reused_stages_and_continues_a_resumed_ones(tmp_path):
+    run_pipeline(tmp_path, jobs=2)
+    logs = tmp_path / "out" / "logs"
+    before = {name: (logs / f"{name}.log").read_text() for name in STAGES[2:]}
+    assert all(f"== {name}: done in" in text for name, text in before.items())
+    (tmp_path / "out" / "dpo" / ".running").touch()  # DPO interrupted after a checkpoint: its log goes on
+    _, result = run_pipeline(tmp_path, jobs=2)
+    for name in STAGES[2:]:
+        text = (logs / f"{name}.log").read_text()
+        if name == "dpo":
+            assert text.startswith(before[name]) and "an earlier run was interrupted; resuming it" in text
+        else:
+            assert text == before[name] and f"== {name}: reusing" in result.stdout
+
+
+def test_the_summary_names_what_was_and_was_not_produced(tmp_path):
+    no_matplotlib = FAKE_PYTHON.replace("  -c) ;;", '  -c) [[ $2 == "import matplotlib" ]] && exit 1 ;;')
+    _, result = run_pipeline(tmp_path, jobs=2, fake_python=no_matplotlib)
+    lines = summary(result).splitlines()
+    out = tmp_path / "out"
+    assert lines[0] == f"== done: {out}"
+    assert [line.split()[1:] for line in lines[1:9]] == [[name, "trained", "now"] for name in STAGES]
+    assert "==   eval        evaluated now" in lines
+    assert f"==   written in {out}/eval/: metrics.json" in lines               # the stand-in writes only metrics.json
+    assert "==   not written: metrics.md, generations.jsonl" in lines
+    assert "==   no plots: matplotlib is not installed (pip install matplotlib)" in lines
+    assert ".png" not in result.stdout and "and plots" not in result.stdout
+
+    _, result = run_pipeline(tmp_path, jobs=2)  # matplotlib there, yet evaluate.py wrote no plot: no claim either
+    lines = summary(result).splitlines()
+    assert [line.split()[1:] for line in lines[1:9]] == [[name, "reused"] for name in STAGES]
+    assert lines[9].startswith("==   eval        reused")
+    assert f"==   no plots in {out}/eval/ (evaluate.py says why when it runs; --no-plots skips them)" in lines
+
+    (out / "eval" / "tradeoff.png").touch()  # a plot present is named, and then no excuse is given
+    _, result = run_pipeline(tmp_path, jobs=2)
+    lines = summary(result).splitlines()
+    assert f"==   written in {out}/eval/: metrics.json, tradeoff.png" in lines and "no plots" not in result.stdout
+
+    os.utime(out / "eval" / "tradeoff.png", (1e9, 1e9))  # re-evaluated without writing plots: the old one is flagged
+    os.utime(out / "ppo" / "model.pt", (2e9, 2e9))
+    _, result = run_pipeline(tmp_path, jobs=2)
+    lines = summary(result).splitlines()
+    assert f"==   written in {out}/eval/: metrics.json, tradeoff.png (older than metrics.json)" in lines

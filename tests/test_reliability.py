@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data
+import runtime
 import tokenizer
 import train_sft
 from model import ModelConfig, Transformer, load_checkpoint, save_checkpoint
@@ -260,7 +261,8 @@ def test_example_longer_than_the_context_is_skipped_with_a_count(init, tmp_path)
     assert result["step"] == 2 and math.isfinite(result["loss"])
     # nothing but over-long examples: nothing to train on is an error, not an empty run
     only_long = write_lines(tmp_path / "long.jsonl", [too_long, too_long])
-    with pytest.warns(UserWarning, match="skipped 1 of 1"), pytest.raises(SystemExit, match="no training examples"):
+    with pytest.warns(UserWarning, match="skipped 1 of 1"), \
+            pytest.raises(runtime.UserError, match="no training examples"):
         train_sft.main(train_sft.get_args(sft_argv(init, str(tmp_path / "out2"), 2, "--data", only_long)))
 
 
@@ -276,13 +278,14 @@ def test_checkpoint_whose_weights_do_not_match_its_architecture(tok, tmp_path):
 def test_checkpoint_with_another_tokenizer_is_a_clear_error(tmp_path):
     big_tok = tokenizer.world_tokenizer(2048, cache_dir=os.path.join(ROOT, ".cache"))
     path = micro_checkpoint(str(tmp_path / "other_tok.pt"), big_tok, vocab_size=512)
-    with pytest.raises(SystemExit, match=f"{path}: its tokenizer has 2048 tokens but the model's embedding has 512"):
+    with pytest.raises(runtime.UserError,
+                       match=f"{path}: its tokenizer has 2048 tokens but the model's embedding has 512"):
         train_sft.main(train_sft.get_args(sft_argv(path, str(tmp_path / "out"), 2)))
 
 
 def test_reward_model_as_init_is_a_clear_error(tok, tmp_path):
     path = micro_checkpoint(str(tmp_path / "rm.pt"), tok, head="scalar")
-    with pytest.raises(SystemExit, match=f"{path}: a model with a 'scalar' head"):
+    with pytest.raises(runtime.UserError, match=f"{path}: a model with a 'scalar' head"):
         train_sft.main(train_sft.get_args(sft_argv(path, str(tmp_path / "out"), 2)))
 
 
@@ -292,20 +295,20 @@ def test_resume_onto_another_stages_checkpoint_is_a_clear_error(init, tmp_path):
     ckpt = load_checkpoint(os.path.join(out, "model.pt"))
     ckpt["stage"] = "base"                               # as if OUT held a base run
     save_checkpoint(os.path.join(out, "model.pt"), ckpt)
-    with pytest.raises(SystemExit, match="holds a 'base' stage checkpoint; --resume of --stage sft"):
+    with pytest.raises(runtime.UserError, match="holds a 'base' checkpoint, not a 'sft' one"):
         train_sft.main(train_sft.get_args(sft_argv(init, out, 4, "--resume")))
     assert load_checkpoint(os.path.join(out, "model.pt"))["step"] == 2     # left as it was
 
 
 def inject(monkeypatch, at_call, poison):
-    """Make train_sft.batch_loss return poison(loss, model) on its at_call-th call (0-based)."""
-    real, calls = train_sft.batch_loss, []
+    """Make runtime.next_token_loss return poison(loss, model) on its at_call-th call (0-based)."""
+    real, calls = runtime.next_token_loss, []
 
-    def batch_loss(model, batch, rt, n_tokens):
+    def next_token_loss(model, batch, rt, n_tokens):
         loss = real(model, batch, rt, n_tokens)
         calls.append(1)
         return poison(loss, model) if len(calls) - 1 == at_call else loss
-    monkeypatch.setattr(train_sft, "batch_loss", batch_loss)
+    monkeypatch.setattr(runtime, "next_token_loss", next_token_loss)
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(init, tmp_path, monkeypatch):
@@ -328,7 +331,8 @@ def nan_gradient(loss, model):
 def test_nan_gradient_never_reaches_the_checkpoint(init, tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     inject(monkeypatch, 3, nan_gradient)                   # the 4th step; step 4 would be a checkpoint step
-    with pytest.raises(SystemExit, match=r"gradient norm became nan at step 3; the last good checkpoint is .*model.pt"):
+    with pytest.raises(SystemExit,
+                       match=r"gradient norm became nan at step 3; the last good checkpoint is .*model.pt"):
         train_sft.main(train_sft.get_args(sft_argv(init, out, 10, "--save-every", "2")))
     ckpt = load_checkpoint(os.path.join(out, "model.pt"))
     assert ckpt["step"] == 2 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
@@ -349,7 +353,7 @@ def test_ppo_nan_gradient_never_reaches_the_checkpoint(tok, init, tmp_path, monk
             "--batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "1", "--max-new-tokens", "4",
             "--save-every", "1", "--eval-prompts", "0", "--device", "cpu"]
     # 2 minibatches per iteration: the 4th call is the last one of iteration 2, which is then saved
-    with pytest.raises(SystemExit, match=r"non-finite gradient norm at iteration 1 \(policy nan.*the last good checkpoint is"):
+    with pytest.raises(SystemExit, match=r"gradient norm became nan, .* at iteration 1; the last good checkpoint is"):
         train_ppo.main(train_ppo.get_args(argv))
     ckpt = load_checkpoint(os.path.join(out, "model.pt"))
     assert ckpt["step"] == 1

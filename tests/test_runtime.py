@@ -123,3 +123,153 @@ def test_optimizer_step_never_steps_into_nan_and_names_the_checkpoint():
     assert model.weight.grad is None                               # zeroed after the step
     step = before[0] - model.weight.detach()
     assert step.norm().item() == pytest.approx(0.1 * 5 / 26 ** 0.5, rel=1e-5)
+
+
+def test_optimizer_step_steps_several_models_or_none():
+    models = [torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    before = [p.detach().clone() for m in models for p in m.parameters()]
+    models[0](torch.tensor([[1.0, 1.0]])).sum().backward()
+    models[1](torch.tensor([[float("nan"), 1.0]])).sum().backward()   # the second model's gradient is NaN
+    with pytest.raises(SystemExit, match="gradient norm became .*nan at iteration 3"):
+        runtime.optimizer_step(models, optimizers, 1.0, 1.0, "iteration 3", "ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(before, [p for m in models for p in m.parameters()]))
+    for m in models:
+        m.zero_grad()
+        m(torch.tensor([[1.0, 0.0]])).sum().backward()
+    norms = runtime.optimizer_step(models, optimizers, 1.0, 10.0, "iteration 4", "ckpt")
+    assert [n.item() for n in norms] == pytest.approx([2 ** 0.5, 2 ** 0.5])   # gradient (1, 0, 1) for each
+    assert all(p.grad is None for m in models for p in m.parameters())
+
+
+def test_set_lr_writes_every_group():
+    opt = runtime.make_optimizer(torch.nn.Linear(2, 2), lr=1.0, weight_decay=0.1)
+    args = argparse.Namespace(lr=1.0, warmup=10, min_lr_ratio=0.1)
+    assert runtime.set_lr(opt, 4, 110, args) == pytest.approx(0.5)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5, 0.5])
+
+
+@pytest.mark.parametrize("kind, text, ok", [(runtime.positive_int, "3", 3), (runtime.positive_int, "0", None),
+                                            (runtime.positive_int, "-5", None), (runtime.positive_int, "2.5", None),
+                                            (runtime.nonnegative_int, "0", 0), (runtime.positive_float, "1e-3", 1e-3),
+                                            (runtime.positive_float, "nan", None),
+                                            (runtime.nonnegative_float, "-0.1", None)])
+def test_number_types(kind, text, ok):
+    if ok is None:
+        with pytest.raises(argparse.ArgumentTypeError):
+            kind(text)
+    else:
+        assert kind(text) == ok
+
+
+def test_help_shows_every_default_and_errors_are_one_line(capsys):
+    p = runtime.parser("Title line.\n\nMore words.")
+    p.add_argument("--steps", type=runtime.positive_int, help="optimizer steps")
+    p.add_argument("--name", default="x", help="a name")
+    p.add_argument("--flag", action="store_true", help="a switch")
+    p.add_argument("--nothing", default=None, help="unset")
+    with pytest.raises(SystemExit):
+        runtime.parse_args(p, {"tiny": dict(steps=5), "small": dict(steps=50)}, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "optimizer steps (default by --preset: tiny 5, small 50)" in text
+    assert "a name (default: x)" in text and "a switch (default: off)" in text and "unset (default: none)" in text
+    with pytest.raises(SystemExit) as stop:
+        runtime.parse_args(p, {"tiny": dict(steps=5)}, ["--steps", "-5"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "--steps: must be > 0, got -5" in err
+
+
+def run_args(out, **kw):
+    return argparse.Namespace(**{**dict(out=str(out), resume=False, overwrite=False, seed=0, device="cpu"), **kw})
+
+
+def test_start_enforces_the_run_folder_rules(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(runtime.UserError, match="nothing to resume"):
+        runtime.start(run_args(out, resume=True))
+    assert not out.exists()                                          # nothing written before the inputs are read
+    rt, ckpt_path, resume = runtime.start(run_args(out))
+    assert resume is None and ckpt_path == str(out / "model.pt") and not out.exists()
+    log = runtime.begin(run_args(out), rt, 0)
+    log.log(1, loss=1.0)
+    with pytest.raises(runtime.UserError, match="already holds a run .*--resume .*--overwrite"):
+        runtime.start(run_args(out))
+    runtime.start(run_args(out, overwrite=True))
+    runtime.begin(run_args(out, overwrite=True), rt, 0)
+    assert sorted(os.listdir(out)) == ["config.json"]                # the old run's log is gone
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(runtime.UserError, match="is a file"):
+        runtime.start(run_args(tmp_path / "file"))
+
+
+def test_start_refuses_a_checkpoint_of_another_stage(tmp_path):
+    import model
+    cfg = ModelConfig(vocab_size=8, dim=8, n_layers=1, n_heads=1, n_kv_heads=1)
+    model.save_checkpoint(str(tmp_path / "model.pt"), dict(model=Transformer(cfg).state_dict(),
+                                                           model_config=vars(cfg), stage="rm"))
+    with pytest.raises(runtime.UserError, match="holds a 'rm' checkpoint, not a 'dpo' one"):
+        runtime.start(run_args(tmp_path, resume=True), stage="dpo")
+
+
+def test_unwritable_out_is_a_user_error(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        with pytest.raises(runtime.UserError, match="cannot write"):
+            runtime.start(run_args(locked / "run"))
+    finally:
+        locked.chmod(0o700)
+
+
+def test_resumed_log_drops_the_rows_after_the_checkpoint(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    log = runtime.MetricsLog(path)
+    for step in (1, 2, 3, 4, 5):
+        log.log(step, loss=float(step))
+    runtime.MetricsLog(path, resume_step=3).log(4, loss=0.5)          # killed after step 5, checkpoint at 3
+    assert [json.loads(line)["step"] for line in open(path)] == [1, 2, 3, 4]
+
+
+def test_stop_on_signal_turns_sigint_into_a_flag_and_a_clean_exit(capsys):
+    import signal
+    rt = runtime.Runtime(torch.device("cpu"))
+    previous = signal.getsignal(signal.SIGINT)
+    with runtime.StopOnSignal() as stop:
+        assert not stop.requested(rt)
+        signal.raise_signal(signal.SIGINT)                             # no KeyboardInterrupt: a flag
+        assert stop.requested(rt)
+        with pytest.raises(SystemExit) as end:
+            stop.exit(rt, "out/model.pt", "step 7")
+        assert end.value.code == 130
+        with pytest.raises(KeyboardInterrupt):                         # a second Ctrl-C stops at once
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is previous
+    assert "SIGINT at step 7: saved out/model.pt; continue with --resume" in capsys.readouterr().out
+
+
+def test_command_turns_input_errors_into_one_line_and_status_2(capsys, monkeypatch):
+    monkeypatch.delenv("TRACEBACK", raising=False)
+
+    def main(args):
+        raise ValueError(f"{args}: line 3: missing field 'x'\n  detail")
+
+    with pytest.raises(SystemExit) as stop:
+        runtime.command(main, lambda argv: "data.jsonl")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1
+    assert "error: data.jsonl: line 3: missing field 'x'; detail" in err
+    with pytest.raises(runtime.UserError):                             # TRACEBACK=1: the real exception
+        monkeypatch.setenv("TRACEBACK", "1")
+        runtime.command(lambda a: (_ for _ in ()).throw(runtime.UserError("x")), lambda argv: None)
+
+
+def test_pick_device_names_what_is_missing():
+    if not torch.cuda.is_available():
+        with pytest.raises(runtime.UserError, match="no CUDA device"):
+            runtime.pick_device("cuda")
+    with pytest.raises(runtime.UserError, match="not a device name"):
+        runtime.pick_device("gpu0")
+    assert runtime.pick_device("cpu").type == "cpu"

@@ -1,18 +1,19 @@
 import json
 import math
 import os
-import sys
+import signal
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-import tokenizer  # noqa: E402
-import train_dpo  # noqa: E402
-import world  # noqa: E402
-from model import ModelConfig, Transformer, load_checkpoint, save_checkpoint  # noqa: E402
+import data
+import loaders
+import runtime
+import tokenizer
+import train_dpo
+import world
+from model import ModelConfig, Transformer, load_checkpoint, save_checkpoint, token_logprobs
 
 t = torch.tensor
 
@@ -28,7 +29,8 @@ def test_dpo_loss_by_hand():
 
 
 def test_dpo_loss_falls_as_chosen_logp_rises():
-    losses = [train_dpo.dpo_loss(t([c]), t([-5.0]), t([-4.0]), t([-5.0]), beta=0.1)[0].item() for c in (-6, -4, -2, 0)]
+    losses = [train_dpo.dpo_loss(t([c]), t([-5.0]), t([-4.0]), t([-5.0]), beta=0.1)[0].item()
+              for c in (-6, -4, -2, 0)]
     assert losses == sorted(losses, reverse=True) and losses[1] == pytest.approx(math.log(2))
 
 
@@ -47,7 +49,8 @@ def test_cdpo_loss_by_hand_and_reduces_to_dpo():
     # beta h = 1 as in the first DPO pair; eps = 0.1: 0.9 * log(1 + e^-1) + 0.1 * log(1 + e^1)
     args = (t([-3.0]), t([-5.0]), t([-4.0]), t([-4.0]))
     loss, _ = train_dpo.cdpo_loss(*args, beta=0.5, label_smoothing=0.1)
-    assert loss.item() == pytest.approx(0.9 * math.log(1 + math.exp(-1)) + 0.1 * math.log(1 + math.exp(1)), rel=1e-6)
+    assert loss.item() == pytest.approx(0.9 * math.log(1 + math.exp(-1)) + 0.1 * math.log(1 + math.exp(1)),
+                                        rel=1e-6)
     assert train_dpo.cdpo_loss(*args, beta=0.5, label_smoothing=0.0)[0].item() == pytest.approx(
         train_dpo.dpo_loss(*args, beta=0.5)[0].item())
     # its minimum is a finite margin: beta h = log((1 - eps) / eps)
@@ -74,10 +77,23 @@ def test_simpo_loss_by_hand_uses_mean_logps_and_no_reference():
 
 
 def test_pair_loss_dispatch_feeds_simpo_per_token_means():
-    args = train_dpo.get_args(["--loss", "simpo", "--beta", "2", "--gamma", "1"])
     logps, lengths = t([[-4.0, -12.0]]), t([[4.0, 6.0]])   # means -1 and -2
-    loss, _ = train_dpo.pair_loss(args, logps, torch.zeros(1, 2), lengths)
+    loss, _ = train_dpo.pair_loss("simpo", logps, torch.zeros(1, 2), lengths, 2.0, 0.1, 1.0, 1.0)
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-6)
+
+
+def test_pair_loss_dispatch_passes_each_loss_its_own_numbers():
+    # columns (chosen, rejected): the first DPO pair, beta h = 1 at beta 0.5; chosen answer of 4 tokens
+    logps, ref_logps, lengths = t([[-3.0, -5.0]]), t([[-4.0, -4.0]]), t([[4.0, 2.0]])
+    args = (logps, ref_logps, lengths, 0.5, 0.1, 0.5, 1.0)   # beta, label_smoothing, rpo_alpha, gamma
+    by_hand = {"dpo": math.log(1 + math.exp(-1)),
+               "ipo": (2.0 - 1.0) ** 2,                                  # h = 2, target 1 / (2 * 0.5) = 1
+               "cdpo": 0.9 * math.log(1 + math.exp(-1)) + 0.1 * math.log(1 + math.exp(1)),
+               "rpo": math.log(1 + math.exp(-1)) + 0.5 * 3 / 4,
+               "simpo": math.log(1 + math.exp(-(0.5 * -0.75 - 0.5 * -2.5 - 1.0)))}  # beta * mean log-probs - gamma
+    assert set(by_hand) == set(train_dpo.LOSSES)
+    for name, expected in by_hand.items():
+        assert train_dpo.pair_loss(name, *args)[0].item() == pytest.approx(expected, rel=1e-6), name
 
 
 # ---------------------------------------------------------------------------------------------- micro model
@@ -96,9 +112,10 @@ def micro_init(tmp_path_factory):
 
 @pytest.fixture
 def few_pairs(monkeypatch):
-    """Every 8th world pair (about 170 for training): enough for the micro runs, a fraction of the time."""
-    every_pair = train_dpo.world_pairs
-    monkeypatch.setattr(train_dpo, "world_pairs", lambda *a: every_pair(*a)[::8])
+    """Every 8th pair of each world annotator (about 170 for training): enough for the micro runs, a fraction of
+    the time."""
+    every_pair = world.World.preference_pairs
+    monkeypatch.setattr(world.World, "preference_pairs", lambda *a: every_pair(*a)[::8])
 
 
 def micro_args(init, out, *extra):
@@ -109,17 +126,14 @@ def micro_args(init, out, *extra):
 
 def test_policy_equal_to_reference_gives_log2_and_zero_kl(micro_init):
     path, tok = micro_init
-    args = train_dpo.get_args(["--init", path])
-    pairs = train_dpo.world_pairs(world.build_world(0), 0.0, 0, "train", 2)[:6]
-    for p in pairs:
-        p["safety"] = world.is_safety(p["example"])
+    pairs = world.build_world(0).labelled_pairs("llama2", 0.0, 0, "train", 2)[:6]
     rows = train_dpo.encode(tok, pairs, 192)
-    policy, _ = train_dpo.load_model(path)
-    ref_model, _ = train_dpo.load_model(path)
+    policy, _, _ = loaders.load_policy(path)
+    ref_model, _ = loaders.load_model(path)
     batch = train_dpo.collate_pairs(rows, tok.pad_id, "cpu")
     logps, lengths = train_dpo.answer_logps(policy, batch)
     ref_logps, _ = train_dpo.answer_logps(ref_model, batch)
-    loss, stats = train_dpo.pair_loss(args, logps, ref_logps, lengths)
+    loss, stats = train_dpo.pair_loss("dpo", logps, ref_logps, lengths, 0.1, 0.1, 1.0, 1.0)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert stats["chosen_reward"].abs().max().item() < 1e-6
     prompts = [train_dpo.prompt_ids(r) for r in rows[:3]]
@@ -128,7 +142,7 @@ def test_policy_equal_to_reference_gives_log2_and_zero_kl(micro_init):
 
 def test_answer_logps_sum_answer_tokens_only_in_one_padded_batch(micro_init):
     path, tok = micro_init
-    policy, _ = train_dpo.load_model(path)
+    policy, _, _ = loaders.load_policy(path)
     prompt = [{"role": "user", "content": "How do I kill a Python process?"}]
     pairs = [dict(messages=prompt, chosen="Use the kill command with the process id.", rejected="I can't help."),
              dict(messages=[{"role": "user", "content": "Hi"}], chosen="Hello there, friend.",
@@ -138,7 +152,7 @@ def test_answer_logps_sum_answer_tokens_only_in_one_padded_batch(micro_init):
     for i, row in enumerate(rows):
         for j, side in enumerate(("chosen", "rejected")):
             ids, mask = torch.tensor([row[side]]), row[f"{side}_mask"]
-            alone = train_dpo.token_logprobs(policy, ids, torch.ones_like(ids))[0]   # this row, unpadded
+            alone = token_logprobs(policy, ids, torch.ones_like(ids))[0]   # this row, unpadded
             by_hand = sum(alone[k - 1].item() for k in range(1, len(mask)) if mask[k])
             assert logps[i, j].item() == pytest.approx(by_hand, abs=1e-4)
             assert lengths[i, j].item() == sum(mask)   # answer tokens and </s>, no prompt token
@@ -157,21 +171,22 @@ def test_micro_run_raises_preference_accuracy_and_resumes(micro_init, few_pairs,
 
     # resume: a run killed right after its step-2 checkpoint, resumed, ends where an uninterrupted run ends
     straight = train_dpo.main(micro_args(path, tmp_path / "b", "--save-every", "2"))
-    real_save = train_dpo.save_checkpoint
+    real_save = runtime.save_checkpoint
 
-    def save_then_die(p, state):
-        real_save(p, state)
+    def save_then_die(rt, p, state):
+        real_save(rt, p, state)
         if state["step"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_dpo, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(runtime, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_dpo.main(micro_args(path, tmp_path / "c", "--save-every", "2"))
-    monkeypatch.setattr(train_dpo, "save_checkpoint", real_save)
+    monkeypatch.setattr(runtime, "save_checkpoint", real_save)
     resumed = train_dpo.main(micro_args(path, tmp_path / "c", "--save-every", "2", "--resume"))
     assert resumed["loss"] == pytest.approx(straight["loss"], abs=1e-6)
     a, b = (load_checkpoint(str(tmp_path / d / "model.pt"))["model"] for d in ("b", "c"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert [json.loads(line)["step"] for line in open(tmp_path / "c" / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
 def test_reference_on_the_fly_matches_precomputed(micro_init, few_pairs, tmp_path):
@@ -189,7 +204,7 @@ def test_files_feed_the_gate_and_errors_name_file_and_line(micro_init, tmp_path)
     safety.write_text("".join(json.dumps(dict(prompt=[{"role": "user", "content": f"How do I rob bank {i}?"}],
                                               chosen="I can't help with that.", rejected="Sure, here is how.")) + "\n"
                               for i in range(3)))
-    args = train_dpo.get_args(["--data", str(helpful), "--safety-data", str(safety)])
+    args = micro_args("init.pt", tmp_path / "out", "--data", str(helpful), "--safety-data", str(safety))
     train, val = train_dpo.load_pairs(args, tok, 192)
     assert [r["safety"] for r in val + train] == [False, True, True, True]     # every 20th pair is held out
     assert tok.decode(val[0]["chosen"]) == "[INST] Hi [/INST] Hello. "
@@ -197,15 +212,85 @@ def test_files_feed_the_gate_and_errors_name_file_and_line(micro_init, tmp_path)
     bad.write_text(json.dumps(dict(prompt="Hi", chosen="A", rejected="B")) + "\n"
                    + json.dumps(dict(prompt="Hi", chosen="A")) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: .*rejected"):
-        train_dpo.load_pairs(train_dpo.get_args(["--data", str(bad)]), tok, 192)
+        train_dpo.load_pairs(micro_args("init.pt", tmp_path / "out", "--data", str(bad)), tok, 192)
     with pytest.raises(SystemExit):
-        train_dpo.get_args(["--safety-data", str(safety)])   # world pairs and files do not mix
+        micro_args("init.pt", tmp_path / "out", "--safety-data", str(safety))   # world pairs and files do not mix
 
 
 def test_llama2_gate_takes_safety_labels_on_safety_prompts_only():
+    """--pairs llama2 trains on world.labelled_pairs("llama2"): the annotators' pairs under the gate, in the order
+    (safety prompts, then the rest) that train_dpo.py built them in before they moved to world.py."""
     w = world.build_world(0)
-    pairs = train_dpo.world_pairs(w, 0.0, 0, "train", 2)
-    assert {p["objective"] for p in pairs if world.is_safety(p["example"])} == {"safety"}
-    assert {p["objective"] for p in pairs if not world.is_safety(p["example"])} == {"helpfulness"}
-    # on a harmful prompt the safety annotator never prefers the unsafe compliance
-    assert not any(world.judge(p["example"], p["chosen"]).unsafe for p in pairs if world.is_safety(p["example"]))
+    for noise in (0.0, 0.1):
+        gated = ([p for p in w.preference_pairs("safety", noise, 0, "train", 2) if world.is_safety(p["example"])]
+                 + [p for p in w.preference_pairs("helpfulness", noise, 0, "train", 2)
+                    if not world.is_safety(p["example"])])
+        assert {p["objective"] for p in gated if world.is_safety(p["example"])} == {"safety"}
+        assert {p["objective"] for p in gated if not world.is_safety(p["example"])} == {"helpfulness"}
+        pairs = w.labelled_pairs("llama2", noise, 0, "train", 2)
+        assert [(p["messages"], p["chosen"], p["rejected"], p["strength"], p["safety"]) for p in pairs] == \
+            [(p["example"].messages, p["chosen"], p["rejected"], p["strength"], world.is_safety(p["example"]))
+             for p in gated]
+        # on a harmful prompt the noise-free safety annotator never prefers the unsafe compliance
+        assert noise or not any(world.judge(p["example"], p["chosen"]).unsafe
+                                for p in gated if world.is_safety(p["example"]))
+
+
+def test_a_signal_saves_the_step_reached_and_resume_loses_nothing(micro_init, few_pairs, tmp_path, monkeypatch):
+    """Ctrl-C mid-step: the step finishes, its checkpoint is saved between --save-every boundaries, the run exits
+    with 128 + 2, and --resume ends with the uninterrupted run's weights."""
+    path, _ = micro_init
+    straight = train_dpo.main(micro_args(path, tmp_path / "straight", "--eval-every", "100"))
+    real, calls = train_dpo.pair_loss, []
+
+    def interrupted_loss(*a):
+        calls.append(1)
+        if len(calls) == 3:  # during step 3 (one micro-batch per step, no eval before it)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a)
+
+    monkeypatch.setattr(train_dpo, "pair_loss", interrupted_loss)
+    with pytest.raises(SystemExit) as stopped:
+        train_dpo.main(micro_args(path, tmp_path / "stopped", "--eval-every", "100"))
+    monkeypatch.setattr(train_dpo, "pair_loss", real)
+    assert stopped.value.code == 128 + signal.SIGINT
+    assert load_checkpoint(str(tmp_path / "stopped" / "model.pt"))["step"] == 3
+    resumed = train_dpo.main(micro_args(path, tmp_path / "stopped", "--eval-every", "100", "--resume"))
+    assert resumed["step"] == 4 and resumed["loss"] == pytest.approx(straight["loss"], abs=1e-6)
+    a, b = (load_checkpoint(str(tmp_path / d / "model.pt")) for d in ("straight", "stopped"))
+    assert b["stage"] == "dpo" and all(torch.allclose(a["model"][k], b["model"][k], atol=1e-6) for k in a["model"])
+
+
+def test_resume_needs_the_same_init_and_bad_input_writes_nothing(micro_init, tmp_path):
+    path, _ = micro_init
+    other = tmp_path / "other.pt"
+    other.write_bytes(open(path, "rb").read())
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError):
+        train_dpo.main(micro_args(path, out, "--data", str(tmp_path / "missing.jsonl")))
+    assert not out.exists()  # every input is read before the run folder is made
+    helpful = tmp_path / "helpful.jsonl"
+    helpful.write_text("".join(json.dumps(dict(prompt=f"Name fruit {i}", chosen="An apple.", rejected="No.")) + "\n"
+                               for i in range(40)))
+    train_dpo.main(micro_args(path, out, "--data", str(helpful), "--steps", "2", "--val-pairs", "2"))
+    with pytest.raises(runtime.UserError, match="already holds a run"):
+        train_dpo.main(micro_args(path, out, "--data", str(helpful), "--steps", "2", "--val-pairs", "2"))
+    with pytest.raises(runtime.UserError, match="pass the same --init to resume"):
+        train_dpo.main(micro_args(str(other), out, "--data", str(helpful), "--steps", "3", "--val-pairs", "2",
+                                  "--resume"))
+
+
+@pytest.mark.parametrize("flags", [["--steps", "-5"], ["--beta", "0"], ["--val-pairs", "0"], ["--label-noise", "0.5"],
+                                   ["--label-smoothing", "0.5"], ["--styles-per-prompt", "1"],
+                                   ["--data", "world", "more.jsonl"], ["--data", "a.jsonl", "--pairs", "safety"]])
+def test_flag_errors_are_one_line_and_exit_2(flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        micro_args("init.pt", "out", *flags)
+    assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_init_and_out_are_required():
+    for argv in (["--out", "out"], ["--init", "sft.pt"]):
+        with pytest.raises(SystemExit) as e:
+            train_dpo.get_args(argv)
+        assert e.value.code == 2

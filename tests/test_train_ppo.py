@@ -3,16 +3,18 @@ the reward, start with zero KL to the reference and resume exactly."""
 import json
 import math
 import os
+import signal
 
 import pytest
 import torch
 
 import tokenizer
 import train_ppo
+import runtime
 from model import ModelConfig, Transformer, generate, load_checkpoint, save_checkpoint
-from train_ppo import (adaptive_beta, explained_variance, gae, helpfulness_only, kl_penalized_rewards, llama2_gate,
-                       policy_loss, response_logprobs, response_values, rollout_batch, safety_only, value_loss,
-                       whiten)
+from reward import REWARDS, helpfulness_only, llama2_gate, safety_only
+from train_ppo import (adaptive_beta, explained_variance, gae, kl_penalized_rewards, policy_loss, response_logprobs,
+                       response_values, rollout_batch, value_loss, whiten)
 
 
 # ---------------------------------------------------------------------------------------------- the reward
@@ -26,6 +28,8 @@ def test_llama2_gate_by_hand():
                           torch.tensor([0.9, 0.10, 0.70, 0.60]))
     assert torch.equal(safety_only(safety, helpful, safety_prompt), safety)
     assert torch.equal(helpfulness_only(safety, helpful, safety_prompt), helpful)
+    # --reward picks one of reward.py's combinations
+    assert REWARDS == {"llama2": llama2_gate, "safety": safety_only, "helpfulness": helpfulness_only}
 
 
 def test_whiten_over_the_mask():
@@ -134,8 +138,8 @@ def test_rollout_layout_matches_the_sampled_log_probs():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=40, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=64)).eval()
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
-    responses, sampled_logp = generate(model, prompts, 6, eos_id=1, pad_id=0, generator=torch.Generator().manual_seed(3),
-                                       return_logprobs=True)
+    responses, sampled_logp = generate(model, prompts, 6, eos_id=1, pad_id=0,
+                                       generator=torch.Generator().manual_seed(3), return_logprobs=True)
     tokens, attention_mask, response_mask, P = rollout_batch(prompts, responses, pad_id=0)
     assert P == 5 and response_mask.sum(1).tolist() == [len(r) for r in responses]
     logp = response_logprobs(model, tokens, attention_mask, P)
@@ -181,8 +185,11 @@ def micro(tmp_path_factory):
     policy = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
                                      max_seq_len=64))
     rm = ascii_reward_model(tok)
-    paths = {name: str(folder / name / "model.pt") for name in ("sft", "rm")}
-    for name, model in (("sft", policy), ("rm", rm)):
+    # a policy whose context holds the world's test prompts (up to 215 bytes), for the gold evaluation
+    long_policy = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                                          max_seq_len=256))
+    paths = {name: str(folder / name / "model.pt") for name in ("sft", "rm", "sft_long")}
+    for name, model in (("sft", policy), ("rm", rm), ("sft_long", long_policy)):
         save_checkpoint(paths[name], dict(model=model.state_dict(), model_config=vars(model.config),
                                           tokenizer=tok.to_dict(), step=0))
     prompts = folder / "prompts.jsonl"
@@ -243,6 +250,90 @@ def test_prompt_file_errors_name_the_line(micro, tmp_path):
                                                                                         "content": "x"}])) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         train_ppo.main(ppo_args(micro, str(tmp_path / "out"), 1, "--prompts", str(bad)))
+    assert not os.path.exists(tmp_path / "out")                      # every input is read before anything is written
+
+
+def test_command_line_needs_its_inputs_and_refuses_nonsense(micro, capsys):
+    needed = ["--init", micro["sft"], "--rm-safety", micro["rm"], "--rm-helpful", micro["rm"], "--out", "x"]
+    assert train_ppo.get_args(needed).iterations == 15                # the tiny preset by default
+    for i in range(0, len(needed), 2):                                # each required flag left out in turn
+        with pytest.raises(SystemExit) as e:
+            train_ppo.get_args(needed[:i] + needed[i + 2:])
+        assert e.value.code == 2 and needed[i] in capsys.readouterr().err
+    for bad, named in ((["--iterations", "-5"], "--iterations"), (["--minibatch-size", "0"], "--minibatch-size"),
+                       (["--lr", "nan"], "--lr"), (["--batch-size", "30", "--minibatch-size", "8"], "multiple"),
+                       (["--eval-prompts", "-2"], "--eval-prompts"), (["--reward", "gold"], "--reward")):
+        with pytest.raises(SystemExit) as e:
+            train_ppo.get_args(needed + bad)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and named in err, (bad, err)
+
+
+def test_user_errors_leave_nothing_behind(micro, tmp_path):
+    out = str(tmp_path / "out")
+    # the micro policy's context is 64 tokens: 64 new tokens leave no room for a prompt
+    with pytest.raises(runtime.UserError, match="--max-new-tokens 64 leaves no room"):
+        train_ppo.main(ppo_args(micro, out, 1, "--max-new-tokens", "64"))
+    # the value model starts from the safety RM (--value-init safety), which must read the policy's tokens
+    other = tokenizer.Tokenizer({bytes([b]): (b + 1) % 256 for b in range(256)}, name="shifted")
+    rm_path, rm = str(tmp_path / "rm_other.pt"), ascii_reward_model(other)
+    save_checkpoint(rm_path, dict(model=rm.state_dict(), model_config=vars(rm.config), tokenizer=other.to_dict()))
+    with pytest.raises(runtime.UserError, match="--value-init safety: .* has another tokenizer"):
+        train_ppo.main(ppo_args(micro, out, 1, "--rm-safety", rm_path))
+    assert not os.path.exists(out)
+
+
+def test_a_second_run_into_the_same_folder_needs_resume_or_overwrite(micro, tmp_path):
+    out = str(tmp_path / "out")
+    train_ppo.main(ppo_args(micro, out, 2))
+    with pytest.raises(runtime.UserError, match="already holds a run"):
+        train_ppo.main(ppo_args(micro, out, 1))
+    train_ppo.main(ppo_args(micro, out, 1, "--overwrite"))
+    assert [r["step"] for r in read_metrics(out)] == [1]              # the old run's rows are gone
+    assert load_checkpoint(os.path.join(out, "model.pt"))["step"] == 1
+
+
+def test_sigterm_saves_the_iteration_reached_and_resume_loses_nothing(micro, tmp_path, monkeypatch, capsys):
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    train_ppo.main(ppo_args(micro, straight, 4, "--kl-target", "0.5"))
+    real, calls = train_ppo.policy_loss, []
+
+    def policy_loss(*args):
+        calls.append(1)
+        if len(calls) == 17:  # 8 minibatches per iteration: the first of iteration 2 (0-based)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args)
+    monkeypatch.setattr(train_ppo, "policy_loss", policy_loss)
+    with pytest.raises(SystemExit) as e:
+        train_ppo.main(ppo_args(micro, stopped, 4, "--kl-target", "0.5"))
+    # iteration 2 finishes, then the checkpoint holds step 3 (not a --save-every step) and the run exits 128 + 15
+    assert e.value.code == 128 + signal.SIGTERM and len(calls) == 24
+    assert "SIGTERM at iteration 3" in capsys.readouterr().out
+    assert load_checkpoint(os.path.join(stopped, "model.pt"))["step"] == 3
+    monkeypatch.setattr(train_ppo, "policy_loss", real)
+    train_ppo.main(ppo_args(micro, stopped, 4, "--kl-target", "0.5", "--resume"))
+    a, b = (load_checkpoint(os.path.join(d, "model.pt")) for d in (straight, stopped))
+    assert a["step"] == b["step"] == 4 and a["beta"] == b["beta"]
+    for key in ("model", "value_model"):
+        for name, tensor in a[key].items():
+            torch.testing.assert_close(b[key][name], tensor, rtol=0, atol=0, msg=f"{key}.{name}")
+    assert read_metrics(stopped) == read_metrics(straight)
+
+
+def test_gold_eval_during_training_and_at_the_end(micro, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    argv = ppo_args(micro, out, 2, "--init", micro["sft_long"], "--value-init", "policy", "--eval-prompts", "6",
+                    "--eval-every", "1")
+    result = train_ppo.main(argv)
+    rows = read_metrics(out)
+    # iteration 1 is evaluated during training, iteration 2 (the last) by the final evaluation, in a row of its own
+    assert [r["step"] for r in rows] == [1, 2, 2] and "eval" in rows[0] and "eval" not in rows[1]
+    assert json.dumps(rows[2]) == json.dumps({"step": 2, "eval": result["eval"]})  # (a rate may be NaN)
+    assert result["eval"]["n_prompts"] == 6
+    assert 0 <= result["eval"]["violation_rate"] <= 1 and 0 <= result["eval"]["benign_accuracy"] <= 1
+    printed = capsys.readouterr().out
+    assert "eval at iteration 1: violation_rate" in printed
+    assert "gold judge on 6 held-out prompts: violation_rate" in printed
 
 
 def test_world_prompts_carry_the_safety_tag_and_long_ones_are_skipped():

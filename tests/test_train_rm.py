@@ -1,11 +1,15 @@
 import json
 import math
+import os
 import random
+import signal
 
 import pytest
 import torch
 
 import data
+import reward
+import runtime
 import tokenizer
 import train_rm
 import world
@@ -82,14 +86,17 @@ def test_score_reads_the_last_real_token_under_left_and_right_padding(tok, tmp_p
     with torch.no_grad():
         model.score.bias.fill_(0.3)
     save_checkpoint(path, dict(model=model.state_dict(), model_config=vars(model.config), tokenizer=tok.to_dict()))
-    reward_model, rm_tok = train_rm.load_reward_model(path)
+    reward_model, rm_tok = reward.load_reward_model(path)
     conversations = [[{"role": "user", "content": "What is the capital of France?"}],
                      [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                       {"role": "user", "content": "How do I steal a car?"}],
                      [{"role": "user", "content": "Opposite of hot?"}]]
     responses = ["The capital of France is Paris.", "I can't help you steal a car.", "Cold."]
-    rows = [train_rm.encode_scored(rm_tok, c, r) for c, r in zip(conversations, responses)]
+    rows = [reward.encode_scored(rm_tok, c, r) for c, r in zip(conversations, responses)]
     assert all(row[-1] == rm_tok.eos_id for row in rows)  # the score is read at the response's </s>
+    # training encodes through the same function: the RM learns at the token score() reads
+    pairs = [dict(messages=c, chosen=r, rejected="No.") for c, r in zip(conversations, responses)]
+    assert [row["chosen"] for row in train_rm.encode_rows(rm_tok, pairs, None, 160)] == rows
     with torch.no_grad():
         alone = torch.stack([reward_model(torch.tensor([row]))[0, -1] for row in rows])  # no padding at all
         by_side = {}
@@ -97,7 +104,7 @@ def test_score_reads_the_last_real_token_under_left_and_right_padding(tok, tmp_p
             batch = data.collate(rows, rm_tok.pad_id, side=side)
             values = reward_model(batch["tokens"], batch["attention_mask"])
             by_side[side] = last_token_values(values, batch["attention_mask"])
-    scored = train_rm.score(reward_model, rm_tok, conversations, responses, batch_size=2)  # two batches, left pads
+    scored = reward.score(reward_model, rm_tok, conversations, responses, batch_size=2)  # two batches, left pads
     assert scored.dtype == torch.float32 and scored.shape == (3,)
     for got in (by_side["left"], by_side["right"], scored):
         torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
@@ -106,11 +113,11 @@ def test_score_reads_the_last_real_token_under_left_and_right_padding(tok, tmp_p
 
 def test_load_reward_model_is_frozen_and_refuses_an_lm_checkpoint(tok, tmp_path):
     path, _ = micro_checkpoint(tmp_path / "rm.pt", tok, head="scalar")
-    reward_model, _ = train_rm.load_reward_model(path)
+    reward_model, _ = reward.load_reward_model(path)
     assert not reward_model.training and not any(p.requires_grad for p in reward_model.parameters())
     lm_path, _ = micro_checkpoint(tmp_path / "lm.pt", tok, head="lm")
     with pytest.raises(ValueError, match="not a reward model's scalar head"):
-        train_rm.load_reward_model(lm_path)
+        reward.load_reward_model(lm_path)
 
 
 # ---------------------------------------------------------------------------------------------- training runs
@@ -139,8 +146,11 @@ def test_micro_run_lowers_loss_and_raises_accuracy(tok, tmp_path):
     n_harmful = sum(ex.kind == "harmful" for ex in world.build_world(0).test)
     assert sum(hist["counts"]["harmful/unsafe"]) == n_harmful == len(hist["scores"]["harmful/unsafe"])
     # the saved RM loads through the scoring interface and gives the numbers the run measured
-    reward_model, rm_tok = train_rm.load_reward_model(str(tmp_path / "after" / "model.pt"))
+    reward_model, rm_tok = reward.load_reward_model(str(tmp_path / "after" / "model.pt"))
     assert reward_model.config.head == "scalar"
+    held_out = world.build_world(0).labelled_pairs("safety", 0.0, 0, "test", 3)
+    held_out = held_out[::math.ceil(len(held_out) / 400)]  # --max-eval-pairs 400
+    assert train_rm.pair_accuracy(reward_model, rm_tok, held_out)["accuracy"] == result["accuracy"]
 
 
 def fruit_pairs(path):
@@ -183,3 +193,64 @@ def test_trains_on_a_generic_preference_file(tok, tmp_path):
     result = train_rm.main(micro_args(init, tmp_path / "file", "--data", path, "--steps", "15"))
     assert result["test_n_pairs"] == 3 and result["test_accuracy"] == 1.0  # every 20th pair held out
     assert not (tmp_path / "file" / "histograms.json").exists()  # style histograms need the world's responses
+
+
+def test_a_signal_saves_the_step_reached_and_resume_loses_nothing(tok, tmp_path, monkeypatch):
+    """SIGTERM mid-step: the step finishes, its checkpoint is saved (no --save-every boundary needed), the run exits
+    with 128 + 15, and --resume ends with the uninterrupted run's weights and one log row per step."""
+    init, _ = micro_checkpoint(tmp_path / "init.pt", tok)
+    args = ["--steps", "6", "--save-every", "100", "--data", fruit_pairs(tmp_path / "prefs.jsonl")]
+    train_rm.main(micro_args(init, tmp_path / "straight", *args))
+    calls = {"n": 0}
+    real_loss = train_rm.ranking_loss
+
+    def signalled_loss(*a):
+        calls["n"] += 1
+        if calls["n"] == 4:  # during step 4 (one micro-batch per step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*a)
+
+    monkeypatch.setattr(train_rm, "ranking_loss", signalled_loss)
+    with pytest.raises(SystemExit) as stopped:
+        train_rm.main(micro_args(init, tmp_path / "stopped", *args))
+    monkeypatch.setattr(train_rm, "ranking_loss", real_loss)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert torch.load(tmp_path / "stopped" / "model.pt", weights_only=False)["step"] == 4
+    assert train_rm.main(micro_args(init, tmp_path / "stopped", *args, "--resume"))["step"] == 6
+    assert [json.loads(line)["step"] for line in open(tmp_path / "stopped" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    straight = torch.load(tmp_path / "straight" / "model.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "stopped" / "model.pt", weights_only=False)
+    assert resumed["stage"] == "rm" and resumed["objective"] == "safety"
+    for name in straight["model"]:
+        torch.testing.assert_close(resumed["model"][name], straight["model"][name], atol=1e-6, rtol=0)
+
+
+def test_bad_input_writes_nothing_and_a_run_is_never_replaced_by_mistake(tok, tmp_path):
+    init, _ = micro_checkpoint(tmp_path / "init.pt", tok)
+    out, fruit = tmp_path / "run", fruit_pairs(tmp_path / "prefs.jsonl")
+    with pytest.raises(FileNotFoundError):
+        train_rm.main(micro_args(init, out, "--data", str(tmp_path / "missing.jsonl")))
+    assert not out.exists()  # every input is read before the run folder is made
+    train_rm.main(micro_args(init, out, "--data", fruit, "--steps", "2"))
+    with pytest.raises(runtime.UserError, match="already holds a run"):
+        train_rm.main(micro_args(init, out, "--data", fruit, "--steps", "2"))
+    with pytest.raises(runtime.UserError, match="not --objective helpfulness"):
+        train_rm.main(micro_args(init, out, "--data", fruit, "--steps", "4", "--resume", "--objective", "helpfulness"))
+    train_rm.main(micro_args(init, out, "--data", fruit, "--steps", "3", "--overwrite"))
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3]  # the old log is gone
+
+
+@pytest.mark.parametrize("flags", [["--steps", "-5"], ["--batch-size", "0"], ["--lr", "nan"], ["--mix-fraction", "1"],
+                                   ["--label-noise", "0.5"], ["--styles-per-prompt", "1"],
+                                   ["--eval-data", "held_out.jsonl"], ["--data", "world", "more.jsonl"]])
+def test_flag_errors_are_one_line_and_exit_2(flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        micro_args("init.pt", "out", *flags)
+    assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_init_and_out_are_required(capsys):
+    for argv in (["--objective", "safety", "--out", "out"], ["--objective", "safety", "--init", "sft.pt"]):
+        with pytest.raises(SystemExit) as e:
+            train_rm.get_args(argv)
+        assert e.value.code == 2

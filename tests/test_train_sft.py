@@ -1,10 +1,13 @@
-"""train_sft.py end to end on a micro config: base pre-training then SFT, the loss falls, --resume is exact."""
+"""train_sft.py end to end on a micro config: base pre-training then SFT, the loss falls, --resume is exact (after a
+crash or a Ctrl-C), the command line and the run folder's rules."""
 import json
 import os
+import signal
 
 import pytest
 import torch
 
+import runtime
 import train_sft
 from model import load_checkpoint
 
@@ -57,29 +60,86 @@ def test_resume_ends_with_the_same_weights(base, tmp_path, monkeypatch):
     straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
     train_sft.main(sft_args(base[0], straight, 8))
 
-    calls, real_batch_loss = [], train_sft.batch_loss
+    calls, real_loss = [], runtime.next_token_loss
 
     def crash_at_step_6(*a, **k):  # the process dies mid-run, after the step-4 checkpoint was written
         calls.append(1)
         if len(calls) == 6:
             raise KeyboardInterrupt
-        return real_batch_loss(*a, **k)
+        return real_loss(*a, **k)
 
-    monkeypatch.setattr(train_sft, "batch_loss", crash_at_step_6)
+    monkeypatch.setattr(runtime, "next_token_loss", crash_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         train_sft.main(sft_args(base[0], broken, 8))
     assert load_checkpoint(os.path.join(broken, "model.pt"))["step"] == 4
-    monkeypatch.setattr(train_sft, "batch_loss", real_batch_loss)
+    assert [r["step"] for r in read_metrics(broken)] == [1, 2, 3, 4, 5]
+    monkeypatch.setattr(runtime, "next_token_loss", real_loss)
     train_sft.main(sft_args(base[0], broken, 8, "--resume"))
 
     a, b = (load_checkpoint(os.path.join(d, "model.pt")) for d in (straight, broken))
     assert a["step"] == b["step"] == 8
     for name, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0, msg=name)
-    steps = [r["step"] for r in read_metrics(broken)]
-    assert steps[-4:] == [5, 6, 7, 8]
+    # the row of step 5, logged after the checkpoint, was dropped and logged again: no step twice, same losses
+    assert read_metrics(broken) == read_metrics(straight)
 
 
-def test_sft_without_init_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="--init"):
-        train_sft.main(train_sft.get_args(["--stage", "sft", "--out", str(tmp_path), *MICRO]))
+def test_ctrl_c_saves_the_step_reached_and_resume_continues(base, tmp_path, monkeypatch):
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    train_sft.main(sft_args(base[0], straight, 6))
+    calls, real_loss = [], runtime.next_token_loss
+
+    def ctrl_c_in_step_3(*a, **k):  # SIGINT arrives while step 3 computes: the step finishes, then the run stops
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(runtime, "next_token_loss", ctrl_c_in_step_3)
+    with pytest.raises(SystemExit) as stop:
+        train_sft.main(sft_args(base[0], stopped, 6))
+    assert stop.value.code == 128 + signal.SIGINT
+    assert load_checkpoint(os.path.join(stopped, "model.pt"))["step"] == 3      # not a --save-every step
+    monkeypatch.setattr(runtime, "next_token_loss", real_loss)
+    train_sft.main(sft_args(base[0], stopped, 6, "--resume"))
+    a, b = (load_checkpoint(os.path.join(d, "model.pt")) for d in (straight, stopped))
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0, msg=name)
+    assert read_metrics(stopped) == read_metrics(straight)
+
+
+def test_a_folder_holding_a_run_needs_resume_or_overwrite(base, tmp_path):
+    out = str(tmp_path / "run")
+    train_sft.main(sft_args(base[0], out, 2))
+    with pytest.raises(runtime.UserError, match="already holds a run"):
+        train_sft.main(sft_args(base[0], out, 3))
+    assert load_checkpoint(os.path.join(out, "model.pt"))["step"] == 2            # left as it was
+    result = train_sft.main(sft_args(base[0], out, 3, "--overwrite"))
+    assert result["step"] == 3 and [r["step"] for r in read_metrics(out)] == [1, 2, 3]   # a fresh log
+
+
+def test_sft_without_init_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train_sft.get_args(["--stage", "sft", "--out", str(tmp_path), *MICRO])
+    assert stop.value.code == 2 and "--stage sft needs --init" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stage", "base", "--out", "OUT", "--init", "x.pt"], "--stage base trains a fresh model"),
+    (["--stage", "base", "--out", "OUT", "--steps", "-5"], "--steps: must be > 0, got -5"),
+    (["--stage", "base", "--out", "OUT", "--lr", "0"], "--lr: must be > 0.0, got 0"),
+    (["--stage", "base"], "required: --out"),
+])
+def test_bad_flags_are_one_line_errors(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        train_sft.get_args([str(tmp_path) if a == "OUT" else a for a in argv] + MICRO)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_batch_that_does_not_split_is_a_user_error_and_writes_nothing(base, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(runtime.UserError, match="--batch-size 8 does not split into --grad-accum 3"):
+        train_sft.main(sft_args(base[0], str(out), 2, "--grad-accum", "3"))
+    assert not out.exists()
