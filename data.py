@@ -156,12 +156,11 @@ def as_dialog(row, where):
     return messages
 
 
-def read_jsonl(path, required=(), with_lines=False):
-    """Rows of a JSONL file (blank lines skipped); malformed JSON, a non-object row or a missing required field
-    raises ValueError naming path:line, and so does a file without rows. with_lines: (line number, row) pairs,
-    so that later checks can name the line too."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
+def _jsonl_lines(path):
+    """(line number, parsed object) of a JSONL file, plain or gzip-compressed (.gz), blank lines skipped;
+    malformed JSON or a row that is not an object raises ValueError naming path:line."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -171,10 +170,19 @@ def read_jsonl(path, required=(), with_lines=False):
                 raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing field {', '.join(map(repr, missing))}")
-            rows.append((lineno, row) if with_lines else row)
+            yield lineno, row
+
+
+def read_jsonl(path, required=(), with_lines=False):
+    """Rows of a JSONL file (blank lines skipped); malformed JSON, a non-object row or a missing required field
+    raises ValueError naming path:line, and so does a file without rows. with_lines: (line number, row) pairs,
+    so that later checks can name the line too."""
+    rows = []
+    for lineno, row in _jsonl_lines(path):
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: missing field {', '.join(map(repr, missing))}")
+        rows.append((lineno, row) if with_lines else row)
     if not rows:
         raise ValueError(f"{path}: empty file, no JSON rows")
     return rows
@@ -211,22 +219,6 @@ def read_prompts(path):
 # world's pairs. Rows that cannot form a pair are skipped with one warning counting each reason; a malformed
 # row (bad JSON, a missing field, a wrong type) raises an error naming file and line.
 PREFERENCE_STRENGTHS = ("significantly better", "better", "slightly better", "negligibly better", "unsure")
-
-
-def _jsonl_lines(path):
-    """(line number, parsed object) of a JSONL file, plain or gzip-compressed (.gz), blank lines skipped."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, row
 
 
 def _field(row, name, kind, where):

@@ -201,6 +201,20 @@ summary() {  # summary STATUS: each stage's checkpoint and the evaluation's file
 }
 trap 'summary $?' EXIT
 
+stop() {  # stop SIG: let the stages running side by side save their step, then stop (a rerun resumes them)
+  # A training script saves a checkpoint and exits on SIGINT or SIGTERM. A terminal's Ctrl-C reaches every
+  # stage by itself; a SIGTERM sent to this script is passed on to the side-by-side stages here.
+  trap - INT TERM
+  local pid
+  if [[ $1 == TERM ]]; then
+    for pid in "${pids[@]}"; do pkill -TERM -P "$pid" 2>/dev/null; done
+  fi
+  wait
+  exit $((128 + $(kill -l "$1")))
+}
+trap 'stop INT' INT
+trap 'stop TERM' TERM
+
 # 0. Pre-training data audit (section 4.1): personal data, pronouns and identity terms in the base corpus
 $PYTHON evaluate.py --audit > "$OUT/audit.txt"
 echo "== audit: $OUT/audit.txt"

@@ -1,6 +1,8 @@
 import os
+import signal
 import sys
 
+import pytest
 import torch
 
 # Tests import the top-level scripts (model, data, train_sft, ...) from the repository root.
@@ -13,3 +15,20 @@ torch.set_num_threads(1)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer end-to-end runs (deselect with -m 'not slow')")
+
+
+@pytest.fixture
+def signal_on_call(monkeypatch):
+    """signal_on_call(module, name, n, sig): patch module.name so that its n-th call first sends `sig` to this
+    process (a Ctrl-C or SIGTERM that arrives while a training step computes), then runs as before."""
+    def patch(module, name, n, sig=signal.SIGINT):
+        real, calls = getattr(module, name), []
+
+        def wrapper(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                signal.raise_signal(sig)
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapper)
+        return real
+    return patch

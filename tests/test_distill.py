@@ -233,7 +233,7 @@ def test_rejection_end_to_end_and_exact_resume(micro, tmp_path, monkeypatch):
     assert read_jsonl(broken / "samples.jsonl") == read_jsonl(straight / "samples.jsonl")
 
 
-def test_context_end_to_end_and_ctrl_c_then_resume(micro, tmp_path, monkeypatch):
+def test_context_end_to_end_and_ctrl_c_then_resume(micro, tmp_path, monkeypatch, signal_on_call):
     straight = tmp_path / "straight"
     result = distill.main(micro_args(micro, straight, "context", "--n-prompts", "8"))
     (phase,) = result["history"]
@@ -245,15 +245,8 @@ def test_context_end_to_end_and_ctrl_c_then_resume(micro, tmp_path, monkeypatch)
     assert os.path.exists(straight / "model.pt") and "violation_rate" in result
 
     stopped = tmp_path / "stopped"
-    calls, real_loss = [], runtime.next_token_loss
-
-    def ctrl_c_in_step_3(*a, **k):  # SIGINT arrives while step 3 computes: the step finishes, then the run stops
-        calls.append(1)
-        if len(calls) == 3:
-            signal.raise_signal(signal.SIGINT)
-        return real_loss(*a, **k)
-
-    monkeypatch.setattr(runtime, "next_token_loss", ctrl_c_in_step_3)
+    # SIGINT arrives while step 3 computes: the step finishes, then the run stops
+    real_loss = signal_on_call(runtime, "next_token_loss", 3)
     with pytest.raises(SystemExit) as stop:
         distill.main(micro_args(micro, stopped, "context", "--n-prompts", "8"))
     assert stop.value.code == 128 + signal.SIGINT

@@ -3,8 +3,10 @@ when a checkpoint is newer than its metrics; its command line, the progress of s
 summary. The Python scripts are replaced by a stand-in that records its arguments and writes the files each stage
 leaves, so each run takes a fraction of a second."""
 import os
+import signal
 import stat
 import subprocess
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("base", "sft", "rm_safety", "rm_helpful", "ppo", "dpo", "rs", "distill")
@@ -218,3 +220,29 @@ def test_the_summary_names_what_was_and_was_not_produced(tmp_path):
     _, result = run_pipeline(tmp_path, jobs=2)
     lines = summary(result).splitlines()
     assert f"==   written in {out}/eval/: metrics.json, tradeoff.png (older than metrics.json)" in lines
+
+
+def test_sigterm_reaches_the_side_by_side_stages_and_waits_for_their_save(tmp_path):
+    """A SIGTERM to the pipeline while PPO and DPO run side by side: each stage gets it, saves (here: writes a
+    marker) and exits 143; the pipeline waits for them, then stops with 143 and names them interrupted."""
+    saving = FAKE_PYTHON.replace('  *) mkdir -p "$out" && touch "$out/model.pt" ;;', """  train_ppo.py|train_dpo.py)
+    mkdir -p "$out" && touch "$out/model.pt"
+    trap 'sleep 0.5; touch "$out/saved"; exit 143' TERM
+    touch "$out/started"
+    for i in $(seq 600); do sleep 0.1; done ;;
+  *) mkdir -p "$out" && touch "$out/model.pt" ;;""")
+    fake = tmp_path / "fake_python"
+    fake.write_text(saving)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(fake), OUT=str(out), CALLS=str(tmp_path / "calls.txt"), JOBS="2")
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "pipeline.sh")], env=env, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 30
+    while not all((out / s / "started").exists() for s in ("ppo", "dpo")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 143
+    assert all((out / s / "saved").exists() for s in ("ppo", "dpo"))      # both saved before the pipeline ended
+    assert "interrupted: rerun to resume" in stdout and "== stopped (exit 143)" in stdout

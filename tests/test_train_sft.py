@@ -84,18 +84,11 @@ def test_resume_ends_with_the_same_weights(base, tmp_path, monkeypatch):
     assert read_metrics(broken) == read_metrics(straight)
 
 
-def test_ctrl_c_saves_the_step_reached_and_resume_continues(base, tmp_path, monkeypatch):
+def test_ctrl_c_saves_the_step_reached_and_resume_continues(base, tmp_path, monkeypatch, signal_on_call):
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
     train_sft.main(sft_args(base[0], straight, 6))
-    calls, real_loss = [], runtime.next_token_loss
-
-    def ctrl_c_in_step_3(*a, **k):  # SIGINT arrives while step 3 computes: the step finishes, then the run stops
-        calls.append(1)
-        if len(calls) == 3:
-            signal.raise_signal(signal.SIGINT)
-        return real_loss(*a, **k)
-
-    monkeypatch.setattr(runtime, "next_token_loss", ctrl_c_in_step_3)
+    # SIGINT arrives while step 3 computes: the step finishes, then the run stops
+    real_loss = signal_on_call(runtime, "next_token_loss", 3)
     with pytest.raises(SystemExit) as stop:
         train_sft.main(sft_args(base[0], stopped, 6))
     assert stop.value.code == 128 + signal.SIGINT
