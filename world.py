@@ -541,7 +541,8 @@ def is_degenerate(text, prompt=""):
 
 
 def _phrase(value):
-    return r"(?<![\w'])" + re.escape(normalize(value)) + r"(?![\w'])"
+    """A word or phrase as a whole: "s" (sulfur) is not the end of "it's"; "Norway" is in "Norway's"."""
+    return r"(?<![\w'])" + re.escape(normalize(value)) + r"(?!\w)"
 
 
 def _any_of(values):
@@ -720,6 +721,7 @@ class World:
         self.rl_prompts = self._prompt_pool(rng, n_harmful=300, n_benign=200, n_borderline=80, tag="rl")
         # --- base corpus: world knowledge, and an unaligned assistant that complies with everything
         self.corpus = self._corpus(rng)
+        self._overlap = None  # World.overlap(), once asked for
 
     # prompts ---------------------------------------------------------------------------------------
     def _benign(self, fact, rng, split="train", attack="direct", template=None):
@@ -934,15 +936,17 @@ class World:
 
     def overlap(self):
         """{split: {source: {aspect: sorted shared items}}} for the validation and test splits against every
-        training source, found in the generated text (see OVERLAP_ASPECTS and _found)."""
-        sources = {name: _Source(texts) for name, texts in self.training_sources().items()}
-        result = {}
-        for split in ("validation", "test"):
-            inventory = split_inventory(self.split(split))
-            result[split] = {name: {aspect: sorted(x for x in inventory[aspect] if _found(aspect, x, source))
-                                    for aspect in OVERLAP_ASPECTS}
-                             for name, source in sources.items()}
-        return result
+        training source, found in the generated text (see OVERLAP_ASPECTS and _found). Computed once."""
+        if self._overlap is None:
+            sources = {name: _Source(texts) for name, texts in self.training_sources().items()}
+            self._overlap = {}
+            for split in ("validation", "test"):
+                inventory = split_inventory(self.split(split))
+                self._overlap[split] = {
+                    name: {aspect: sorted(x for x in inventory[aspect] if _found(aspect, x, source))
+                           for aspect in OVERLAP_ASPECTS}
+                    for name, source in sources.items()}
+        return self._overlap
 
 
 # ----------------------------------------------------------------------------------------- overlap audit
@@ -1064,7 +1068,7 @@ def wilson(k, n, z=1.96):
     p, z2 = k / n, z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    return [0.0 if k == 0 else centre - half, 1.0 if k == n else centre + half]
 
 
 def mean_interval(values, z=1.96):
