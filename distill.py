@@ -16,6 +16,8 @@ r"""Fine-tuning on the model's own selected answers: rejection sampling, safety 
     instruction in the first turn only and trains on one turn, the loss zeroed on every earlier turn. Adherence
     by turn is measured with the instruction given in the first turn only.
 Every mode fine-tunes with the SFT loss (runtime.next_token_step: model.masked_nll on answer tokens only).
+After each phase (--eval) the gold judge grades greedy answers to the world's validation prompts (gatt: adherence on
+validation dialogues); the test split is evaluate.py's alone.
 
 Deliberate deviations, measured on the tiny preset (numbers in the issue note):
 - The tiny SFT model cannot read instructions: the world's SFT data pair every extra sentence around a request
@@ -339,7 +341,7 @@ def get_args(argv=None):
                               "best_of_k.json for rejection sampling; --resume continues the phase with its "
                               "training dialogues", seed_help="random seed (world, prompt draws, sampling, batches)")
     # prompts and sampling
-    p.add_argument("--prompts", default="world", help="'world' (the RL prompts, never a test prompt) or a JSONL "
+    p.add_argument("--prompts", default="world", help="'world' (the RL prompts, never a held-out one) or a JSONL "
                    "file of {'prompt'} or {'messages'} rows, optional 'safety' (bool) and 'category'")
     p.add_argument("--n-prompts", type=runtime.nonnegative_int,
                    help="rejection: prompts drawn afresh each iteration; context: harmful prompts used (0: all)")
@@ -374,7 +376,8 @@ def get_args(argv=None):
     # ghost attention
     p.add_argument("--gatt-dialogs", type=runtime.positive_int, help="gatt: training dialogues sampled")
     p.add_argument("--gatt-turns", type=runtime.positive_int, default=4, help="gatt: user turns per dialogue")
-    p.add_argument("--gatt-eval-dialogs", type=runtime.positive_int, help="gatt: held-out dialogues, adherence by turn")
+    p.add_argument("--gatt-eval-dialogs", type=runtime.positive_int,
+                   help="gatt: validation dialogues for adherence by turn")
     p.add_argument("--gatt-warmup-steps", type=runtime.nonnegative_int, help="gatt: steps of single-turn "
                    "instruction fine-tuning first (0: the init model already follows instructions)")
     p.add_argument("--gatt-keep", choices=("all", "obeying"), default="all",
@@ -391,9 +394,10 @@ def get_args(argv=None):
     p.add_argument("--grad-clip", type=runtime.positive_float, default=1.0, help="max gradient norm (Llama 2: 1.0)")
     # bookkeeping
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
-                   help="after each phase, gold metrics on the world's test split (gatt: adherence by turn)")
+                   help="after each phase, gold metrics on the world's validation split (gatt: adherence by turn on "
+                   "validation dialogues)")
     p.add_argument("--eval-examples", type=runtime.nonnegative_int, default=0,
-                   help="about this many test examples evaluated, spread over the split (0: all)")
+                   help="about this many validation examples evaluated, spread over the split (0: all)")
     p.add_argument("--gen-batch-size", type=runtime.positive_int, help="prompts per generation batch")
     p.add_argument("--eval-batch-size", type=runtime.positive_int, default=64, help="sequences per RM scoring batch")
     p.add_argument("--save-every", type=runtime.positive_int, default=20, help="steps between checkpoints in a phase")
@@ -433,19 +437,21 @@ def load_reward_models(args, device):
 
 
 def read_inputs(args):
-    """Everything the phases read, before the run folder is written: held-out test examples, the mode's prompts
+    """Everything the phases read, before the run folder is written: held-out validation examples, the mode's prompts
     (rejection, context) or dialogues (gatt), and the SFT dialogues replayed against forgetting."""
     w = world.build_world(args.seed)
-    # a spread over the test split (it is ordered benign, harmful, borderline)
-    inputs = dict(test=w.test[::max(1, len(w.test) // args.eval_examples)] if args.eval_examples else w.test)
+    # a spread over the validation split (it is ordered benign, harmful, borderline); the test split is evaluate.py's
+    validation = w.validation
+    inputs = dict(validation=validation[::max(1, len(validation) // args.eval_examples)] if args.eval_examples
+                  else validation)
     if args.mode == "rejection":
         inputs["prompts"] = load_prompts(args.prompts, args.seed)
     elif args.mode == "context":
         inputs["prompts"] = load_prompts(args.prompts, args.seed, kind="harmful")[:args.n_prompts or None]
     else:
         inputs["gatt_train"] = w.gatt_dialogs(n=args.gatt_dialogs, turns=args.gatt_turns, seed=args.seed)
-        inputs["gatt_test"] = w.gatt_dialogs(n=args.gatt_eval_dialogs, turns=args.gatt_turns, seed=args.seed,
-                                             split="test")
+        inputs["gatt_validation"] = w.gatt_dialogs(n=args.gatt_eval_dialogs, turns=args.gatt_turns, seed=args.seed,
+                                                   split="validation")
     inputs["replay"] = []
     if args.replay_share:
         inputs["replay"] = w.sft if args.replay_data == "world" else [
@@ -502,13 +508,13 @@ def evaluate(policy, tok, args, rt, inputs, name):
     if not (args.eval and rt.is_main):
         return {}
     if args.mode == "gatt":
-        adherence, accuracy = adherence_by_turn(policy, tok, inputs["gatt_test"], args.max_new_tokens,
+        adherence, accuracy = adherence_by_turn(policy, tok, inputs["gatt_validation"], args.max_new_tokens,
                                                 args.gen_batch_size)
         return dict(adherence_by_turn=adherence, accuracy_by_turn=accuracy)
-    test = inputs["test"]
-    answers = respond(policy, tok, [ex.messages for ex in test], args.max_new_tokens, batch_size=args.gen_batch_size,
-                      desc=f"eval {name}")
-    metrics = world.gold_metrics(test, [a.text or "" for a in answers])  # no room to answer: the empty answer
+    examples = inputs["validation"]
+    answers = respond(policy, tok, [ex.messages for ex in examples], args.max_new_tokens,
+                      batch_size=args.gen_batch_size, desc=f"eval {name}")
+    metrics = world.gold_metrics(examples, [a.text or "" for a in answers])  # no room to answer: the empty answer
     runtime.print0(rt, f"{name}: violation_rate {metrics['violation_rate']:.3f} false_refusal_rate "
                        f"{metrics['false_refusal_rate']:.3f} benign_accuracy {metrics['benign_accuracy']:.3f}")
     return metrics

@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # The Llama 2 safety pipeline in order, one command; it doubles as the table of contents of the method.
 #
-# Usage: pipeline.sh [--out DIR] [--preset NAME] [--jobs N] [--python CMD] [NAME=VALUE...] [-h | --help]
+# Usage: pipeline.sh [--out DIR] [--preset NAME] [--jobs N] [--seeds N] [--sweep] [--python CMD] [NAME=VALUE...]
+#                    [-h | --help]
 #
 #   ./pipeline.sh                             # tiny preset on the embedded world, everything under out/
 #   ./pipeline.sh --out runs/a --preset small
 #   ./pipeline.sh OUT=runs/a PRESET=small     # the same, and so is: OUT=runs/a PRESET=small ./pipeline.sh
+#   ./pipeline.sh --seeds 3 --sweep           # seeds 0, 1 and 2 with their spread, and the safety-data sweep
 #
 # Each setting is a flag (--out DIR or --out=DIR), a NAME=VALUE argument or an environment variable; an argument
 # wins over the environment. Any other argument is an error (exit 2).
 #   --out DIR      OUT=DIR       run folder (default out); a relative path is taken from the folder you run this in
 #   --preset NAME  PRESET=NAME   tiny (default), small or 1b: every script's --preset
-#   --jobs N       JOBS=N        stages run side by side after SFT (default 2 with 2 or more cores, else 1)
+#   --jobs N       JOBS=N        stages run side by side after SFT and in the sweep (default 2 with 2 or more
+#                                cores, else 1)
+#   --seeds N      SEEDS=N       run the whole pipeline for seeds 0 to N-1 (default 1: seed 0 alone); see Seeds
+#   --sweep        SWEEP=1       also run the SFT safety-data sweep (default SWEEP=0); see Sweep
 #   --python CMD   PYTHON=CMD    command that runs the scripts (default python)
 #                  PROGRESS=S    seconds between the progress lines of side-by-side stages (default 30)
 #   -h, --help                   print this and exit
@@ -22,6 +27,16 @@
 # to train it again. The evaluation reruns whenever a checkpoint is newer than OUT/eval/metrics.json. The last
 # lines, also after a failure, say which stages were trained now, reused or are missing, and which of the
 # evaluation's files (metrics.json, metrics.md, generations.jsonl, plots) exist.
+#
+# Seeds: with N > 1, seed k runs every stage into OUT/seed<k>/<stage> and its evaluation into OUT/seed<k>/eval,
+# every script (evaluate.py too) with --seed k, train_ppo.py also with --world-seed k: its own world draw,
+# initialisation and batch order. Then evaluate.py --aggregate writes the mean and spread over the seeds into
+# OUT/eval, and the last lines say, seed by seed, where each one's results are. With N = 1, seed 0 runs into
+# OUT/<stage> as above.
+# Sweep (Llama 2, section 4.2.3, safety data scaling): after the seeds, SFT from seed 0's base model keeping the
+# share S = 0, 0.1, 0.25, 0.5 and 1 of the SFT set's safety demonstrations (train_sft.py --safety-share S; every
+# benign and borderline demonstration kept) into OUT/sweep/share_<S>, reused and resumed as the stages above; then
+# one evaluation of the five, with seed 0's reward models, into OUT/sweep/eval.
 set -euo pipefail
 caller=$PWD
 here=$(cd "$(dirname "$0")" && pwd)
@@ -38,17 +53,18 @@ usage_error() {  # one line on stderr, exit 2 (the scripts' convention for a use
 while (( $# > 0 )); do
   case $1 in
     -h | --help) usage; exit 0 ;;
-    --out | --preset | --jobs | --python)
+    --sweep) SWEEP=1; shift ;;
+    --out | --preset | --jobs | --seeds | --python)
       [[ $# -ge 2 && -n $2 && $2 != -* ]] || usage_error "$1 needs a value"
       flag=${1#--}
       printf -v "${flag^^}" %s "$2"
       shift 2 ;;
-    --out=* | --preset=* | --jobs=* | --python=*)
+    --out=* | --preset=* | --jobs=* | --seeds=* | --python=*)
       flag=${1%%=*}
       flag=${flag#--}
       printf -v "${flag^^}" %s "${1#*=}"
       shift ;;
-    OUT=* | PRESET=* | JOBS=* | PYTHON=* | PROGRESS=*)
+    OUT=* | PRESET=* | JOBS=* | SEEDS=* | SWEEP=* | PYTHON=* | PROGRESS=*)
       printf -v "${1%%=*}" %s "${1#*=}"
       shift ;;
     *) usage_error "unknown argument '$1'" ;;
@@ -58,9 +74,13 @@ OUT=${OUT:-out}
 PRESET=${PRESET:-tiny}
 PYTHON=${PYTHON:-python}
 PROGRESS=${PROGRESS:-30}
+SEEDS=${SEEDS:-1}
+SWEEP=${SWEEP:-0}
 [[ $OUT == /* || $caller == "$here" ]] || OUT=$caller/$OUT
 [[ $PRESET =~ ^(tiny|small|1b)$ ]] || usage_error "--preset/PRESET must be tiny, small or 1b, not '$PRESET'"
 [[ $PROGRESS =~ ^[1-9][0-9]*$ ]] || usage_error "PROGRESS must be a positive number of seconds, not '$PROGRESS'"
+[[ $SEEDS =~ ^[1-9][0-9]*$ ]] || usage_error "--seeds/SEEDS must be a positive integer, not '$SEEDS'"
+[[ $SWEEP =~ ^[01]$ ]] || usage_error "SWEEP must be 0 or 1, not '$SWEEP'"
 # Threads and cores: the tiny models' small matrix products gain little from a second thread and lose a lot
 # when anything else holds the other core (evaluating 100 prompts on a loaded 2-core machine: 10 s with one
 # thread, 59 s with two). So the stages that need only the SFT model and the RMs run JOBS at a time (default:
@@ -73,57 +93,63 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 cd "$here"
 mkdir -p "$OUT"
 
-started="" reused="" evaluation="not run"  # for the summary: stages trained (or resumed) now, stages reused
+STAGES=(base sft rm_safety rm_helpful ppo dpo rs distill)
+SHARES=(0 0.1 0.25 0.5 1)  # the sweep's shares of the SFT set's safety demonstrations
+# For the summary: the stages trained (or resumed) now and those reused, by key (base, seed1/ppo, sweep/share_0),
+# and what happened to each evaluation folder, by key (eval, seed1/eval, sweep/eval)
+started="" reused=""
+declare -A evaluation=()
+RUN=$OUT KEY=""  # the folder the stage functions below write into, and its prefix in the keys and messages
 
-finished() {  # finished NAME: OUT/NAME/model.pt is the checkpoint of a run that ended
-  [[ -f $OUT/$1/model.pt && ! -f $OUT/$1/.running ]]
+finished() {  # finished NAME: RUN/NAME/model.pt is the checkpoint of a run that ended
+  [[ -f $RUN/$1/model.pt && ! -f $RUN/$1/.running ]]
 }
 
-stage() {  # stage NAME COMMAND...: run COMMAND unless OUT/NAME/model.pt is already a finished checkpoint
-  local name=$1 dir=$OUT/$1
+stage() {  # stage NAME COMMAND...: run COMMAND unless RUN/NAME/model.pt is already a finished checkpoint
+  local name=$1 dir=$RUN/$1 label=$KEY$1
   shift
   local extra=()
   if finished "$name"; then
-    echo "== $name: reusing $dir/model.pt"
-    reused+=" $name"
+    echo "== $label: reusing $dir/model.pt"
+    reused+=" $label"
     return
   fi
-  started+=" $name"
+  started+=" $label"
   if [[ -f $dir/model.pt ]]; then
-    echo "== $name: an earlier run was interrupted; resuming it"
+    echo "== $label: an earlier run was interrupted; resuming it"
     extra=(--resume)
   else
     rm -rf "$dir"  # a run that died before its first checkpoint: start clean, without its partial logs
   fi
-  echo "== $name: $* ${extra[*]}"
+  echo "== $label: $* ${extra[*]}"
   mkdir -p "$dir"
   touch "$dir/.running"
   local start=$SECONDS
   "$@" "${extra[@]}"
   if [[ ! -f $dir/model.pt ]]; then
-    echo "== $name: finished without writing $dir/model.pt" >&2
+    echo "== $label: finished without writing $dir/model.pt" >&2
     exit 1
   fi
   rm -f "$dir/.running"
-  echo "== $name: done in $((SECONDS - start)) s"
+  echo "== $label: done in $((SECONDS - start)) s"
 }
 
-pids=() names=()
+pids=() names=() logs=()
 side_by_side() {  # side_by_side NAME COMMAND...: stage NAME in the background while JOBS > 1, else now
   if (( JOBS == 1 )) || finished "$1"; then  # a reused stage says so here and leaves its log as it was
     stage "$@"
     return
   fi
-  local log=$OUT/logs/$1.log
-  mkdir -p "$OUT/logs"
-  echo "== $1: started, log in $log"
-  started+=" $1"  # stage() notes it too, but in the background shell
-  if [[ -f $OUT/$1/model.pt ]]; then
+  local log=$RUN/logs/$1.log
+  mkdir -p "$RUN/logs"
+  echo "== $KEY$1: started, log in $log"
+  started+=" $KEY$1"  # stage() notes it too, but in the background shell
+  if [[ -f $RUN/$1/model.pt ]]; then
     stage "$@" >> "$log" 2>&1 &  # resuming: the interrupted run's log goes on
   else
     stage "$@" > "$log" 2>&1 &
   fi
-  pids+=($!) names+=("$1")
+  pids+=($!) names+=("$KEY$1") logs+=("$log")
   if (( ${#pids[@]} >= JOBS )); then
     join
   fi
@@ -140,63 +166,118 @@ join() {  # wait for the stages started side by side, with their progress every 
     for i in "${!pids[@]}"; do
       kill -0 "${pids[$i]}" 2>/dev/null && continue
       if wait "${pids[$i]}"; then
-        tr '\r' '\n' < "$OUT/logs/${names[$i]}.log" | grep "^== ${names[$i]}: done" | tail -n 1 || true
+        tr '\r' '\n' < "${logs[$i]}" | grep "^== ${names[$i]}: done" | tail -n 1 || true
       else
-        echo "== ${names[$i]}: failed, see $OUT/logs/${names[$i]}.log" >&2
+        echo "== ${names[$i]}: failed, see ${logs[$i]}" >&2
         failed=1
       fi
-      unset "pids[$i]" "names[$i]"
+      unset "pids[$i]" "names[$i]" "logs[$i]"
     done
     (( ${#pids[@]} > 0 )) || break
     sleep 0.1
     if (( SECONDS >= next )); then
       for i in "${!pids[@]}"; do
-        line=$(latest "$OUT/logs/${names[$i]}.log")
+        line=$(latest "${logs[$i]}")
         echo "== ${names[$i]}: ${line:-running, nothing in its log yet}"
       done
       next=$((SECONDS + PROGRESS))
     fi
   done
-  pids=() names=()
+  pids=() names=() logs=()
   (( failed == 0 )) || exit 1
 }
 
-summary() {  # summary STATUS: each stage's checkpoint and the evaluation's files, as they are on disk now
-  set +e  # an exit trap: report what there is, whatever fails
-  local name state f written="" absent="" plots=""
-  if (( $1 == 0 )); then echo "== done: $OUT"; else echo "== stopped (exit $1): $OUT"; fi
-  for name in base sft rm_safety rm_helpful ppo dpo rs distill; do
-    if [[ " $reused " == *" $name "* ]]; then
+evaluate_into() {  # evaluate_into KEY DIR N CHECKPOINT... ARG...: evaluate.py ARG... --out DIR, unless DIR/metrics.json
+  # is newer than each of the N checkpoints (then its table is printed again). evaluate.py keeps an existing
+  # metrics.json unless told to replace it, so --overwrite goes with one that exists.
+  local key=$1 dir=$2 n=$3 checkpoint fresh=1 overwrite=()
+  local checkpoints=("${@:4:n}")
+  shift $((3 + n))
+  if [[ -f $dir/metrics.json ]]; then
+    fresh=0 overwrite=(--overwrite)
+    for checkpoint in "${checkpoints[@]}"; do
+      [[ $checkpoint -nt $dir/metrics.json ]] && fresh=1
+    done
+  fi
+  if [[ $fresh == 1 ]]; then
+    $PYTHON evaluate.py "$@" --out "$dir" "${overwrite[@]}"
+    evaluation[$key]="evaluated now"
+  else
+    echo "== $key: reusing $dir/metrics.json (no checkpoint is newer)"
+    evaluation[$key]="reused (no checkpoint is newer than metrics.json)"
+    $PYTHON -c "import json, sys, evaluate; print(evaluate.format_table(json.load(open(sys.argv[1]))))" \
+      "$dir/metrics.json"
+  fi
+}
+
+stage_lines() {  # stage_lines DIR PREFIX NAME...: each stage's checkpoint in DIR as it is on disk now
+  local dir=$1 prefix=$2 name state
+  shift 2
+  for name in "$@"; do
+    if [[ " $reused " == *" $prefix$name "* ]]; then
       state="reused"
-    elif [[ -f $OUT/$name/model.pt && -f $OUT/$name/.running ]]; then
+    elif [[ -f $dir/$name/model.pt && -f $dir/$name/.running ]]; then
       state="interrupted: rerun to resume from its checkpoint"
-    elif [[ ! -f $OUT/$name/model.pt ]]; then
+    elif [[ ! -f $dir/$name/model.pt ]]; then
       state="missing"
-    elif [[ " $started " == *" $name "* ]]; then
+    elif [[ " $started " == *" $prefix$name "* ]]; then
       state="trained now"
     else
       state="from an earlier run (not reached this time)"
     fi
     printf '==   %-11s %s\n' "$name" "$state"
   done
-  for f in metrics.json metrics.md generations.jsonl; do
-    if [[ -f $OUT/eval/$f ]]; then written+=", $f"; else absent+=", $f"; fi
+}
+
+eval_lines() {  # eval_lines LABEL DIR STATE FILE...: an evaluation's state, which of its FILEs and plots exist
+  local dir=$2 f written="" absent="" plots=""
+  printf '==   %-11s %s\n' "$1" "$3"
+  shift 3
+  for f in "$@"; do
+    if [[ -f $dir/$f ]]; then written+=", $f"; else absent+=", $f"; fi
   done
-  for f in "$OUT"/eval/*.png; do
+  for f in "$dir"/*.png; do
     [[ -f $f ]] || continue
     plots+=", ${f##*/}"
-    [[ $f -ot $OUT/eval/metrics.json ]] && plots+=" (older than metrics.json)"
+    [[ $f -ot $dir/metrics.json ]] && plots+=" (older than metrics.json)"
   done
-  printf '==   %-11s %s\n' eval "$evaluation"
   written+=$plots
-  [[ -z $written ]] || echo "==   written in $OUT/eval/: ${written#, }"
+  [[ -z $written ]] || echo "==   written in $dir/: ${written#, }"
   [[ -z $absent ]] || echo "==   not written: ${absent#, }"
-  if [[ -f $OUT/eval/metrics.json && -z $plots ]]; then
-    if ! $PYTHON -c "import matplotlib" 2>/dev/null; then
+  if [[ -f $dir/metrics.json && -z $plots ]]; then
+    if [[ -z $matplotlib ]]; then  # asked once
+      matplotlib=yes
+      $PYTHON -c "import matplotlib" 2>/dev/null || matplotlib=no
+    fi
+    if [[ $matplotlib == no ]]; then
       echo "==   no plots: matplotlib is not installed (pip install matplotlib)"
     else
-      echo "==   no plots in $OUT/eval/ (evaluate.py says why when it runs; --no-plots skips them)"
+      echo "==   no plots in $dir/ (evaluate.py says why when it runs; --no-plots skips them)"
     fi
+  fi
+}
+
+summary() {  # summary STATUS: each stage's checkpoint and the evaluations' files, as they are on disk now
+  set +e  # an exit trap: report what there is, whatever fails
+  local k matplotlib=""
+  if (( $1 == 0 )); then echo "== done: $OUT"; else echo "== stopped (exit $1): $OUT"; fi
+  if (( SEEDS == 1 )); then
+    stage_lines "$OUT" "" "${STAGES[@]}"
+    eval_lines eval "$OUT/eval" "${evaluation[eval]:-not run}" metrics.json metrics.md generations.jsonl
+  else
+    for ((k = 0; k < SEEDS; k++)); do
+      echo "== seed $k: $OUT/seed$k"
+      stage_lines "$OUT/seed$k" "seed$k/" "${STAGES[@]}"
+      eval_lines eval "$OUT/seed$k/eval" "${evaluation[seed$k/eval]:-not run}" metrics.json metrics.md \
+        generations.jsonl
+    done
+    echo "== all $SEEDS seeds: $OUT/eval"
+    eval_lines aggregate "$OUT/eval" "${evaluation[eval]:-not run}" metrics.json metrics.md
+  fi
+  if (( SWEEP == 1 )); then
+    echo "== sweep: $OUT/sweep"
+    stage_lines "$OUT/sweep" "sweep/" "${SHARES[@]/#/share_}"
+    eval_lines eval "$OUT/sweep/eval" "${evaluation[sweep/eval]:-not run}" metrics.json metrics.md generations.jsonl
   fi
 }
 trap 'summary $?' EXIT
@@ -215,61 +296,99 @@ stop() {  # stop SIG: let the stages running side by side save their step, then 
 trap 'stop INT' INT
 trap 'stop TERM' TERM
 
+pipeline() {  # pipeline SEED: steps 1 to 8 into RUN; with --seeds N > 1 every script gets --seed SEED
+  local seed=() world_seed=() name checkpoints=() inputs=()
+  if (( SEEDS > 1 )); then
+    seed=(--seed "$1") world_seed=(--world-seed "$1")
+  fi
+
+  # 1. Base model: next-token pre-training on the world's unaligned corpus (section 2)
+  OMP_NUM_THREADS=$ALONE_THREADS stage base $PYTHON train_sft.py --stage base --preset "$PRESET" "${seed[@]}" \
+    --out "$RUN/base"
+
+  # 2. Supervised fine-tuning on safety demonstrations, loss on answer tokens only (section 3.1)
+  OMP_NUM_THREADS=$ALONE_THREADS stage sft $PYTHON train_sft.py --stage sft --preset "$PRESET" \
+    --init "$RUN/base/model.pt" "${seed[@]}" --out "$RUN/sft"
+
+  # 3. Reward models: binary ranking loss with margin, one per objective (section 3.2.2)
+  side_by_side rm_safety $PYTHON train_rm.py --objective safety --preset "$PRESET" --init "$RUN/sft/model.pt" \
+    "${seed[@]}" --out "$RUN/rm_safety"
+  side_by_side rm_helpful $PYTHON train_rm.py --objective helpfulness --preset "$PRESET" \
+    --init "$RUN/sft/model.pt" "${seed[@]}" --out "$RUN/rm_helpful"
+  join  # the stages below read both reward models
+
+  # 4. PPO with the gated safety/helpfulness reward and a KL penalty to the SFT model (section 3.2.3); with
+  #    --seeds, its prompts and gold evaluation come from the world of that seed's SFT model (--world-seed)
+  side_by_side ppo $PYTHON train_ppo.py --preset "$PRESET" --init "$RUN/sft/model.pt" \
+    --rm-safety "$RUN/rm_safety/model.pt" --rm-helpful "$RUN/rm_helpful/model.pt" "${seed[@]}" "${world_seed[@]}" \
+    --out "$RUN/ppo"
+
+  # 5. DPO on the same kind of preference pairs, no reward model (Rafailov et al., 2023)
+  side_by_side dpo $PYTHON train_dpo.py --preset "$PRESET" --init "$RUN/sft/model.pt" "${seed[@]}" --out "$RUN/dpo"
+
+  # 6. Rejection-sampling fine-tuning: best of K samples by the reward models, then SFT on them (section 3.2.3)
+  side_by_side rs $PYTHON distill.py --mode rejection --preset "$PRESET" --init "$RUN/sft/model.pt" \
+    --rm-safety "$RUN/rm_safety/model.pt" --rm-helpful "$RUN/rm_helpful/model.pt" "${seed[@]}" --out "$RUN/rs"
+
+  # 7. Safety context distillation: answers generated under a safety preprompt, kept where the safety RM
+  #    prefers them, distilled into the model without the preprompt (section 4.2.4)
+  side_by_side distill $PYTHON distill.py --mode context --preset "$PRESET" --init "$RUN/sft/model.pt" \
+    --rm-safety "$RUN/rm_safety/model.pt" "${seed[@]}" --out "$RUN/distill"
+
+  join
+
+  # 8. Evaluation of every stage's checkpoint on the world's test split: gold judge, red-team vectors, false
+  #    refusals, RM scores, KL to SFT
+  for name in base sft ppo dpo rs distill; do
+    checkpoints+=("$name=$RUN/$name/model.pt")
+  done
+  for name in "${STAGES[@]}"; do
+    inputs+=("$RUN/$name/model.pt")
+  done
+  evaluate_into "${KEY}eval" "$RUN/eval" "${#inputs[@]}" "${inputs[@]}" --checkpoints "${checkpoints[@]}" \
+    --baseline sft --sft "$RUN/sft/model.pt" --rm-safety "$RUN/rm_safety/model.pt" \
+    --rm-helpful "$RUN/rm_helpful/model.pt" "${seed[@]}"
+}
+
 # 0. Pre-training data audit (section 4.1): personal data, pronouns and identity terms in the base corpus
 $PYTHON evaluate.py --audit > "$OUT/audit.txt"
 echo "== audit: $OUT/audit.txt"
 
-# 1. Base model: next-token pre-training on the world's unaligned corpus (section 2)
-OMP_NUM_THREADS=$ALONE_THREADS stage base $PYTHON train_sft.py --stage base --preset "$PRESET" --out "$OUT/base"
-
-# 2. Supervised fine-tuning on safety demonstrations, loss on answer tokens only (section 3.1)
-OMP_NUM_THREADS=$ALONE_THREADS stage sft $PYTHON train_sft.py --stage sft --preset "$PRESET" \
-  --init "$OUT/base/model.pt" --out "$OUT/sft"
-
-# 3. Reward models: binary ranking loss with margin, one per objective (section 3.2.2)
-side_by_side rm_safety $PYTHON train_rm.py --objective safety --preset "$PRESET" --init "$OUT/sft/model.pt" \
-  --out "$OUT/rm_safety"
-side_by_side rm_helpful $PYTHON train_rm.py --objective helpfulness --preset "$PRESET" --init "$OUT/sft/model.pt" \
-  --out "$OUT/rm_helpful"
-join  # the stages below read both reward models
-
-# 4. PPO with the gated safety/helpfulness reward and a KL penalty to the SFT model (section 3.2.3)
-side_by_side ppo $PYTHON train_ppo.py --preset "$PRESET" --init "$OUT/sft/model.pt" \
-  --rm-safety "$OUT/rm_safety/model.pt" --rm-helpful "$OUT/rm_helpful/model.pt" --out "$OUT/ppo"
-
-# 5. DPO on the same kind of preference pairs, no reward model (Rafailov et al., 2023)
-side_by_side dpo $PYTHON train_dpo.py --preset "$PRESET" --init "$OUT/sft/model.pt" --out "$OUT/dpo"
-
-# 6. Rejection-sampling fine-tuning: best of K samples by the reward models, then SFT on them (section 3.2.3)
-side_by_side rs $PYTHON distill.py --mode rejection --preset "$PRESET" --init "$OUT/sft/model.pt" \
-  --rm-safety "$OUT/rm_safety/model.pt" --rm-helpful "$OUT/rm_helpful/model.pt" --out "$OUT/rs"
-
-# 7. Safety context distillation: answers generated under a safety preprompt, kept where the safety RM
-#    prefers them, distilled into the model without the preprompt (section 4.2.4)
-side_by_side distill $PYTHON distill.py --mode context --preset "$PRESET" --init "$OUT/sft/model.pt" \
-  --rm-safety "$OUT/rm_safety/model.pt" --out "$OUT/distill"
-
-join
-
-# 8. Evaluation of every stage's checkpoint: gold judge, red-team vectors, false refusals, RM scores, KL to SFT
-checkpoints=()
-for name in base sft ppo dpo rs distill; do
-  checkpoints+=("$name=$OUT/$name/model.pt")
-done
-fresh=1 overwrite=()
-if [[ -f $OUT/eval/metrics.json ]]; then
-  fresh=0 overwrite=(--overwrite)  # evaluate.py keeps an existing metrics.json unless told to replace it
-  for name in base sft rm_safety rm_helpful ppo dpo rs distill; do
-    [[ $OUT/$name/model.pt -nt $OUT/eval/metrics.json ]] && fresh=1
-  done
-fi
-if [[ $fresh == 1 ]]; then
-  $PYTHON evaluate.py --checkpoints "${checkpoints[@]}" --baseline sft --sft "$OUT/sft/model.pt" \
-    --rm-safety "$OUT/rm_safety/model.pt" --rm-helpful "$OUT/rm_helpful/model.pt" --out "$OUT/eval" "${overwrite[@]}"
-  evaluation="evaluated now"
+# 1-8, once per seed
+if (( SEEDS == 1 )); then
+  pipeline 0
 else
-  echo "== eval: reusing $OUT/eval/metrics.json (no checkpoint is newer)"
-  evaluation="reused (no checkpoint is newer than metrics.json)"
-  $PYTHON -c "import json, sys, evaluate; print(evaluate.format_table(json.load(open(sys.argv[1]))))" \
-    "$OUT/eval/metrics.json"
+  for ((k = 0; k < SEEDS; k++)); do
+    RUN=$OUT/seed$k KEY=seed$k/
+    pipeline "$k"
+  done
+  RUN=$OUT KEY=""
+  # 9. Every seed's metrics together: mean and spread over the seeds (what the README's table shows)
+  evals=()
+  for ((k = 0; k < SEEDS; k++)); do
+    evals+=("$OUT/seed$k/eval")
+  done
+  $PYTHON evaluate.py --aggregate "${evals[@]}" --out "$OUT/eval" --overwrite
+  evaluation[eval]="aggregated now over seeds 0 to $((SEEDS - 1))"
+fi
+
+# 10. Safety data scaling (section 4.2.3): SFT from seed 0's base model on a growing share of the safety
+#     demonstrations, each evaluated with seed 0's reward models
+if (( SWEEP == 1 )); then
+  seed0=$OUT
+  (( SEEDS == 1 )) || seed0=$OUT/seed0
+  RUN=$OUT/sweep KEY=sweep/
+  # one thread each while they run side by side; every core when they run one at a time, as SFT above
+  sweep_threads=$OMP_NUM_THREADS
+  (( JOBS > 1 )) || sweep_threads=$ALONE_THREADS
+  shares=() inputs=()
+  for share in "${SHARES[@]}"; do
+    OMP_NUM_THREADS=$sweep_threads side_by_side "share_$share" $PYTHON train_sft.py --stage sft --preset "$PRESET" \
+      --init "$seed0/base/model.pt" --safety-share "$share" --out "$RUN/share_$share"
+    shares+=("share_$share=$RUN/share_$share/model.pt") inputs+=("$RUN/share_$share/model.pt")
+  done
+  join
+  inputs+=("$seed0/rm_safety/model.pt" "$seed0/rm_helpful/model.pt")
+  evaluate_into sweep/eval "$RUN/eval" "${#inputs[@]}" "${inputs[@]}" --checkpoints "${shares[@]}" \
+    --baseline share_1 --rm-safety "$seed0/rm_safety/model.pt" --rm-helpful "$seed0/rm_helpful/model.pt"
 fi

@@ -33,7 +33,8 @@ Chosen and rejected answers go through the model in one forward pass, concatenat
 
 Logged: loss, the implicit rewards beta log(pi/pi_ref) of chosen and rejected (SimPO: beta times the mean
 log-prob), their margin, preference accuracy (margin > 0), and at eval time the held-out loss and accuracy and
-a sampled estimate of KL(pi || pi_ref) (responses drawn from the policy at temperature 1).
+a sampled estimate of KL(pi || pi_ref) (responses drawn from the policy at temperature 1 for held-out prompts).
+The world's held-out pairs are noise-free pairs on its validation prompts; the test split is evaluate.py's.
 
 Tiny CPU run (minutes):
     python train_dpo.py --preset tiny --init out/sft/model.pt --out out/dpo
@@ -146,7 +147,7 @@ def load_pairs(args, tok, max_len):
         # prompt, to compare with the gate
         w = world.build_world(args.seed)
         train = w.labelled_pairs(args.pairs, args.label_noise, args.seed, "train", args.styles_per_prompt)
-        val = w.labelled_pairs(args.pairs, 0.0, args.seed + 1, "test", args.styles_per_prompt)
+        val = w.labelled_pairs(args.pairs, 0.0, args.seed + 1, "validation", args.styles_per_prompt)
         val = val[::max(1, len(val) // args.val_pairs)][:args.val_pairs]
     else:
         # the gate on files: the --safety-data files hold the safety prompts, labelled for safety (HH-RLHF
@@ -319,7 +320,8 @@ def get_args(argv=None):
     p.add_argument("--styles-per-prompt", type=runtime.positive_int, default=2, help="world: candidate responses "
                    f"per prompt, 2 to {len(world.STYLES)}; k responses give up to k(k-1)/2 pairs")
     p.add_argument("--val-pairs", type=runtime.positive_int, default=256, help="held-out pairs for eval loss and "
-                   "accuracy (world: noise-free pairs on test prompts; files: every 20th pair)")
+                   "accuracy, whose prompts the KL estimate samples (world: noise-free pairs on validation prompts; "
+                   "files: every 20th pair)")
     # optimisation
     p.add_argument("--steps", type=runtime.positive_int, help="optimizer steps")
     p.add_argument("--batch-size", type=runtime.positive_int, help="global batch in pairs per optimizer step")

@@ -28,6 +28,9 @@ harmless, and the policy learns to answer wrapped harmful requests that way (vio
 preference data therefore holds the compliances the SFT model actually samples (world.UNSAFE_FORMS), as Llama 2's
 annotators rated samples of its own models (section 3.2.1).
 
+Training-time evaluation (--eval-prompts, --eval-every): the gold judge on greedy answers to the world's validation
+prompts, the split every tuning choice reads; the test split is evaluate.py's alone.
+
 Tiny CPU run (minutes), after train_sft.py and train_rm.py:
     python train_ppo.py --preset tiny --init out/sft/model.pt --rm-safety out/rm_safety/model.pt \\
         --rm-helpful out/rm_helpful/model.pt --out out/ppo
@@ -185,9 +188,10 @@ def load_prompts(spec, tok, max_prompt_len, world_seed):
 
 
 def held_out_examples(world_seed, n):
-    """The world's test examples the policy answers greedily for the gold judge: templates, entities and an attack
-    vector never seen in training. n of them spread evenly over the kinds, attacks and categories (-1: all)."""
-    examples = world.build_world(world_seed).test if n != 0 else []
+    """The world's validation examples the policy answers greedily for the gold judge: templates, entities and
+    borderline items never seen in training (the test split is evaluate.py's). n of them spread evenly over the
+    kinds, attacks and categories (-1: all)."""
+    examples = world.build_world(world_seed).validation if n != 0 else []
     if 0 < n < len(examples):
         examples = examples[::len(examples) // n][:n]
     return examples
@@ -414,8 +418,8 @@ def get_args(argv=None):
     p.add_argument("--sample-every", type=runtime.positive_int, default=5,
                    help="iterations between printed sample rollouts")
     p.add_argument("--save-every", type=runtime.positive_int, default=10, help="iterations between checkpoints")
-    p.add_argument("--eval-prompts", type=int, default=-1, help="world test prompts judged greedily at the end "
-                   "(-1: all, 0: none)")
+    p.add_argument("--eval-prompts", type=int, default=-1, help="held-out validation prompts of the world judged "
+                   "greedily at the end (-1: all, 0: none)")
     p.add_argument("--eval-every", type=runtime.nonnegative_int, default=0, help="iterations between gold "
                    "evaluations on those prompts during training, logged under 'eval' (0: only at the end)")
     args = runtime.parse_args(p, PRESETS, argv)

@@ -23,8 +23,9 @@ Data: the world's synthetic annotator with --label-noise of its training pairs f
 Evaluation, during and after training: pairwise accuracy on held-out pairs against the noise-free gold label,
 overall, per risk category, per attack vector and per preference strength (Llama 2, Table 8 shows accuracy
 rising with strength); for the world also how often the RM scores the safe answer above the unsafe compliance
-on each held-out harmful prompt (the held-out attack vector included), and the score histograms of each
-response style, written to histograms.json (plots are evaluate.py's).
+on each held-out harmful prompt, and the score histograms of each response style, written to histograms.json
+(plots are evaluate.py's). The world's held-out prompts are its validation split (templates, entities and
+borderline items no training source holds); the test split, with its held-out attack vector, is evaluate.py's.
 
 Deviation from the paper: Llama 2 trains the RM for one epoch, since more overfits; the world's preference set
 is small, so the tiny preset takes a few passes over it.
@@ -160,7 +161,7 @@ def evaluate(reward_model, tok, held_out, w, batch_size):
     result = pair_accuracy(reward_model, tok, held_out, batch_size)
     scores = None
     if w is not None:
-        scores, separation = style_scores(reward_model, tok, w, w.test, batch_size)
+        scores, separation = style_scores(reward_model, tok, w, w.validation, batch_size)
         result.update(separation)
     return result, scores
 
@@ -213,8 +214,8 @@ def load_preference_data(args, w):
         own = w.labelled_pairs(args.objective, args.label_noise, args.seed, "train", args.styles_per_prompt)
         # the other annotator rates fresh responses (another seed), as a separate collection would
         mixed_in = w.labelled_pairs(other, args.label_noise, args.seed + 1, "train", args.styles_per_prompt)
-        # every held-out prompt rated on three responses: more held-out pairs, each against the gold label
-        held_out = w.labelled_pairs(args.objective, 0.0, args.seed, "test", 3)
+        # every validation prompt rated on three responses: more held-out pairs, each against the gold label
+        held_out = w.labelled_pairs(args.objective, 0.0, args.seed, "validation", 3)
     else:
         own = [p for path in args.data for p in data.read_preferences(path, args.objective, args.format)]
         mixed_in = [p for path in args.mix_data for p in data.read_preferences(path, other, args.format)]
@@ -381,9 +382,9 @@ def main(args):
             # ---------------------------------------------------------- eval, checkpoint
             if step % args.eval_every == 0 or step == args.steps:
                 result, scores = final = evaluate(reward_model, tok, held_out, w, args.eval_batch_size)
-                metrics.update(test_accuracy=result["accuracy"],
-                               test_accuracy_by_category=result["accuracy_by_category"],
-                               test_accuracy_by_strength=result["accuracy_by_strength"])
+                metrics.update(val_accuracy=result["accuracy"],
+                               val_accuracy_by_category=result["accuracy_by_category"],
+                               val_accuracy_by_strength=result["accuracy_by_strength"])
                 if "safe_over_unsafe" in result:
                     metrics.update(safe_over_unsafe=result["safe_over_unsafe"])
                 runtime.print0(rt, f"step {step}: loss {loss_value:.4f} held-out accuracy {result['accuracy']:.3f}"
@@ -399,7 +400,7 @@ def main(args):
     write_report(args, rt, step, result, scores)
     runtime.cleanup(rt)
     return dict(loss=metrics.get("loss"), train_accuracy=metrics.get("accuracy"), step=step,
-                test_accuracy=result["accuracy"], **{f"test_{k}": v for k, v in result.items() if k != "accuracy"})
+                val_accuracy=result["accuracy"], **{f"val_{k}": v for k, v in result.items() if k != "accuracy"})
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@
 --stage sft: starts from a checkpoint (--init) and fine-tunes on chat dialogues in the Llama 2 template; as in the
     paper, the loss is on answer tokens only (prompt tokens are masked), L = -1/|A| sum_{t in A} log p(x_t | x_<t).
     --gatt adds Ghost Attention dialogues (section 3.3); distill.py builds them from a model's own samples.
+    --safety-share keeps that share of the world's safety demonstrations (answers to harmful prompts), every
+    other demonstration kept: the safety data scaling of section 4.2.3 (pipeline.sh --sweep runs it).
+Held-out loss: every 20th corpus document (base); the world's validation prompts with their gold responses (sft,
+also the source of the printed samples). The test split is evaluate.py's alone.
 Both losses are runtime.next_token_loss: the loss mask is all ones for the base stage, the answer tokens for SFT.
 
 Deviation from the paper: Llama 2 packs SFT examples into 4096-token sequences; here each dialogue is its own
@@ -13,6 +17,7 @@ padded row (the tiny preset's dialogues are short, so packing would save little 
 Tiny CPU run (minutes):
     python train_sft.py --stage base --preset tiny --out out/base
     python train_sft.py --stage sft --preset tiny --init out/base/model.pt --out out/sft
+    python train_sft.py --stage sft --preset tiny --init out/base/model.pt --safety-share 0.25 --out out/share_0.25
 Data parallel:
     torchrun --nproc_per_node=2 train_sft.py --stage sft --preset tiny --init out/base/model.pt --out out/sft
 """
@@ -60,6 +65,9 @@ def get_args(argv=None):
     p.add_argument("--data", default="world", help="'world' (embedded) or a JSONL file: base {'text'}, "
                    "sft {'messages': [{role, content}, ...]} or {'prompt', 'response'}")
     p.add_argument("--gatt", action="store_true", help="sft: add the world's Ghost Attention dialogues")
+    p.add_argument("--safety-share", type=runtime.nonnegative_float, default=1.0, help="sft on the world: share "
+                   "of its safety demonstrations kept, 0 to 1 (smaller shares keep subsets of larger ones; benign "
+                   "and borderline demonstrations are all kept; Llama 2, section 4.2.3)")
     p.add_argument("--tokenizer", default="world", help="base: 'world' (BPE trained on the world, cached) or a "
                    ".tiktoken file; sft takes the tokenizer of --init")
     p.add_argument("--vocab-size", type=runtime.positive_int, default=2048,
@@ -94,6 +102,10 @@ def get_args(argv=None):
         p.error("--stage sft needs --init CHECKPOINT (the base model to fine-tune)")
     if args.stage == "base" and args.init is not None:
         p.error("--init is for --stage sft; --stage base trains a fresh model")
+    if args.safety_share > 1:
+        p.error(f"--safety-share must be 0 to 1, got {args.safety_share}")
+    if args.safety_share != 1 and (args.stage != "sft" or args.data != "world"):
+        p.error("--safety-share is for --stage sft on --data world (the world's SFT set)")
     if args.steps is None:
         args.steps = args.steps_base if args.stage == "base" else args.steps_sft
     if args.lr is None:
@@ -122,13 +134,13 @@ def load_text_data(args, tok):
         return [(r.tolist(), [1] * len(r)) for r in train], [(r.tolist(), [1] * len(r)) for r in val]
     if args.data == "world":
         w = world.build_world(args.seed)
-        dialogs = list(w.sft)
+        dialogs = w.sft_dialogs(args.safety_share)
         if args.gatt:
             dialogs += [data.gatt_dialog(d) for d in w.gatt_dialogs()]
-        # held-out: test prompts with their gold responses (never trained on)
+        # held-out: every other validation prompt (330) with its gold response, never trained on
         gold_rng = random.Random(0)
         val_dialogs = [ex.messages + [{"role": "assistant", "content": w.gold_response(ex, gold_rng)}]
-                       for ex in w.test[::4]]
+                       for ex in w.validation[::2]]
     else:
         dialogs = [data.as_dialog(row, f"{args.data}:{line}")
                    for line, row in data.read_jsonl(args.data, with_lines=True)]
@@ -172,7 +184,7 @@ def main(args):
     train_rows, val_rows = load_text_data(args, tok)
     if not train_rows:
         raise runtime.UserError(f"no training examples in {args.data}")
-    sample_prompts = [ex.messages for ex in world.build_world(args.seed).test[::40]][:4]
+    sample_prompts = [ex.messages for ex in world.build_world(args.seed).validation[::40]][:4]
     micro = runtime.micro_batch_size(args.batch_size, args.grad_accum, rt)
     runtime.print0(rt, f"{args.stage}: {len(train_rows)} train rows, {len(val_rows)} held-out rows, "
                        f"{model_lib.num_params(model) / 1e6:.2f}M parameters on {rt.device}")

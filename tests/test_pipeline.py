@@ -1,7 +1,7 @@
 """pipeline.sh: every stage in order, finished stages reused, an interrupted one resumed, evaluation rerun only
-when a checkpoint is newer than its metrics; its command line, the progress of side-by-side stages and the closing
-summary. The Python scripts are replaced by a stand-in that records its arguments and writes the files each stage
-leaves, so each run takes a fraction of a second."""
+when a checkpoint is newer than its metrics; several seeds and their aggregate, the SFT safety-data sweep; its command
+line, the progress of side-by-side stages and the closing summary. The Python scripts are replaced by a stand-in that
+records its arguments and writes the files each stage leaves, so each run takes a fraction of a second."""
 import os
 import signal
 import stat
@@ -10,6 +10,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("base", "sft", "rm_safety", "rm_helpful", "ppo", "dpo", "rs", "distill")
+SHARES = ("0", "0.1", "0.25", "0.5", "1")
 PROBE = ["-c", "import", "matplotlib"]  # the summary's check for matplotlib when no plot was written
 
 FAKE_PYTHON = """#!/usr/bin/env bash
@@ -21,7 +22,8 @@ for a in "$@"; do
   prev=$a
 done
 case "$1" in
-  evaluate.py) if [[ $2 == --checkpoints ]]; then mkdir -p "$out" && echo '{}' > "$out/metrics.json"; fi ;;
+  evaluate.py)
+    if [[ $2 == --checkpoints || $2 == --aggregate ]]; then mkdir -p "$out" && echo '{}' > "$out/metrics.json"; fi ;;
   -c) ;;
   *) mkdir -p "$out" && touch "$out/model.pt" ;;
 esac
@@ -59,6 +61,8 @@ def test_stages_run_in_order_then_are_reused(tmp_path):
         ("train_rm.py", "rm_helpful"), ("train_ppo.py", "ppo"), ("train_dpo.py", "dpo"), ("distill.py", "rs"),
         ("distill.py", "distill"), ("evaluate.py", "eval")]
     assert "--overwrite" not in calls[-1]  # nothing to replace on a first evaluation
+    # one seed: the commands of every stage as they always were, seed 0 by default, no sweep
+    assert not any(flag in c for c in calls for flag in ("--seed", "--world-seed", "--aggregate", "--safety-share"))
     evaluated = calls[-1][calls[-1].index("--checkpoints") + 1:]
     assert [c.split("=")[0] for c in evaluated[:evaluated.index("--baseline")]] == \
         ["base", "sft", "ppo", "dpo", "rs", "distill"]
@@ -117,22 +121,108 @@ def test_a_failed_side_by_side_stage_stops_the_pipeline(tmp_path):
     assert "==   eval        not run" in lines
 
 
+def flag(call, name):
+    """The value after --name in a recorded call, or None."""
+    return call[call.index(name) + 1] if name in call else None
+
+
+def test_seeds_run_every_stage_once_per_seed_then_aggregate(tmp_path):
+    calls, result = run_pipeline(tmp_path, args=["--seeds", "2"])
+    out = tmp_path / "out"
+    assert calls[0] == ["evaluate.py", "--audit"] and sum(c[:2] == ["evaluate.py", "--audit"] for c in calls) == 1
+    for seed in (0, 1):  # seed 0's stages and evaluation, then seed 1's
+        run = out / f"seed{seed}"
+        mine = calls[1 + 9 * seed:10 + 9 * seed]
+        assert [flag(c, "--out") for c in mine] == [f"{run}/{name}" for name in (*STAGES, "eval")]
+        assert all(flag(c, "--seed") == str(seed) for c in mine)          # every script, evaluate.py too
+        assert flag(mine[4], "--world-seed") == str(seed)                   # PPO's world is its SFT model's
+        assert all(flag(c, "--init") == f"{run}/sft/model.pt" for c in mine[2:8])
+        assert f"sft={run}/sft/model.pt" in mine[-1] and flag(mine[-1], "--sft") == f"{run}/sft/model.pt"
+        assert all((run / stage / "model.pt").exists() for stage in STAGES)
+        assert (run / "eval" / "metrics.json").exists()
+    assert calls[-1] == ["evaluate.py", "--aggregate", f"{out}/seed0/eval", f"{out}/seed1/eval", "--out",
+                         f"{out}/eval", "--overwrite"]
+    assert not any((out / stage).exists() for stage in STAGES)           # nothing in the one-seed places
+    lines = summary(result).splitlines()
+    assert lines[0] == f"== done: {out}" and lines[1] == f"== seed 0: {out}/seed0"
+    assert [line.split()[1:] for line in lines[2:10]] == [[name, "trained", "now"] for name in STAGES]
+    assert lines[10] == "==   eval        evaluated now"
+    assert f"== seed 1: {out}/seed1" in lines and f"==   written in {out}/seed1/eval/: metrics.json" in lines
+    assert lines[lines.index(f"== all 2 seeds: {out}/eval") + 1] == \
+        "==   aggregate   aggregated now over seeds 0 to 1"
+
+    # a rerun reuses every stage and evaluation of both seeds; the aggregate is remade from them
+    (out / "seed1" / "dpo" / ".running").touch()                        # seed 1's DPO was interrupted
+    calls, result = run_pipeline(tmp_path, jobs=2, SEEDS="2")
+    trained = [c for c in calls if c[0].startswith("train") or c[0] == "distill.py"]
+    assert len(trained) == 1 and flag(trained[0], "--out") == f"{out}/seed1/dpo" and trained[0][-1] == "--resume"
+    assert [c[:2] for c in calls if c[0] == "evaluate.py"] == \
+        [["evaluate.py", "--audit"], ["evaluate.py", "--checkpoints"], ["evaluate.py", "--aggregate"]]
+    assert flag(calls[-2], "--out") == f"{out}/seed1/eval" and calls[-2][-1] == "--overwrite"
+    assert "== seed0/eval: reusing" in result.stdout and "== seed1/dpo: an earlier run was interrupted" in \
+        (out / "seed1" / "logs" / "dpo.log").read_text()
+
+
+def test_sweep_trains_five_sft_models_and_evaluates_them_together(tmp_path):
+    calls, result = run_pipeline(tmp_path, args=["--sweep"])
+    out = tmp_path / "out"
+    assert [flag(c, "--out").rsplit("/", 1)[-1] for c in calls if "--out" in c][:9] == [*STAGES, "eval"]
+    sweep = [c for c in calls if "--safety-share" in c]
+    assert [flag(c, "--safety-share") for c in sweep] == list(SHARES)
+    for share, c in zip(SHARES, sweep):  # SFT from seed 0's base model, one folder per share
+        assert c[:4] == ["train_sft.py", "--stage", "sft", "--preset"] and "--seed" not in c
+        assert flag(c, "--init") == f"{out}/base/model.pt" and flag(c, "--out") == f"{out}/sweep/share_{share}"
+        assert (out / "sweep" / f"share_{share}" / "model.pt").exists()
+    evaluated = calls[-1]
+    assert evaluated[:2] == ["evaluate.py", "--checkpoints"] and calls.index(sweep[-1]) == len(calls) - 2
+    assert evaluated[2:7] == [f"share_{s}={out}/sweep/share_{s}/model.pt" for s in SHARES]
+    assert flag(evaluated, "--rm-safety") == f"{out}/rm_safety/model.pt"
+    assert flag(evaluated, "--out") == f"{out}/sweep/eval" and "--overwrite" not in evaluated   # nothing there yet
+    lines = summary(result).splitlines()
+    start = lines.index(f"== sweep: {out}/sweep")
+    assert [line.split()[1:] for line in lines[start + 1:start + 6]] == \
+        [[f"share_{s}", "trained", "now"] for s in SHARES]
+    assert lines[start + 6] == "==   eval        evaluated now"
+
+    calls, result = run_pipeline(tmp_path, SWEEP="1")                  # all there: nothing trained, nothing judged
+    assert not any("--safety-share" in c for c in calls) and "== sweep/share_0.25: reusing" in result.stdout
+    assert f"== sweep/eval: reusing {out}/sweep/eval/metrics.json (no checkpoint is newer)" in result.stdout
+    os.utime(out / "sweep" / "share_0.5" / "model.pt", (2e9, 2e9))      # a newer share: the sweep is judged again
+    calls, _ = run_pipeline(tmp_path, SWEEP="1")
+    assert flag(calls[-1], "--out") == f"{out}/sweep/eval" and calls[-1][-1] == "--overwrite"
+    assert not any(flag(c, "--out") == f"{out}/eval" for c in calls)   # the main evaluation had nothing newer
+
+
+def test_sweep_with_seeds_starts_from_seed_0s_base_model(tmp_path):
+    calls, _ = run_pipeline(tmp_path, jobs=2, args=["--seeds", "2", "--sweep"])
+    out = tmp_path / "out"
+    sweep = [c for c in calls if "--safety-share" in c]
+    assert len(sweep) == 5 and all(flag(c, "--init") == f"{out}/seed0/base/model.pt" for c in sweep)
+    assert flag(calls[-1], "--rm-helpful") == f"{out}/seed0/rm_helpful/model.pt"
+    assert calls.index(sweep[0]) > next(i for i, c in enumerate(calls) if "--aggregate" in c)
+
+
 def test_an_unknown_or_invalid_argument_is_one_line_and_exit_2(tmp_path):
     for args in (["--bogus"], ["stray"], ["FOO=1"], ["--out"], ["--out", "--preset"], ["--jobs", "0"],
-                 ["JOBS=two"], ["--preset", "huge"], ["PRESET=7b"]):
+                 ["JOBS=two"], ["--preset", "huge"], ["PRESET=7b"], ["--seeds", "0"], ["--seeds"], ["SEEDS=two"],
+                 ["--seeds=1.5"], ["--seeds", "-2"], ["SWEEP=yes"], ["--sweep=1"], ["--sweep", "3"]):
         calls, result = run_pipeline(tmp_path, check=False, args=args)
         assert result.returncode == 2, args
         assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("pipeline.sh: "), result.stderr
         assert calls == [] and not (tmp_path / "out").exists()  # nothing ran, nothing was written
     calls, result = run_pipeline(tmp_path, check=False, JOBS="-1")  # the environment is checked the same way
     assert result.returncode == 2 and "JOBS" in result.stderr and calls == []
+    calls, result = run_pipeline(tmp_path, check=False, SEEDS="0")
+    assert result.returncode == 2 and result.stderr == "pipeline.sh: --seeds/SEEDS must be a positive integer, " \
+        "not '0' (see pipeline.sh --help)\n" and calls == []
 
 
 def test_help_prints_the_headers_usage(tmp_path):
     calls, result = run_pipeline(tmp_path, args=["--help"])
     assert calls == [] and not (tmp_path / "out").exists()
-    for form in ("--out DIR", "OUT=DIR", "--preset NAME", "PRESET=NAME", "--jobs N", "JOBS=N", "--python CMD",
-                 "PYTHON=CMD", "PROGRESS=S", "-h, --help"):
+    for form in ("--out DIR", "OUT=DIR", "--preset NAME", "PRESET=NAME", "--jobs N", "JOBS=N", "--seeds N",
+                 "SEEDS=N", "--sweep", "SWEEP=1", "--python CMD", "PYTHON=CMD", "PROGRESS=S", "-h, --help",
+                 "OUT/seed<k>/<stage>", "evaluate.py --aggregate", "OUT/sweep/share_<S>", "--safety-share"):
         assert form in result.stdout, form
     assert not result.stdout.startswith("#!") and "set -euo" not in result.stdout
 

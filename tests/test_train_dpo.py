@@ -197,6 +197,15 @@ def test_reference_on_the_fly_matches_precomputed(micro_init, few_pairs, tmp_pat
     assert fly["margin"] == pytest.approx(once["margin"], abs=1e-5)
 
 
+def test_world_pairs_hold_out_the_validation_split(micro_init, few_pairs, tmp_path, monkeypatch):
+    _, tok = micro_init
+    read, real_split = [], world.World.split
+    monkeypatch.setattr(world.World, "split", lambda self, name: read.append(name) or real_split(self, name))
+    train, val = train_dpo.load_pairs(micro_args("init.pt", tmp_path / "out"), tok, 192)
+    assert set(read) == {"train", "validation"}  # never the test split: that is evaluate.py's
+    assert len(val) == 32 and {r["safety"] for r in val} == {True, False} and len(train) > 100
+
+
 def test_files_feed_the_gate_and_errors_name_file_and_line(micro_init, tmp_path):
     _, tok = micro_init
     helpful, safety = tmp_path / "helpful.jsonl", tmp_path / "safety.jsonl"

@@ -11,6 +11,7 @@ import torch
 import tokenizer
 import train_ppo
 import runtime
+import world
 from model import ModelConfig, Transformer, generate, load_checkpoint, save_checkpoint
 from reward import REWARDS, helpfulness_only, llama2_gate, safety_only
 from train_ppo import (adaptive_beta, explained_variance, gae, kl_penalized_rewards, policy_loss, response_logprobs,
@@ -185,7 +186,7 @@ def micro(tmp_path_factory):
     policy = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
                                      max_seq_len=64))
     rm = ascii_reward_model(tok)
-    # a policy whose context holds the world's test prompts (up to 215 bytes), for the gold evaluation
+    # a policy whose context holds the world's validation prompts (up to 215 bytes), for the gold evaluation
     long_policy = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
                                           max_seq_len=256))
     paths = {name: str(folder / name / "model.pt") for name in ("sft", "rm", "sft_long")}
@@ -334,6 +335,14 @@ def test_gold_eval_during_training_and_at_the_end(micro, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "eval at iteration 1: violation_rate" in printed
     assert "gold judge on 6 held-out prompts: violation_rate" in printed
+
+
+def test_gold_evaluation_reads_the_validation_split():
+    validation = world.build_world(0).validation
+    assert train_ppo.held_out_examples(0, -1) == validation and train_ppo.held_out_examples(0, 0) == []
+    six = train_ppo.held_out_examples(0, 6)  # spread over the split: every kind of prompt
+    assert len(six) == 6 and all(ex in validation for ex in six)
+    assert {ex.split for ex in six} == {"validation"} and {ex.kind for ex in six} == {"benign", "harmful", "borderline"}
 
 
 def test_world_prompts_carry_the_safety_tag_and_long_ones_are_skipped():

@@ -131,26 +131,29 @@ def test_micro_run_lowers_loss_and_raises_accuracy(tok, tmp_path):
     init, _ = micro_checkpoint(tmp_path / "init.pt", tok)
     before = train_rm.main(micro_args(init, tmp_path / "before", "--steps", "0"))
     after = train_rm.main(micro_args(init, tmp_path / "after", "--steps", "25"))
-    losses = [json.loads(line)["loss"] for line in open(tmp_path / "after" / "metrics.jsonl")]
+    log = [json.loads(line) for line in open(tmp_path / "after" / "metrics.jsonl")]
+    losses = [row["loss"] for row in log]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2
-    assert after["test_accuracy"] > before["test_accuracy"] + 0.15, (before["test_accuracy"], after["test_accuracy"])
-    assert after["test_safe_over_unsafe"] > 0.9
+    assert log[-1]["val_accuracy"] == after["val_accuracy"]  # the held-out evaluation, logged at the last step
+    assert after["val_accuracy"] > before["val_accuracy"] + 0.15, (before["val_accuracy"], after["val_accuracy"])
+    assert after["val_safe_over_unsafe"] > 0.9
     # the evaluation files: accuracy per category, attack and strength; histograms of every response style
     result = json.load(open(tmp_path / "after" / "eval.json"))
     assert set(result["accuracy_by_category"]) == {"illicit", "hateful", "advice", "benign", "borderline"}
-    assert world.HELD_OUT_ATTACK in result["accuracy_by_attack"]
-    assert world.HELD_OUT_ATTACK in result["safe_over_unsafe_by_attack"]
+    # held out: the validation split, every training attack vector; the test split's held-out one is evaluate.py's
+    assert set(result["accuracy_by_attack"]) == set(result["safe_over_unsafe_by_attack"]) == set(world.TRAIN_ATTACKS)
     assert set(result["accuracy_by_strength"]) <= set(world.STRENGTHS)
     hist = json.load(open(tmp_path / "after" / "histograms.json"))
     assert {"harmful/safe", "harmful/unsafe"} <= set(hist["counts"])
-    n_harmful = sum(ex.kind == "harmful" for ex in world.build_world(0).test)
+    n_harmful = sum(ex.kind == "harmful" for ex in world.build_world(0).validation)
     assert sum(hist["counts"]["harmful/unsafe"]) == n_harmful == len(hist["scores"]["harmful/unsafe"])
     # the saved RM loads through the scoring interface and gives the numbers the run measured
     reward_model, rm_tok = reward.load_reward_model(str(tmp_path / "after" / "model.pt"))
     assert reward_model.config.head == "scalar"
-    held_out = world.build_world(0).labelled_pairs("safety", 0.0, 0, "test", 3)
+    held_out = world.build_world(0).labelled_pairs("safety", 0.0, 0, "validation", 3)
     held_out = held_out[::math.ceil(len(held_out) / 400)]  # --max-eval-pairs 400
     assert train_rm.pair_accuracy(reward_model, rm_tok, held_out)["accuracy"] == result["accuracy"]
+    assert result["n_pairs"] == len(held_out)
 
 
 def fruit_pairs(path):
@@ -191,7 +194,7 @@ def test_trains_on_a_generic_preference_file(tok, tmp_path):
     init, _ = micro_checkpoint(tmp_path / "init.pt", tok)
     path = fruit_pairs(tmp_path / "prefs.jsonl")
     result = train_rm.main(micro_args(init, tmp_path / "file", "--data", path, "--steps", "15"))
-    assert result["test_n_pairs"] == 3 and result["test_accuracy"] == 1.0  # every 20th pair held out
+    assert result["val_n_pairs"] == 3 and result["val_accuracy"] == 1.0  # every 20th pair held out
     assert not (tmp_path / "file" / "histograms.json").exists()  # style histograms need the world's responses
 
 

@@ -1,5 +1,6 @@
 """train_sft.py end to end on a micro config: base pre-training then SFT, the loss falls, --resume is exact (after a
-crash or a Ctrl-C), the command line and the run folder's rules."""
+crash or a Ctrl-C), held-out loss and samples on the validation split, --safety-share, the command line and the run
+folder's rules."""
 import json
 import os
 import signal
@@ -7,8 +8,12 @@ import signal
 import pytest
 import torch
 
+import data
+import loaders
+import model as model_lib
 import runtime
 import train_sft
+import world
 from model import load_checkpoint
 
 # A micro model and a small world tokenizer: seconds on two CPU cores.
@@ -54,6 +59,36 @@ def test_sft_lowers_the_answer_loss(base, tmp_path):
     first, last = [sum(r["loss"] for r in rows) / len(rows) for rows in (log[:3], log[-10:])]
     assert result["step"] == 40 and last < 0.8 * first  # answer tokens only; batches of 8 are noisy, so window means
     assert load_checkpoint(str(tmp_path / "model.pt"))["stage"] == "sft"
+
+
+def test_safety_share_keeps_that_share_of_the_safety_demonstrations(base, monkeypatch):
+    w = world.build_world(0)
+    harmful = [ex.messages for ex in w.sft_examples if ex.kind == "harmful"]
+    _, tok, _ = loaders.load_policy(os.path.join(base[0], "model.pt"), "cpu")
+    encoded = []
+    monkeypatch.setattr(data, "encode_sft", lambda tok, dialogs, max_len: encoded.append(dialogs) or [])
+    kept = {}
+    for share in (0.0, 0.25, 0.5, 1.0):
+        train_sft.load_text_data(sft_args(base[0], "unused", 1, "--safety-share", str(share)), tok)
+        train, val = encoded[-2:]
+        kept[share] = [d for d in train if d[:-1] in harmful]
+        assert len(kept[share]) == round(share * len(harmful))                   # that share of the safety demos
+        assert len(train) - len(kept[share]) == len(w.sft) - len(harmful)        # and every other demonstration
+        # held out: validation prompts with their gold answers, whatever the share
+        assert [d[:-1] for d in val] == [ex.messages for ex in w.validation[::2]]
+        assert all(d[-1]["role"] == "assistant" and d[-1]["content"] for d in val)
+    assert kept[1.0] == [d for d in w.sft if d[:-1] in harmful] and len(harmful) > 10
+    assert all(d in kept[0.5] for d in kept[0.25])                               # a smaller share: a subset
+
+
+def test_sft_samples_validation_prompts_and_records_the_share(base, tmp_path, monkeypatch):
+    asked, real_respond = [], model_lib.respond
+    monkeypatch.setattr(model_lib, "respond", lambda m, tok, prompts, *a, **k: asked.append(prompts) or
+                        real_respond(m, tok, prompts, *a, **k))
+    train_sft.main(sft_args(base[0], str(tmp_path), 2, "--safety-share", "0.5"))
+    validation = [ex.messages for ex in world.build_world(0).validation]
+    assert len(asked) == 1 and len(asked[0]) == 4 and all(p in validation for p in asked[0])
+    assert json.load(open(tmp_path / "config.json"))["safety_share"] == 0.5
 
 
 def test_resume_ends_with_the_same_weights(base, tmp_path, monkeypatch):
@@ -123,6 +158,12 @@ def test_sft_without_init_is_a_clear_error(tmp_path, capsys):
     (["--stage", "base", "--out", "OUT", "--steps", "-5"], "--steps: must be > 0, got -5"),
     (["--stage", "base", "--out", "OUT", "--lr", "0"], "--lr: must be > 0.0, got 0"),
     (["--stage", "base"], "required: --out"),
+    (["--stage", "base", "--out", "OUT", "--safety-share", "0.5"], "--safety-share is for --stage sft on --data world"),
+    (["--stage", "sft", "--init", "x.pt", "--out", "OUT", "--data", "d.jsonl", "--safety-share", "0"],
+     "--safety-share is for --stage sft on --data world"),
+    (["--stage", "sft", "--init", "x.pt", "--out", "OUT", "--safety-share", "1.5"], "--safety-share must be 0 to 1"),
+    (["--stage", "sft", "--init", "x.pt", "--out", "OUT", "--safety-share", "-0.1"],
+     "--safety-share: must be >= 0.0, got -0.1"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as stop:
