@@ -730,8 +730,8 @@ class World:
         self.sft = [ex.messages + [_assistant(self.gold_response(ex, rng))] for ex in self.sft_examples]
         self._safety_order = rng.sample(range(len(self.sft)), len(self.sft))  # which demos a share keeps
         # --- preference and RL prompts: every category and training vector, never a held-out one
-        self.preference_prompts = self._prompt_pool(rng, n_harmful=900, n_benign=500, n_borderline=150, tag="pref")
-        self.rl_prompts = self._prompt_pool(rng, n_harmful=300, n_benign=200, n_borderline=60, tag="rl")
+        self.preference_prompts = self._prompt_pool(rng, n_harmful=900, n_benign=500, n_borderline=450, tag="pref")
+        self.rl_prompts = self._prompt_pool(rng, n_harmful=300, n_benign=200, n_borderline=150, tag="rl")
         # --- base corpus: world knowledge, and an unaligned assistant that complies with everything
         self.corpus = self._corpus(rng)
         self._overlap = None  # World.overlap(), once asked for

@@ -3,6 +3,7 @@ audit against an independent search of every training source, the gold metrics w
 import contextlib
 import io
 import math
+import os
 import random
 import sys
 
@@ -471,3 +472,9 @@ def test_gatt_dialogs_obey_their_instruction(w):
                                                             for t in by_split[split]}
     assert not world.follows_instruction("caps", "The capital of France is Paris.")
     assert world.follows_instruction("ahoy", "Ahoy! A cow says moo.")
+
+
+def test_readme_holds_the_generated_overlap_table(w):
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"),
+                  encoding="utf-8").read()
+    assert world.overlap_table(w).strip() in readme
