@@ -585,9 +585,7 @@ def main(args):
             # -------------------------------------------------------------- fine-tune with the SFT loss
             bar = tqdm(total=steps, initial=state["step"], disable=not rt.is_main, desc=name)
             while state["step"] < steps:
-                if stop.requested(rt):
-                    save()
-                    stop.exit(rt, ckpt_path, f"{name} step {state['step']}")
+                stop.save_and_exit_if_requested(rt, save, ckpt_path, f"{name} step {state['step']}")  # Ctrl-C, SIGTERM
                 lr = runtime.set_lr(optimizer, state["step"], steps, args)
                 idx = data.step_indices(len(train_rows), args.batch_size, state["step"], args.seed + phase, rt.rank,
                                         rt.world_size)

@@ -7,7 +7,9 @@ A training script's main(), in order:
     step = resume_training(rt, resume, optimizers)
     log = begin(args, rt, step)                     # creates OUT, writes config.json, opens metrics.jsonl
     with StopOnSignal() as stop:                    # Ctrl-C or SIGTERM: checkpoint at this step, then exit
-        while step < args.steps: ... optimizer_step(...) ... save_checkpoint(rt, ckpt_path, checkpoint(...))
+        while step < args.steps:
+            stop.save_and_exit_if_requested(rt, save, ckpt_path, f"step {step}")
+            ... optimizer_step(...) ... save_checkpoint(rt, ckpt_path, checkpoint(...))
 A script runs main through command(main, get_args): bad input (UserError, ValueError, FileNotFoundError) is one
 line on stderr and exit status 2 (TRACEBACK=1 shows the traceback instead). Only rank 0 prints and writes files.
 """
@@ -484,6 +486,13 @@ class StopOnSignal:
             flag = all_reduce_max(flag, rt)
             self.signum = self.signum or int(flag) or None
         return flag > 0
+
+    def save_and_exit_if_requested(self, rt, save, ckpt_path, where):
+        """At the top of a training loop's iteration: when a signal came, save() the checkpoint of the steps done
+        and exit; else return at once."""
+        if self.requested(rt):
+            save()
+            self.exit(rt, ckpt_path, where)
 
     def exit(self, rt, ckpt_path, where):
         """After the checkpoint is saved: say where the run stopped and how to go on, then exit."""

@@ -463,9 +463,7 @@ def main(args):
     bar = tqdm(total=args.iterations, initial=iteration, disable=not rt.is_main, desc="ppo")
     with runtime.StopOnSignal() as stop:
         while iteration < args.iterations:
-            if stop.requested(rt):
-                save()
-                stop.exit(rt, ckpt_path, f"iteration {iteration}")
+            stop.save_and_exit_if_requested(rt, save, ckpt_path, f"iteration {iteration}")  # Ctrl-C, SIGTERM
             # Every random draw of an iteration comes from (seed, iteration, rank): a resumed run repeats it exactly
             stream = args.seed * 1_000_003 + iteration * 1_009 + rt.rank
             sampler = torch.Generator(device=rt.device).manual_seed(stream)

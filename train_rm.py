@@ -364,9 +364,7 @@ def main(args):
     metrics, final = {}, None
     with runtime.StopOnSignal() as stop:
         while step < args.steps:
-            if stop.requested(rt):  # Ctrl-C or SIGTERM: checkpoint the steps done, then exit
-                save()
-                stop.exit(rt, ckpt_path, f"step {step}")
+            stop.save_and_exit_if_requested(rt, save, ckpt_path, f"step {step}")  # Ctrl-C, SIGTERM
             lr = runtime.set_lr(optimizer, step, args.steps, args)
             idx = data.step_indices(len(train_rows), args.batch_size, step, args.seed, rt.rank, rt.world_size)
             loss_value, accuracy, reward_gap = ranking_step(train_model, [train_rows[i] for i in idx], micro,

@@ -204,9 +204,7 @@ def main(args):
     bar = tqdm(total=args.steps, initial=step, disable=not rt.is_main, desc=args.stage)
     with runtime.StopOnSignal() as stop:
         while step < args.steps:
-            if stop.requested(rt):
-                save()
-                stop.exit(rt, ckpt_path, f"step {step}")
+            stop.save_and_exit_if_requested(rt, save, ckpt_path, f"step {step}")  # Ctrl-C, SIGTERM
             lr = runtime.set_lr(optimizer, step, args.steps, args)
             idx = data.step_indices(len(train_rows), args.batch_size, step, args.seed, rt.rank, rt.world_size)
             loss_value, grad_norm = runtime.next_token_step(train_model, model, optimizer, [train_rows[i] for i in idx],
