@@ -155,9 +155,9 @@ side_by_side() {  # side_by_side NAME COMMAND...: stage NAME in the background w
   fi
 }
 
-latest() {  # latest LOG: LOG's last progress line (tqdm redraws its bar after a \r), or nothing
+latest() {  # latest LOG: LOG's last progress line (tqdm redraws its bar after a \r), at most 150 characters
   tail -c 4096 "$1" 2>/dev/null | tr '\r' '\n' | sed -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' \
-    | grep -v -e '^$' -e '^== ' | tail -n 1 || true
+    | grep -v -e '^$' -e '^== ' | tail -n 1 | cut -c 1-150 || true
 }
 
 join() {  # wait for the stages started side by side, with their progress every PROGRESS s; stop if one failed
