@@ -211,6 +211,13 @@ def test_start_refuses_a_checkpoint_of_another_stage(tmp_path):
         runtime.start(run_args(tmp_path, resume=True), stage="dpo")
 
 
+def test_out_under_a_file_is_a_user_error_and_creates_nothing(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(runtime.UserError, match="cannot write"):
+        runtime.start(run_args(tmp_path / "file" / "run"))
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
 def test_unwritable_out_is_a_user_error(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
