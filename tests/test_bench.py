@@ -1,9 +1,7 @@
 """bench.py on micro configs: every rate is positive and agrees with the counts it is made of; the command line
 checks its flags and never overwrites a result. No timing bars: the speed of a shared CPU says nothing about the
 code."""
-import io
 import json
-import sys
 
 import pytest
 import torch
@@ -98,15 +96,11 @@ def test_main_writes_json(tmp_path, restore_threads):
     (["--steps", "-5"], "--steps: must be > 0"),
     (["--threads", "two"], "expected a whole number"),
 ])
-def test_bad_flags_are_one_line_errors(argv, message):
-    stderr = io.StringIO()
-    real, sys.stderr = sys.stderr, stderr
-    try:
-        with pytest.raises(SystemExit) as e:
-            bench.get_args(argv)
-    finally:
-        sys.stderr = real
-    assert e.value.code == 2 and message in stderr.getvalue() and len(stderr.getvalue().splitlines()) == 1
+def test_bad_flags_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.get_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
 
 
 def test_bad_ppo_args_stop_the_run_before_any_timing(tmp_path, capsys):

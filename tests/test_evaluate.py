@@ -391,7 +391,7 @@ def test_an_evaluation_is_never_overwritten_without_overwrite(micro, tmp_path, c
         evaluate_into(os.path.dirname(paths["a"]), paths=paths)
 
 
-def test_out_is_needed_and_the_flags_are_checked():
+def test_out_is_needed_and_the_flags_are_checked(capsys):
     for argv, message in ((["--checkpoints", "a.pt"], "--checkpoints needs --out"),
                           (["--checkpoints", "x=a.pt", "x=b.pt", "--out", "o"], "given twice"),
                           (["--checkpoints", "x=a.pt", "--baseline", "y", "--out", "o"], "--baseline 'y'"),
@@ -407,14 +407,10 @@ def test_out_is_needed_and_the_flags_are_checked():
                           (["--responses", "r.jsonl", "--out", "o", "--sft", "s.pt"], "--sft needs --checkpoints"),
                           (["--aggregate", "d0", "d1"], "--aggregate needs --out"),
                           (["--aggregate", "d0", "--out", "o", "--limit", "3"], "--limit needs --checkpoints")):
-        stderr = io.StringIO()
-        real, sys.stderr = sys.stderr, stderr
-        try:
-            with pytest.raises(SystemExit) as e:
-                evaluate.get_args(argv)
-        finally:
-            sys.stderr = real
-        assert e.value.code == 2 and message in stderr.getvalue(), (argv, stderr.getvalue())
+        with pytest.raises(SystemExit) as e:
+            evaluate.get_args(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err, (argv, err)
     args = evaluate.get_args(["--checkpoints", "x=a.pt", "y=b.pt", "--out", "o"])
     assert args.baseline == "x" and args.split == "test"
 

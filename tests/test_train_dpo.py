@@ -1,6 +1,5 @@
 import json
 import math
-import os
 import signal
 
 import pytest
@@ -245,20 +244,14 @@ def test_llama2_gate_takes_safety_labels_on_safety_prompts_only():
                                 for p in gated if world.is_safety(p["example"]))
 
 
-def test_a_signal_saves_the_step_reached_and_resume_loses_nothing(micro_init, few_pairs, tmp_path, monkeypatch):
+def test_a_signal_saves_the_step_reached_and_resume_loses_nothing(micro_init, few_pairs, tmp_path, monkeypatch,
+                                                                    signal_on_call):
     """Ctrl-C mid-step: the step finishes, its checkpoint is saved between --save-every boundaries, the run exits
     with 128 + 2, and --resume ends with the uninterrupted run's weights."""
     path, _ = micro_init
     straight = train_dpo.main(micro_args(path, tmp_path / "straight", "--eval-every", "100"))
-    real, calls = train_dpo.pair_loss, []
-
-    def interrupted_loss(*a):
-        calls.append(1)
-        if len(calls) == 3:  # during step 3 (one micro-batch per step, no eval before it)
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(*a)
-
-    monkeypatch.setattr(train_dpo, "pair_loss", interrupted_loss)
+    # during step 3 (one micro-batch per step, no eval before it)
+    real = signal_on_call(train_dpo, "pair_loss", 3)
     with pytest.raises(SystemExit) as stopped:
         train_dpo.main(micro_args(path, tmp_path / "stopped", "--eval-every", "100"))
     monkeypatch.setattr(train_dpo, "pair_loss", real)

@@ -1,6 +1,5 @@
 import json
 import math
-import os
 import random
 import signal
 
@@ -198,22 +197,14 @@ def test_trains_on_a_generic_preference_file(tok, tmp_path):
     assert not (tmp_path / "file" / "histograms.json").exists()  # style histograms need the world's responses
 
 
-def test_a_signal_saves_the_step_reached_and_resume_loses_nothing(tok, tmp_path, monkeypatch):
+def test_a_signal_saves_the_step_reached_and_resume_loses_nothing(tok, tmp_path, monkeypatch, signal_on_call):
     """SIGTERM mid-step: the step finishes, its checkpoint is saved (no --save-every boundary needed), the run exits
     with 128 + 15, and --resume ends with the uninterrupted run's weights and one log row per step."""
     init, _ = micro_checkpoint(tmp_path / "init.pt", tok)
     args = ["--steps", "6", "--save-every", "100", "--data", fruit_pairs(tmp_path / "prefs.jsonl")]
     train_rm.main(micro_args(init, tmp_path / "straight", *args))
-    calls = {"n": 0}
-    real_loss = train_rm.ranking_loss
-
-    def signalled_loss(*a):
-        calls["n"] += 1
-        if calls["n"] == 4:  # during step 4 (one micro-batch per step)
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_loss(*a)
-
-    monkeypatch.setattr(train_rm, "ranking_loss", signalled_loss)
+    # during step 4 (one micro-batch per step)
+    real_loss = signal_on_call(train_rm, "ranking_loss", 4, signal.SIGTERM)
     with pytest.raises(SystemExit) as stopped:
         train_rm.main(micro_args(init, tmp_path / "stopped", *args))
     monkeypatch.setattr(train_rm, "ranking_loss", real_loss)
