@@ -252,6 +252,11 @@ def ppo_model(preset):
     return ModelConfig(vocab_size=tok.vocab_size, **MODEL_PRESETS[preset]), tok
 
 
+def ppo_schedule(preset):
+    """The train_ppo.py preset whose schedule a PPO benchmark model runs: its own, or tiny for smollm2-135m."""
+    return preset if preset in MODEL_PRESETS else "tiny"
+
+
 def ppo_phase(grad, model, *rest):
     """The phase of a log-prob or value pass: the update's when it takes gradients, else the frozen reference
     model's, else the rollout's own no-grad pass of the policy or value model ("old" log-probs and values)."""
@@ -283,8 +288,7 @@ def bench_ppo(preset, device, iterations=2, seed=0, extra_args=()):
             paths[head] = os.path.join(workdir, f"{head}.pt")
             save_checkpoint(paths[head], dict(model=Transformer(head_config).state_dict(), tokenizer=tok.to_dict(),
                                               model_config=vars(head_config), step=0))
-        schedule = preset if preset in train_ppo.PRESETS else "tiny"
-        args = ppo_args(schedule, paths["lm"], paths["scalar"], os.path.join(workdir, "ppo"), iterations, device,
+        args = ppo_args(ppo_schedule(preset), paths["lm"], paths["scalar"], os.path.join(workdir, "ppo"), iterations, device,
                         seed, extra_args)
         phases = dict(generate="rollout", combined_reward="reward", response_logprobs=ppo_phase,
                       response_values=ppo_phase, response_logprobs_and_entropy=ppo_phase,
@@ -520,7 +524,8 @@ def main(args):
     gen_presets = sizes["gen_presets"].split(",") if args.gen_presets is None else args.gen_presets
     ppo_presets = sizes["ppo_presets"].split(",") if args.ppo_presets is None else args.ppo_presets
     for name in ppo_presets:  # a bad --ppo-args is an error now, not after the training and generation timings
-        ppo_args(name, "init.pt", "rm.pt", "ppo", args.ppo_iterations, device, args.seed, args.ppo_args.split())
+        ppo_args(ppo_schedule(name), "init.pt", "rm.pt", "ppo", args.ppo_iterations, device, args.seed,
+                 args.ppo_args.split())
 
     for name in args.presets:
         config = bench_config(name, args.vocab_size)

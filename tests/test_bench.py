@@ -171,3 +171,13 @@ def test_the_hf_twin_has_the_same_shapes():
     twin = bench.hf_twin(config)
     assert twin.config._attn_implementation == "sdpa"
     assert sum(p.numel() for p in twin.parameters()) == num_params(bench.Transformer(config))
+
+
+def test_smollm2_shapes_run_ppo_with_a_synthetic_tokenizer():
+    tok = bench.synthetic_tokenizer(bench.SMOLLM2_135M["vocab_size"])
+    assert tok.vocab_size == 49152 and tok.decode([300, 49151 - 7]) == "<44><48888>"
+    config, tok = bench.ppo_model("smollm2-135m")
+    assert (config.dim, config.n_layers, config.vocab_size) == (576, 30, tok.vocab_size)
+    assert num_params(bench.Transformer(config)) == 134_515_008          # SmolLM2-135M's count, tied embeddings
+    assert bench.ppo_schedule("smollm2-135m") == "tiny" and bench.ppo_schedule("small") == "small"
+    assert bench.get_args(["--ppo-presets", "smollm2-135m"]).ppo_presets == ["smollm2-135m"]
