@@ -3,8 +3,9 @@
 Training: full optimizer steps (forward, masked next-token loss, backward, gradient clipping, AdamW) on random
 tokens, for the tiny preset and the 124M-class "small" preset of train_sft.MODEL_PRESETS. Two attention paths are
 timed: "causal" (no attention mask, so SDPA may pick its flash kernel on CUDA: what packed pre-training rows get)
-and "masked" (the explicit padding mask that padded SFT batches need, which rules the flash kernel out). On CUDA the step runs under bf16 autocast
-(runtime.autocast) with fused AdamW (runtime.make_optimizer), and model FLOPs utilisation is
+and "masked" (the explicit padding mask that padded SFT batches need, which rules the flash kernel out). On CUDA
+the step runs under bf16 autocast (runtime.autocast) with fused AdamW (runtime.make_optimizer), and model FLOPs
+utilisation is
     MFU = tokens/s * model.flops_per_token(config, seq_len) / peak bf16 FLOP/s of the GPU
 (PaLM, appendix B; recomputation and padding are not counted as useful work).
 
@@ -288,8 +289,8 @@ def bench_ppo(preset, device, iterations=2, seed=0, extra_args=()):
             paths[head] = os.path.join(workdir, f"{head}.pt")
             save_checkpoint(paths[head], dict(model=Transformer(head_config).state_dict(), tokenizer=tok.to_dict(),
                                               model_config=vars(head_config), step=0))
-        args = ppo_args(ppo_schedule(preset), paths["lm"], paths["scalar"], os.path.join(workdir, "ppo"), iterations, device,
-                        seed, extra_args)
+        args = ppo_args(ppo_schedule(preset), paths["lm"], paths["scalar"], os.path.join(workdir, "ppo"), iterations,
+                        device, seed, extra_args)
         phases = dict(generate="rollout", combined_reward="reward", response_logprobs=ppo_phase,
                       response_values=ppo_phase, response_logprobs_and_entropy=ppo_phase,
                       response_entropy="policy_value")  # response_entropy: before the one-pass version
