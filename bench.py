@@ -83,9 +83,12 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def bench_config(preset, vocab_size=None):
-    """The ModelConfig of a train_sft.MODEL_PRESETS entry at the benchmark's vocabulary."""
-    return ModelConfig(vocab_size=vocab_size or VOCAB_SIZE.get(preset, 32000), **MODEL_PRESETS[preset])
+def bench_config(preset, vocab_size=None, seq_len=None):
+    """The ModelConfig of a train_sft.MODEL_PRESETS entry at the benchmark's vocabulary; a seq_len beyond the
+    preset's max_seq_len extends it (only the RoPE table grows: the weights are the same)."""
+    shape = dict(MODEL_PRESETS[preset])
+    shape["max_seq_len"] = max(shape["max_seq_len"], seq_len or 0)
+    return ModelConfig(vocab_size=vocab_size or VOCAB_SIZE.get(preset, 32000), **shape)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -529,7 +532,7 @@ def main(args):
                  args.ppo_args.split())
 
     for name in args.presets:
-        config = bench_config(name, args.vocab_size)
+        config = bench_config(name, args.vocab_size, args.seq_len)
         report["train"][name] = []
         for attention in args.attention:
             r = bench_train(config, args.train_batch or sizes["train_batch"].get(name, 1),

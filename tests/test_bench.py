@@ -34,6 +34,14 @@ def test_bench_train_without_a_known_peak_has_no_mfu():
         bench.bench_train(MICRO, 1, 64, 1, CPU)
 
 
+def test_bench_config_stretches_max_seq_len_for_a_longer_sequence():
+    assert bench.bench_config("small").max_seq_len == 512
+    assert bench.bench_config("small", seq_len=1024).max_seq_len == 1024
+    assert bench.bench_config("small", seq_len=256).max_seq_len == 512
+    assert num_params(bench.Transformer(bench.bench_config("tiny", seq_len=400))) == \
+        num_params(bench.Transformer(bench.bench_config("tiny")))
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_bench_generate_makes_every_token(use_cache):
     model = bench.Transformer(MICRO)
