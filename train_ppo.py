@@ -38,6 +38,8 @@ Data parallel (each rank samples its own share of the prompts and whitens its ow
     torchrun --nproc_per_node=2 train_ppo.py --preset tiny --init out/sft/model.pt \\
         --rm-safety out/rm_safety/model.pt --rm-helpful out/rm_helpful/model.pt --out out/ppo
 """
+import math
+
 import torch
 from tqdm import tqdm
 
@@ -46,7 +48,7 @@ import loaders
 import runtime
 import world
 from model import generate, num_params, respond, token_logprobs
-from reward import REWARDS, combined_reward, load_reward_model
+from reward import ENSEMBLES, REWARDS, combined_reward, load_reward_model
 
 
 # ---------------------------------------------------------------------------------------------- the equations
@@ -129,6 +131,21 @@ def adaptive_beta(beta, kl, target, gain=0.1):
     """Adaptive KL controller (Ziegler et al. 2019, section 2.2): beta <- beta (1 + K_beta e),
     e = clip((KL - KL_target) / KL_target, -0.2, 0.2); kl is the mean per-sequence KL of this rollout."""
     return beta * (1 + gain * min(max((kl - target) / target, -0.2), 0.2))
+
+
+# Safe RLHF (Dai et al. 2023, section 3.3): maximise E[R_h] subject to E[C] <= d through the Lagrangian
+# min_lambda>=0 max_theta E[R_h] - lambda (E[C] - d), solved by alternating PPO steps on theta and dual steps on lambda.
+def lagrangian_reward(helpful, cost, lam):
+    """Safe RLHF's per-sequence reward for a fixed multiplier: R = (R_h - lambda C) / (1 + lambda), the 1 / (1 + lambda)
+    keeping its scale as lambda grows (Dai et al. 2023, section 3.3). helpful, cost (B,); lam >= 0 a number."""
+    return (helpful - lam * cost) / (1 + lam)
+
+
+def lambda_update(log_lambda, mean_cost, threshold, lr):
+    """One dual step (Dai et al. 2023, section 3.3): gradient ascent on lambda (E[C] - d) in log lambda, whose
+    gradient is lambda (E[C] - d): ln lambda <- ln lambda + lr lambda (E[C] - d). lambda = exp(ln lambda) stays
+    positive, grows while the batch's mean cost E[C] exceeds the threshold d and shrinks while it is below."""
+    return log_lambda + lr * math.exp(log_lambda) * (mean_cost - threshold)
 
 
 # ---------------------------------------------------------------------------------------------- sequences
@@ -217,15 +234,17 @@ def load_models(args, rt, resume):
     ref_model, _ = loaders.load_model(args.init, rt.device)
     ref_model.eval().requires_grad_(False)
     # the two frozen reward models score text, so each reads it with its own tokenizer
-    reward_models = {"safety": load_reward_model(args.rm_safety, rt.device),
-                     "helpfulness": load_reward_model(args.rm_helpful, rt.device)}
+    # (a list of several paths is an ensemble, combined by --ensemble)
+    reward_models = {name: [load_reward_model(path, rt.device) for path in paths] if len(paths) > 1
+                     else load_reward_model(paths[0], rt.device)
+                     for name, paths in (("safety", args.rm_safety), ("helpfulness", args.rm_helpful))}
     if resume is not None:
         value_model, _ = loaders.load_model(dict(model=resume["value_model"],
                                                  model_config=resume["value_model_config"]), rt.device)
     elif args.value_init == "policy":
         value_model, _ = loaders.load_model(args.init, rt.device, head="scalar")
     else:
-        value_path = args.rm_safety if args.value_init == "safety" else args.rm_helpful
+        value_path = (args.rm_safety if args.value_init == "safety" else args.rm_helpful)[0]
         value_model, value_ckpt = loaders.load_model(value_path, rt.device, head="scalar")
         if value_ckpt["tokenizer"] != policy_ckpt["tokenizer"]:
             raise runtime.UserError(f"--value-init {args.value_init}: {value_path} has another tokenizer than "
@@ -260,19 +279,26 @@ def rollout(policy, ref_model, value_model, tok, prompts, iteration, sampler, ar
     return out
 
 
-def sequence_scores(batch, reward_models, args, rt):
+def sequence_scores(batch, reward_models, args, rt, lam=0.0):
     """Step 2: each response's score R~ = whiten(logit(R_c)) (B,), R_c the reward models' scores combined by
-    --reward; a response cut without </s> gets --missing-eos-score instead (see the module docstring). Also the
-    unwhitened logit(R_c) and the raw RM scores, for the log."""
+    --reward; --reward lagrangian: R~ = whiten(lagrangian_reward(r_h, C, lam)) on the raw scores, the cost
+    C = -r_s (the safety RM's raw score, negated: high when it judges the answer unsafe). A response cut without
+    </s> gets --missing-eos-score instead (see the module docstring). Also the unwhitened score, R_c, the cost and
+    the raw RM scores, for the log."""
     safety_prompt = torch.tensor([p["safety"] for p in batch["prompts"]], device=rt.device)
+    lagrangian = args.reward == "lagrangian"
     combined, raw = combined_reward(reward_models, [p["messages"] for p in batch["prompts"]], batch["texts"],
-                                    safety_prompt, args.reward, args.safety_threshold)  # R_c, a probability
+                                    safety_prompt, "helpfulness" if lagrangian else args.reward,
+                                    args.safety_threshold, ensemble=args.ensemble)  # R_c, a probability
+    cost = -raw["safety"].to(rt.device)
     rm_score = torch.logit(combined.to(rt.device), eps=1e-6)                  # back to the RM's logit scale
+    if lagrangian:
+        rm_score = lagrangian_reward(raw["helpfulness"].to(rt.device), cost, lam)
     score = whiten(rm_score)
     if args.missing_eos_score is not None:
         score = torch.where(batch["has_eos"], score, torch.full_like(score, args.missing_eos_score))
-    return dict(score=score, rm_score=rm_score, safety_raw=raw["safety"].to(rt.device),
-                helpful_raw=raw["helpfulness"].to(rt.device))
+    return dict(score=score, rm_score=rm_score, combined=combined.to(rt.device), cost=cost,
+                safety_raw=raw["safety"].to(rt.device), helpful_raw=raw["helpfulness"].to(rt.device))
 
 
 def ppo_epochs(train_policy, train_value, policy, value_model, optimizers, batch, shuffler, args, rt, where,
@@ -311,6 +337,7 @@ def rollout_stats(batch):
     return dict(
         reward=(batch["rm_score"].sum().item(), n), rm_safety_mean=(batch["safety_raw"].sum().item(), n),
         rm_helpfulness_mean=(batch["helpful_raw"].sum().item(), n), final_score=(batch["score"].sum().item(), n),
+        combined_reward=(batch["combined"].sum().item(), n), cost=(batch["cost"].sum().item(), n),
         kl=(batch["kl"].sum(1).sum().item(), n),
         entropy=((batch["entropy"].sum() / mask.sum()).item() * n, n),
         explained_variance=(explained_variance(batch["old_values"], batch["returns"], mask).item() * n, n),
@@ -373,13 +400,26 @@ def get_args(argv=None):
                               seed_help="random seed (rollout sampling, prompt order)")
     # models
     p.add_argument("--init", required=True, help="SFT checkpoint: the policy's start and the frozen reference")
-    p.add_argument("--rm-safety", required=True, help="safety reward model (train_rm.py)")
-    p.add_argument("--rm-helpful", required=True, help="helpfulness reward model (train_rm.py)")
+    p.add_argument("--rm-safety", required=True, nargs="+", help="safety reward model (train_rm.py); several "
+                   "paths: an ensemble of k reward models, combined by --ensemble")
+    p.add_argument("--rm-helpful", required=True, nargs="+", help="helpfulness reward model (train_rm.py); "
+                   "several paths: an ensemble")
+    p.add_argument("--ensemble", choices=sorted(ENSEMBLES), default="mean", help="how an ensemble's raw scores "
+                   "combine (Coste et al. 2023): their mean, or their minimum (worst case)")
     p.add_argument("--value-init", choices=("safety", "helpful", "policy"), default="safety",
                    help="value model starts from that RM, or from the SFT model with a fresh scalar head")
     # reward
-    p.add_argument("--reward", choices=sorted(REWARDS), default="llama2",
-                   help="llama2: the safety/helpfulness gate; safety or helpfulness: that RM alone")
+    p.add_argument("--reward", choices=sorted(REWARDS) + ["lagrangian"], default="llama2",
+                   help="llama2: the safety/helpfulness gate; safety or helpfulness: that RM alone; lagrangian: "
+                   "Safe RLHF's PPO-Lagrangian, the helpfulness RM's score subject to E[cost] <= --cost-threshold, "
+                   "cost = minus the safety RM's raw score")
+    p.add_argument("--cost-threshold", type=float, default=-1.5, help="lagrangian: the threshold d on the mean "
+                   "cost -r_s over a rollout (raw safety-RM units; -1.5: a mean safety score of at least 1.5, "
+                   "chosen on the validation split's gold metrics for the tiny preset)")
+    p.add_argument("--lambda-init", type=runtime.positive_float, default=1.0,
+                   help="lagrangian: the multiplier's starting value (Safe RLHF: 1)")
+    p.add_argument("--lambda-lr", type=runtime.nonnegative_float, default=0.1,
+                   help="lagrangian: step size of the dual ascent on ln lambda, per iteration")
     p.add_argument("--safety-threshold", type=runtime.nonnegative_float, default=0.15,
                    help="gate: use R_s on any prompt whose safety probability is below this (Llama 2: 0.15)")
     p.add_argument("--beta", type=runtime.nonnegative_float,
@@ -449,6 +489,7 @@ def main(args):
     optimizers = {"optimizer": policy_opt, "value_optimizer": value_opt}
     iteration = runtime.resume_training(rt, resume, optimizers, ckpt_path)
     beta = resume["beta"] if resume is not None else args.beta
+    log_lambda = resume.get("log_lambda", math.log(args.lambda_init)) if resume else math.log(args.lambda_init)
     log, samples_log = runtime.begin(args, rt, iteration, "metrics.jsonl", "samples.jsonl")
     train_policy = runtime.wrap_ddp(policy, rt, args.compile)
     train_value = runtime.wrap_ddp(value_model, rt, args.compile)
@@ -456,7 +497,7 @@ def main(args):
     def save():
         runtime.save_checkpoint(rt, ckpt_path, runtime.checkpoint(
             policy, tok, iteration, args, "ppo", optimizers, value_model=value_model.state_dict(),
-            value_model_config=vars(value_model.config), beta=beta))
+            value_model_config=vars(value_model.config), beta=beta, log_lambda=log_lambda))
 
     # ------------------------------------------------------------------ the RLHF loop
     metrics = {}
@@ -471,7 +512,7 @@ def main(args):
             # 1. rollout: one sampled response per prompt, read by the policy, the reference and the value model
             batch = rollout(policy, ref_model, value_model, tok, prompts, iteration, sampler, args, rt)
             # 2. reward: R~ at the last token, -beta KL per token
-            batch.update(sequence_scores(batch, reward_models, args, rt))
+            batch.update(sequence_scores(batch, reward_models, args, rt, math.exp(log_lambda)))
             rewards, batch["kl"] = kl_penalized_rewards(batch["score"], batch["old_logp"], batch["ref_logp"],
                                                         batch["response_mask"], beta)
             # 3. advantages: GAE on the value model's estimates, whitened over the response tokens
@@ -485,6 +526,9 @@ def main(args):
             metrics = dict(reduce_means({**stats, **rollout_stats(batch)}, rt), beta=beta)
             if args.kl_target is not None:
                 beta = adaptive_beta(beta, metrics["kl"], args.kl_target, args.kl_gain)
+            if args.reward == "lagrangian":  # the multiplier this rollout was scored with, then its dual step
+                metrics["lambda"] = math.exp(log_lambda)
+                log_lambda = lambda_update(log_lambda, metrics["cost"], args.cost_threshold, args.lambda_lr)
             iteration += 1
             if rt.is_main and eval_examples and args.eval_every and iteration % args.eval_every == 0 \
                     and iteration < args.iterations:  # the last iteration's is the final eval below
