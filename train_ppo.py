@@ -141,11 +141,12 @@ def lagrangian_reward(helpful, cost, lam):
     return (helpful - lam * cost) / (1 + lam)
 
 
-def lambda_update(log_lambda, mean_cost, threshold, lr):
+def lambda_update(log_lambda, mean_cost, threshold, lr, max_lambda=math.inf):
     """One dual step (Dai et al. 2023, section 3.3): gradient ascent on lambda (E[C] - d) in log lambda, whose
-    gradient is lambda (E[C] - d): ln lambda <- ln lambda + lr lambda (E[C] - d). lambda = exp(ln lambda) stays
-    positive, grows while the batch's mean cost E[C] exceeds the threshold d and shrinks while it is below."""
-    return log_lambda + lr * math.exp(log_lambda) * (mean_cost - threshold)
+    gradient is lambda (E[C] - d): ln lambda <- min(ln lambda + lr lambda (E[C] - d), ln lambda_max). lambda =
+    exp(ln lambda) stays positive, grows while the batch's mean cost E[C] exceeds the threshold d and shrinks while
+    it is below; the step grows with lambda, so the cap (as Safe RLHF's lambda_max) stops a runaway."""
+    return min(log_lambda + lr * math.exp(log_lambda) * (mean_cost - threshold), math.log(max_lambda))
 
 
 # ---------------------------------------------------------------------------------------------- sequences
@@ -420,6 +421,8 @@ def get_args(argv=None):
                    help="lagrangian: the multiplier's starting value (Safe RLHF: 1)")
     p.add_argument("--lambda-lr", type=runtime.nonnegative_float, default=0.1,
                    help="lagrangian: step size of the dual ascent on ln lambda, per iteration")
+    p.add_argument("--lambda-max", type=runtime.positive_float, default=20.0,
+                   help="lagrangian: cap on the multiplier (20: the cost's weight at most 20/21 of the reward)")
     p.add_argument("--safety-threshold", type=runtime.nonnegative_float, default=0.15,
                    help="gate: use R_s on any prompt whose safety probability is below this (Llama 2: 0.15)")
     p.add_argument("--beta", type=runtime.nonnegative_float,
@@ -528,7 +531,8 @@ def main(args):
                 beta = adaptive_beta(beta, metrics["kl"], args.kl_target, args.kl_gain)
             if args.reward == "lagrangian":  # the multiplier this rollout was scored with, then its dual step
                 metrics["lambda"] = math.exp(log_lambda)
-                log_lambda = lambda_update(log_lambda, metrics["cost"], args.cost_threshold, args.lambda_lr)
+                log_lambda = lambda_update(log_lambda, metrics["cost"], args.cost_threshold, args.lambda_lr,
+                                           args.lambda_max)
             iteration += 1
             if rt.is_main and eval_examples and args.eval_every and iteration % args.eval_every == 0 \
                     and iteration < args.iterations:  # the last iteration's is the final eval below

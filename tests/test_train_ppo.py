@@ -58,6 +58,8 @@ def test_lagrangian_reward_and_lambda_update_by_hand():
     assert math.isclose(lambda_update(math.log(2), 0.5, -1.0, 0.1), math.log(2) + 0.3)
     # below the threshold lambda shrinks, at it lambda stays
     assert lambda_update(0.0, -2.0, -1.0, 0.1) == -0.1 and lambda_update(0.0, -1.0, -1.0, 0.1) == 0.0
+    # the cap: ln 10 + 0.1 * 10 * 5 = ln 10 + 5 is cut to ln 20
+    assert math.isclose(lambda_update(math.log(10), 4.0, -1.0, 0.1, max_lambda=20.0), math.log(20))
 
 
 def test_whiten_over_the_mask():
