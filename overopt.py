@@ -10,7 +10,8 @@ plots into --out:
    of the world, sampled once; best-of-n for n = 1, 2, 4, ... takes the first n of them (nested subsets, so all n
    share samples) and picks the one with the highest proxy reward. Its KL to the SFT model is analytic:
    KL_bon = log n - (n - 1) / n. RL: PPO (train_ppo.py) with a small KL coefficient (--rl-beta) for
-   --rl-iterations; every iteration's rollout (temperature 1, the policy of that iteration) gives a point:
+   --rl-iterations, its policy kept every --rl-keep-every iterations; evaluate.py answers the same validation
+   prompts with each kept policy (and the SFT model) once at temperature 1, which gives a point per checkpoint:
    d = sqrt(mean per-sequence KL to the SFT model), the mean proxy and the mean gold reward.
    Proxy reward: the Llama 2 combined reward R_c (reward.combined_reward, "llama2"), a probability, what PPO
    optimises. Gold reward: world.gold_reward, the gold judge's safety on harmful prompts and helpfulness
@@ -246,9 +247,9 @@ def ppo_argv(args, rms, out, *extra):
 
 
 def rl_runs(args, variants):
-    """{run name: (folder, argv, needs)} of the long, weakly KL-penalised PPO runs of part 1 (and 3)."""
+    """{run name: (folder, argv, needs, rms)} of the long, weakly KL-penalised PPO runs of part 1 (and 3)."""
     long = ["--beta", str(args.rl_beta), "--iterations", str(args.rl_iterations), "--eval-prompts", "0",
-            "--save-every", str(args.rl_iterations)]
+            "--keep-every", str(args.rl_keep_every)]
     runs = {"default": variants["default"]}
     if args.rl_ensemble and f"ensemble_{args.rl_ensemble}" in variants:
         runs[f"ensemble_{args.rl_ensemble}"] = variants[f"ensemble_{args.rl_ensemble}"]
@@ -257,7 +258,7 @@ def rl_runs(args, variants):
         folder = os.path.join(args.out, "ppo", name)
         ensemble = ["--ensemble", rms["ensemble"]] if rms["ensemble"] else []
         needs = [os.path.dirname(p) for p in rms["safety"][1:] + rms["helpfulness"][1:]]
-        out[name] = (folder, ppo_argv(args, rms, folder, *long, *ensemble), needs)
+        out[name] = (folder, ppo_argv(args, rms, folder, *long, *ensemble), needs, rms)
     return out
 
 
@@ -277,9 +278,10 @@ def constrained_runs(args):
 
 # ---------------------------------------------------------------------------------------------- best-of-n
 def bon_examples(seed, n):
-    """n validation prompts of the world spread evenly over its kinds, attacks and categories."""
+    """About n validation prompts of the world, every k-th (spread over its kinds, attacks and categories): the
+    prompts evaluate.py --limit n answers, so best-of-n and the PPO checkpoints are judged on the same ones."""
     examples = world.build_world(seed).validation
-    return examples[::max(1, len(examples) // n)][:n]
+    return examples[::max(1, math.ceil(len(examples) / n))]
 
 
 def bon_samples(args, examples):
@@ -309,6 +311,17 @@ def bon_samples(args, examples):
     return cached["texts"], np.array(cached["finished"]), gold
 
 
+def proxy_reward(args, rms, examples, responses):
+    """R_c (the llama2 gate) of each (example, response) under one RM variant (rm_variants' form): (N,) array."""
+    models = {k: [reward.load_reward_model(p, args.device_obj) for p in paths] if len(paths) > 1
+              else reward.load_reward_model(paths[0], args.device_obj)
+              for k, paths in rms.items() if k != "ensemble"}
+    safety = torch.tensor([world.is_safety(ex) for ex in examples])
+    combined, _ = reward.combined_reward(models, [ex.messages for ex in examples], responses, safety, "llama2",
+                                         batch_size=256, ensemble=rms["ensemble"] or "mean")
+    return combined.double().numpy()
+
+
 def bon_proxy(args, name, rms, examples, texts):
     """R_c (llama2 gate) of every sample under one RM variant, (P, N), cached in OUT/bon/proxy_<name>.json."""
     path = os.path.join(args.out, "bon", f"proxy_{name}.json")
@@ -316,15 +329,8 @@ def bon_proxy(args, name, rms, examples, texts):
         with open(path) as f:
             return np.array(json.load(f))
     start = time.time()
-    models = {k: [reward.load_reward_model(p, args.device_obj) for p in paths] if len(paths) > 1
-              else reward.load_reward_model(paths[0], args.device_obj)
-              for k, paths in rms.items() if k != "ensemble"}
-    conversations = [ex.messages for ex, row in zip(examples, texts) for _ in row]
-    flat = [t for row in texts for t in row]
-    safety = torch.tensor([world.is_safety(ex) for ex, row in zip(examples, texts) for _ in row])
-    combined, _ = reward.combined_reward(models, conversations, flat, safety, "llama2", batch_size=256,
-                                         ensemble=rms["ensemble"] or "mean")
-    proxy = combined.double().numpy().reshape(len(texts), -1)
+    flat_examples = [ex for ex, row in zip(examples, texts) for _ in row]
+    proxy = proxy_reward(args, rms, flat_examples, [t for row in texts for t in row]).reshape(len(texts), -1)
     atomic_json(path, proxy.tolist())
     print(f"== bon: scored with the {name} reward models in {time.time() - start:.0f} s", flush=True)
     return proxy
@@ -366,22 +372,55 @@ def read_log(folder):
         return [r for r in (json.loads(line) for line in f) if "kl" in r]
 
 
-def rl_study(folder):
-    """PPO's gold-against-proxy curve from its rollouts: per iteration d = sqrt(mean per-sequence KL), the mean
-    proxy R_c and the mean gold reward, fitted with Gao et al.'s RL form to the gain over iteration 1 (the SFT
-    policy's own rollout, KL 0)."""
-    rows = read_log(folder)
-    d = [math.sqrt(max(r["kl"], 0.0)) for r in rows]
-    proxy, gold = [r["combined_reward"] for r in rows], [r["gold_reward"] for r in rows]
-    out = dict(iteration=[r["step"] for r in rows], kl=[r["kl"] for r in rows], d=d, proxy=proxy, gold=gold,
-               violation_rate=[r.get("violation_rate") for r in rows], n_per_iteration=None,
-               proxy_fit=fit_rl(d, [p - proxy[0] for p in proxy]), gold_fit=fit_rl(d, [g - gold[0] for g in gold]))
-    out["gold_peak_d"] = rl_peak(*out["gold_fit"])
+def evaluate_kept(args, folder):
+    """evaluate.py on the SFT model and every policy_<iteration>.pt a long PPO run kept: the validation prompts of
+    best-of-n, one answer each at temperature 1, with KL to the SFT model; into folder/eval_validation (reused
+    while no checkpoint is newer). Returns its generations, {checkpoint name: [rows]}."""
+    kept = sorted(f for f in os.listdir(folder) if f.startswith("policy_") and f.endswith(".pt"))
+    out = os.path.join(folder, "eval_validation")
+    generations = os.path.join(out, "generations.jsonl")
+    newest = max(os.path.getmtime(os.path.join(folder, f)) for f in kept)
+    if not (os.path.exists(generations) and os.path.getmtime(generations) > newest):
+        sft = os.path.join(args.from_dir, "sft", "model.pt")
+        checkpoints = [f"it{int(f[7:-3]):04d}={os.path.join(folder, f)}" for f in kept]
+        print(f"== rl: evaluating {len(kept)} checkpoints of {folder} on the validation split", flush=True)
+        subprocess.run([sys.executable, "evaluate.py", "--checkpoints", f"it0000={sft}", *checkpoints, "--split",
+                        "validation", "--temperature", "1", "--limit", str(args.prompts), "--sft", sft, "--seed",
+                        str(args.from_seed), "--device", args.device, "--no-plots", "--out", out, "--overwrite",
+                        *args.eval_flags], cwd=HERE, check=True, stdout=subprocess.DEVNULL)
+    rows = {}
+    with open(generations) as f:
+        for line in f:
+            row = json.loads(line)
+            rows.setdefault(row["stage"], []).append(row)
+    return rows
+
+
+def rl_study(args, folder, rms):
+    """PPO's gold-against-proxy curve from its kept checkpoints (and the SFT model, iteration 0): per checkpoint
+    d = sqrt(mean per-sequence KL to the SFT model, sampled), the mean proxy R_c under the run's own reward models
+    and the mean gold reward, each with its interval; fitted with Gao et al.'s RL form to the gain over the SFT
+    model."""
+    examples = {ex.id: ex for ex in world.build_world(args.from_seed).validation}
+    curve = dict(iteration=[], kl=[], d=[], proxy=[], gold=[], proxy_ci=[], gold_ci=[], n=[])
+    for name, rows in sorted(evaluate_kept(args, folder).items()):
+        batch = [examples[r["id"]] for r in rows]
+        responses = [r["response"] for r in rows]
+        proxy = proxy_reward(args, rms, batch, responses)
+        gold = [world.gold_reward(ex, world.judge(ex, text)) for ex, text in zip(batch, responses)]
+        kl = float(np.mean([r["kl_to_sft"] for r in rows]))
+        for key, value in (("iteration", int(name[2:])), ("kl", kl), ("d", math.sqrt(max(kl, 0.0))),
+                           ("proxy", float(proxy.mean())), ("gold", float(np.mean(gold))),
+                           ("proxy_ci", world.mean_interval(list(proxy))), ("gold_ci", world.mean_interval(gold)),
+                           ("n", len(rows))):
+            curve[key].append(value)
+    d, proxy, gold = curve["d"], curve["proxy"], curve["gold"]
+    curve.update(proxy_fit=fit_rl(d, [p - proxy[0] for p in proxy]), gold_fit=fit_rl(d, [g - gold[0] for g in gold]))
+    curve["gold_peak_d"] = rl_peak(*curve["gold_fit"])
     best = int(np.argmax(gold))
-    out.update(gold_best_iteration=out["iteration"][best], gold_best=gold[best], gold_best_d=d[best])
-    with open(os.path.join(folder, "config.json")) as f:
-        out["n_per_iteration"] = json.load(f)["batch_size"]
-    return out
+    curve.update(gold_best_iteration=curve["iteration"][best], gold_best=gold[best], gold_best_d=d[best],
+                 gold_best_ci=curve["gold_ci"][best])
+    return curve
 
 
 # ---------------------------------------------------------------------------------------------- tables and plots
@@ -423,17 +462,22 @@ def bon_tables(bon, rm_accuracy):
 
 
 def rl_tables(rl):
-    lines = ["### PPO: gold against proxy along training", "",
-             "Per-iteration rollout means (n prompts each); d = sqrt(mean per-sequence KL to the SFT model).", "",
-             "| run | iterations | final d | proxy R_c first -> last | gold first -> best (iteration, d) -> last | "
-             "proxy fit alpha, beta | gold fit alpha, beta | gold peak d* = exp(alpha/beta - 1) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["### PPO: gold against proxy along training", ""]
+    for name, r in rl.items():
+        lines += [f"**{name}** reward models: each kept checkpoint answers the {r['n'][0]} validation prompts once at "
+                  "temperature 1; means with 95% intervals (normal, over prompts); d = sqrt(mean per-sequence KL "
+                  "to SFT).", "", "| iteration | KL | d | proxy R_c | gold reward |", "|---|---|---|---|---|"]
+        lines += [f"| {i} | {kl:.2f} | {d:.2f} | {fmt_ci(p, pc)} | {fmt_ci(g, gc)} |" for i, kl, d, p, pc, g, gc in
+                  zip(r["iteration"], r["kl"], r["d"], r["proxy"], r["proxy_ci"], r["gold"], r["gold_ci"])]
+        lines.append("")
+    lines += ["### PPO fits, R(d) - R(0) = d (alpha - beta log d)", "",
+              "| reward models | proxy alpha, beta | gold alpha, beta | gold peak d* = exp(alpha/beta - 1) | "
+              "best gold checkpoint (iteration, d) |", "|---|---|---|---|---|"]
     for name, r in rl.items():
         (pa, pb), (ga, gb) = r["proxy_fit"], r["gold_fit"]
-        lines.append(f"| {name} (n={r['n_per_iteration']}) | {len(r['d'])} | {r['d'][-1]:.2f} | {r['proxy'][0]:.3f} "
-                     f"-> {r['proxy'][-1]:.3f} | {r['gold'][0]:.3f} -> {r['gold_best']:.3f} "
-                     f"({r['gold_best_iteration']}, {r['gold_best_d']:.2f}) -> {r['gold'][-1]:.3f} | {pa:.3f}, "
-                     f"{pb:.3f} | {ga:.3f}, {gb:.3f} | {fmt_peak(r['gold_peak_d'])} |")
+        lines.append(f"| {name} | {pa:.3f}, {pb:.3f} | {ga:.3f}, {gb:.3f} | {fmt_peak(r['gold_peak_d'])} | "
+                     f"{fmt_ci(r['gold_best'], r['gold_best_ci'])} ({r['gold_best_iteration']}, "
+                     f"{r['gold_best_d']:.2f}) |")
     return lines + [""]
 
 
@@ -488,7 +532,7 @@ def plots(args, bon, rl, lambdas):
             logs = np.log(np.where(grid > 0, grid, 1.0))
             ax.plot(grid, base + grid * (alpha - beta * (logs if form == "rl" else grid)), "-", color=color, lw=1)
         ax.set_xlabel("d = sqrt(KL to SFT)")
-        ax.set_ylabel("reward gain over iteration 1" if form == "rl" else "mean reward of the pick")
+        ax.set_ylabel("reward gain over the SFT model" if form == "rl" else "mean reward of the pick")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -532,8 +576,9 @@ def get_args(argv=None):
     p.add_argument("--jobs", type=runtime.positive_int, default=2, help="training runs at a time (one thread each)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
     # best-of-n
-    p.add_argument("--prompts", type=runtime.positive_int, default=240,
-                   help="validation prompts of the world for best-of-n, spread over its kinds")
+    p.add_argument("--prompts", type=runtime.positive_int, default=330,
+                   help="about this many validation prompts of the world (every k-th, all kinds; evaluate.py "
+                   "--limit) for best-of-n and the PPO checkpoints")
     p.add_argument("--samples", type=runtime.positive_int, default=64, help="samples per prompt: best-of-n runs "
                    "n = 1, 2, 4, ... up to this")
     p.add_argument("--max-new-tokens", type=runtime.positive_int, default=64,
@@ -551,6 +596,8 @@ def get_args(argv=None):
                    help="reward models per ensemble (the --from RM and k - 1 more seeds; 1: no ensembles)")
     # RL
     p.add_argument("--rl-iterations", type=runtime.positive_int, default=30, help="iterations of the long PPO runs")
+    p.add_argument("--rl-keep-every", type=runtime.positive_int, default=3,
+                   help="iterations between the kept PPO checkpoints that are evaluated (train_ppo.py --keep-every)")
     p.add_argument("--rl-beta", type=runtime.nonnegative_float, default=0.01,
                    help="KL coefficient of the long PPO runs (the preset's is 0.2)")
     p.add_argument("--rl-ensemble", choices=("mean", "min", "none"), default="mean",
@@ -568,7 +615,7 @@ def get_args(argv=None):
                          ("ppo", "train_ppo.py (every PPO run)"), ("eval", "evaluate.py (the constrained runs)")):
         p.add_argument(f"--{script}-flags", type=shlex.split, default=[], metavar="'FLAGS'",
                        help=f"extra flags for {what}, one quoted string, e.g. '--steps 40'; they come last and win")
-    args = p.parse_args(argv)
+    args = runtime.parse_args(p, {name: {} for name in ("tiny", "small", "1b")}, argv)
     if any(not 0 < s < 1 for s in args.pair_shares):
         p.error(f"--pair-shares must lie strictly between 0 and 1, got {args.pair_shares}")
     return args
@@ -616,7 +663,11 @@ def main(args):
     # ------------------------------------------------------------------ training: RM variants, PPO runs
     jobs = rm_jobs(args) if "bon" in args.parts or "rl" in args.parts else []
     if "rl" in args.parts:
-        jobs += [(f"ppo_{name}", folder, argv, needs) for name, (folder, argv, needs) in rl_runs(args, variants).items()]
+        jobs += [(f"ppo_{name}", folder, argv, needs) for name, (folder, argv, needs, _) in
+                 rl_runs(args, variants).items()]
+    # the longest chains first (the PPO runs, the smaller model's base -> SFT -> RMs), the rest as cores free up
+    first = ("ppo_default", "small_base", "rm_seed_", "ppo_ensemble", "small_sft")
+    jobs.sort(key=lambda job: next((i for i, p in enumerate(first) if job[0].startswith(p)), len(first)))
     if "constrained" in args.parts:
         jobs += [(f"constrained_{name}_seed{seed}", folder, argv, [])
                  for (name, seed), (folder, argv) in constrained_runs(args).items()]
@@ -636,8 +687,11 @@ def main(args):
         results["bon"], results["rm_accuracy"] = bon, rm_accuracies(variants)
 
     # ------------------------------------------------------------------ part 1 and 3: PPO curves
-    rl = {name: rl_study(folder) for name, (folder, _, _) in rl_runs(args, variants).items()} \
-        if "rl" in args.parts else {}
+    rl = {}
+    if "rl" in args.parts:
+        start = time.time()
+        rl = {name: rl_study(args, folder, rms) for name, (folder, _, _, rms) in rl_runs(args, variants).items()}
+        timings["rl_eval"] = time.time() - start
     results["rl"] = rl
 
     # ------------------------------------------------------------------ part 2: evaluation on the test split

@@ -39,6 +39,7 @@ Data parallel (each rank samples its own share of the prompts and whitens its ow
         --rm-safety out/rm_safety/model.pt --rm-helpful out/rm_helpful/model.pt --out out/ppo
 """
 import math
+import os
 
 import torch
 from tqdm import tqdm
@@ -257,6 +258,14 @@ def load_models(args, rt, resume):
     return policy, tok, ref_model, reward_models, value_model
 
 
+def keep_policy(rt, policy, tok, iteration, args):
+    """--keep-every: the policy's weights at this iteration as OUT/policy_<iteration>.pt, a language-model
+    checkpoint that evaluate.py reads, for studies of the policy along training (overopt.py)."""
+    runtime.save_checkpoint(rt, os.path.join(args.out, f"policy_{iteration:04d}.pt"), dict(
+        model=policy.state_dict(), model_config=vars(policy.config), tokenizer=tok.to_dict(), step=iteration,
+        stage="ppo"))
+
+
 # ---------------------------------------------------------------------------------------------- one iteration
 def rollout(policy, ref_model, value_model, tok, prompts, iteration, sampler, args, rt):
     """Step 1: this rank's share of global batch `iteration`, one response sampled per prompt, and what PPO reads
@@ -461,6 +470,8 @@ def get_args(argv=None):
     p.add_argument("--sample-every", type=runtime.positive_int, default=5,
                    help="iterations between printed sample rollouts")
     p.add_argument("--save-every", type=runtime.positive_int, default=10, help="iterations between checkpoints")
+    p.add_argument("--keep-every", type=runtime.nonnegative_int, default=0, help="also keep the policy's weights "
+                   "every this many iterations as OUT/policy_<iteration>.pt (0: none)")
     p.add_argument("--eval-prompts", type=int, default=-1, help="held-out validation prompts of the world judged "
                    "greedily at the end (-1: all, 0: none)")
     p.add_argument("--eval-every", type=runtime.nonnegative_int, default=0, help="iterations between gold "
@@ -540,6 +551,8 @@ def main(args):
             log_iteration(rt, args, iteration, batch, metrics, bar, log, samples_log)
             if iteration % args.save_every == 0 or iteration == args.iterations:
                 save()
+            if args.keep_every and iteration % args.keep_every == 0:
+                keep_policy(rt, policy, tok, iteration, args)
     bar.close()
 
     # ------------------------------------------------------------------ eval: the gold judge on held-out prompts

@@ -81,7 +81,7 @@ def from_folder(tmp_path_factory):
 def micro_argv(from_folder, out, *extra):
     return ["--from", str(from_folder), "--out", str(out), "--device", "cpu", "--prompts", "4", "--samples", "4",
             "--max-new-tokens", "8", "--bootstrap", "5", "--pair-shares", "0.5", "--small-dim", "0",
-            "--ensemble-k", "2", "--rl-iterations", "3", "--seeds", "0", "1",
+            "--ensemble-k", "2", "--rl-iterations", "3", "--rl-keep-every", "1", "--seeds", "0", "1",
             "--rm-flags", "--steps 2 --batch-size 8 --warmup 1 --max-eval-pairs 40",
             "--ppo-flags", "--batch-size 8 --minibatch-size 4 --max-new-tokens 8 --eval-prompts 0 --lr 3e-3 "
             "--iterations 3",
@@ -103,8 +103,9 @@ def test_micro_study_writes_its_tables_and_reuses_its_work(from_folder, tmp_path
     assert saved["rm_accuracy"]["ensemble_mean"]["safety"].count("/") == 1
     for run in ("default", "ensemble_mean"):
         rl = saved["rl"][run]
-        assert rl["iteration"] == [1, 2, 3] and rl["kl"][0] == 0.0 and rl["d"][-1] > 0   # the policy moved
-        assert all(0 <= g <= 1 for g in rl["gold"]) and len(rl["gold_fit"]) == 2
+        # the SFT model (iteration 0, no KL to itself) and each kept checkpoint, judged on the same prompts
+        assert rl["iteration"] == [0, 1, 2, 3] and rl["kl"][0] == 0.0 and rl["d"][-1] > 0   # the policy moved
+        assert rl["n"] == [12] * 4 and all(0 <= g <= 1 for g in rl["gold"]) and len(rl["gold_fit"]) == 2
     assert set(saved["constrained"]) == {"sft", "llama2", "lagrangian", "safety", "helpfulness"}
     assert saved["constrained"]["lagrangian"]["n_seeds"] == 2
     assert 0 <= saved["constrained"]["llama2"]["violation_rate"] <= 1

@@ -260,6 +260,18 @@ def test_micro_run_raises_the_reward_from_zero_kl(micro):
     assert ckpt["stage"] == "ppo" and ckpt["step"] == 12 and "value_model" in ckpt
 
 
+def test_keep_every_keeps_the_policy_along_training(micro, tmp_path):
+    out = str(tmp_path / "kept")
+    train_ppo.main(ppo_args(micro, out, 4, "--keep-every", "2"))
+    assert sorted(f for f in os.listdir(out) if f.startswith("policy_")) == ["policy_0002.pt", "policy_0004.pt"]
+    final, kept = load_checkpoint(os.path.join(out, "model.pt")), load_checkpoint(os.path.join(out, "policy_0004.pt"))
+    assert kept["step"] == 4 and kept["stage"] == "ppo" and "optimizer" not in kept
+    for name, tensor in final["model"].items():
+        torch.testing.assert_close(kept["model"][name], tensor, rtol=0, atol=0)
+    early = load_checkpoint(os.path.join(out, "policy_0002.pt"))
+    assert any(not torch.equal(early["model"][n], t) for n, t in final["model"].items())
+
+
 def test_resume_ends_with_the_same_weights(micro):
     straight, broken = str(micro["folder"] / "straight"), str(micro["folder"] / "broken")
     train_ppo.main(ppo_args(micro, straight, 4, "--kl-target", "0.5"))
