@@ -2,8 +2,8 @@
 
 Training: full optimizer steps (forward, masked next-token loss, backward, gradient clipping, AdamW) on random
 tokens, for the tiny preset and the 124M-class "small" preset of train_sft.MODEL_PRESETS. Two attention paths are
-timed: "causal" (no attention mask, so SDPA may pick its flash kernel on CUDA) and "masked" (the explicit padding
-mask that train_sft.py passes, which rules the flash kernel out). On CUDA the step runs under bf16 autocast
+timed: "causal" (no attention mask, so SDPA may pick its flash kernel on CUDA: what packed pre-training rows get)
+and "masked" (the explicit padding mask that padded SFT batches need, which rules the flash kernel out). On CUDA the step runs under bf16 autocast
 (runtime.autocast) with fused AdamW (runtime.make_optimizer), and model FLOPs utilisation is
     MFU = tokens/s * model.flops_per_token(config, seq_len) / peak bf16 FLOP/s of the GPU
 (PaLM, appendix B; recomputation and padding are not counted as useful work).
@@ -11,10 +11,16 @@ mask that train_sft.py passes, which rules the flash kernel out). On CUDA the st
 Generation: model.generate with the KV cache (one new token per forward) against recomputing the whole sequence
 every step (use_cache=False), at batch 1 and 32, 128 new tokens; EOS is disabled so every row makes all of them.
 
-PPO: one iteration of train_ppo.main (its tiny or small preset) split into rollout (generation), scoring (the two
-reward models, and the no-grad passes of policy, reference and value model) and update (the PPO epochs) time.
-Timers wrap train_ppo's own calls (and runtime.save_checkpoint, which ends an iteration) for the length of the
-run, so the loop measured is the script's real one.
+PPO: one iteration of train_ppo.main (its tiny or small preset, or SmolLM2-135M's shapes) split into rollout
+(generation), reward (the two reward models), reference (the frozen SFT model's log-probs), policy/value passes
+(the rollout's no-grad log-probs, entropy and values) and update (the PPO epochs) time. Timers wrap train_ppo's
+own calls (and runtime.save_checkpoint, which ends an iteration) for the length of the run, so the loop measured
+is the script's real one.
+
+Against transformers (--compare-hf, CPU): the same shapes through this project's transformer and transformers'
+LlamaForCausalLM (SDPA attention, its generate with its own KV cache), float32, same threads, in one run of
+interleaved rounds; each ratio is this project's tokens/s over transformers' in one round, reported as min /
+median / max. transformers is optional; without it the comparison is skipped with a message.
 
 Weights are random: speed does not depend on what the model has learnt. Every figure is a wall-clock rate on this
 machine at this moment; the JSON records the load average before and after, so runs on a shared CPU can be told.
@@ -22,11 +28,13 @@ machine at this moment; the JSON records the load average before and after, so r
     python bench.py --out out/bench_cpu.json                       # CPU, a few minutes
     python bench.py --device cuda --out out/bench_gpu.json         # GPU: bf16, fused AdamW, flash attention
     python bench.py --device cuda --compile --out out/bench_gpu_compiled.json
+    python bench.py --compare-hf --out out/bench_vs_hf.json        # CPU, needs pip install transformers
 An --out file that already exists is an error unless --overwrite.
 """
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
@@ -47,6 +55,9 @@ PEAK_BF16_FLOPS = (
 # Vocabulary per preset: tiny uses the world BPE (train_sft's --vocab-size default); the larger presets are
 # benchmarked at Llama 2's 32000-token vocabulary, which puts "small" at 124M parameters (GPT-2 small's size).
 VOCAB_SIZE = {"tiny": 2048, "small": 32000, "1b": 32000}
+# SmolLM2-135M's shapes (its config.json): the size of the real model the README runs, at random weights
+SMOLLM2_135M = dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536,
+                    norm_eps=1e-5, rope_theta=100000.0, max_seq_len=2048, tie_embeddings=True)
 # Sizes per device: on CPU small enough to finish in minutes on two cores; on CUDA large enough to fill the GPU.
 SIZES = {
     "cpu": dict(train_batch={"tiny": 32, "small": 4, "1b": 1}, seq_len={"tiny": 192, "small": 256, "1b": 256},
@@ -187,15 +198,16 @@ def bench_generation(config, batch_sizes, prompt_len, new_tokens, device, bf16=T
 def phase_timers(module, phases, device):
     """Wrap module-level functions of `module` so each call adds its wall time to a phase; restored on exit.
 
-    phases maps a function name to a phase name, or to a function of torch.is_grad_enabled() giving it (the
-    same log-prob pass is scoring under no_grad and update with gradients). Yields the list of
-    (phase, start, end) records, CUDA work included (synchronised at both ends).
+    phases maps a function name to a phase name, or to a function of (torch.is_grad_enabled(), the call's
+    arguments) giving it (the same log-prob pass is the reference's, or the update's with gradients); names the
+    module lacks are skipped. Yields the list of (phase, start, end) records, CUDA work included (synchronised at
+    both ends).
     """
-    records, originals = [], {name: getattr(module, name) for name in phases}
+    records, originals = [], {name: getattr(module, name) for name in phases if hasattr(module, name)}
 
     def timed(name, fn):
         def wrapper(*args, **kwargs):
-            phase = phases[name](torch.is_grad_enabled()) if callable(phases[name]) else phases[name]
+            phase = phases[name](torch.is_grad_enabled(), *args) if callable(phases[name]) else phases[name]
             synchronize(device)
             start = time.perf_counter()
             out = fn(*args, **kwargs)
@@ -223,17 +235,46 @@ def ppo_args(preset, init, reward_model, out, iterations, device, seed, extra_ar
                                "--device", str(device), "--seed", str(seed), *extra_args])
 
 
-def bench_ppo(preset, device, iterations=2, seed=0, extra_args=()):
-    """Seconds of the last of `iterations` train_ppo.py iterations, split into rollout, scoring and update.
+def synthetic_tokenizer(vocab_size):
+    """Bytes plus made-up tokens "<0>", "<1>", ... up to vocab_size ids (specials included): it decodes any id, so a
+    random model with a real model's vocabulary can run the PPO loop without that model's tokenizer files."""
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks.update({f"<{i}>".encode(): 256 + i for i in range(vocab_size - 256 - len(tokenizer.SPECIAL_TOKENS))})
+    return tokenizer.Tokenizer(ranks, name=f"synthetic{vocab_size}")
 
-    The policy and both reward models are random-weight models of the preset with the world tokenizer, so each
-    response runs to --max-new-tokens (a random policy seldom samples </s>): the longest, steadiest rollout.
-    The earlier iterations are warm-up. update = the iteration's time minus rollout and scoring.
+
+def ppo_model(preset):
+    """(ModelConfig, tokenizer) of a PPO benchmark model: a train_sft.MODEL_PRESETS entry with the world tokenizer,
+    or "smollm2-135m": SmolLM2-135M's shapes with a synthetic tokenizer of its 49152 ids."""
+    if preset == "smollm2-135m":
+        return ModelConfig(**SMOLLM2_135M), synthetic_tokenizer(SMOLLM2_135M["vocab_size"])
+    tok = tokenizer.world_tokenizer(2048)
+    return ModelConfig(vocab_size=tok.vocab_size, **MODEL_PRESETS[preset]), tok
+
+
+def ppo_phase(grad, model, *rest):
+    """The phase of a log-prob or value pass: the update's when it takes gradients, else the frozen reference
+    model's, else the rollout's own no-grad pass of the policy or value model ("old" log-probs and values)."""
+    if grad:
+        return "update"
+    return "reference" if not any(p.requires_grad for p in model.parameters()) else "policy_value"
+
+
+PPO_PHASES = ("rollout", "reward", "reference", "policy_value")
+
+
+def bench_ppo(preset, device, iterations=2, seed=0, extra_args=()):
+    """Seconds of the last of `iterations` train_ppo.py iterations, split into rollout (generation), reward (the
+    reward models), reference (the frozen SFT model's log-probs), policy_value (the no-grad passes of policy and
+    value model: old log-probs, entropy, old values) and update (the PPO epochs: the rest of the iteration).
+
+    The policy and both reward models are random-weight models of the preset, so each response runs to
+    --max-new-tokens (a random policy seldom samples </s>): the longest, steadiest rollout. The earlier iterations
+    are warm-up. train_ppo.py runs its "tiny" schedule for "smollm2-135m" (shrink it with extra_args).
     """
     import train_ppo
 
-    tok = tokenizer.world_tokenizer(2048)
-    config = ModelConfig(vocab_size=tok.vocab_size, **MODEL_PRESETS[preset])
+    config, tok = ppo_model(preset)
     with tempfile.TemporaryDirectory() as workdir:
         paths = {}
         for i, head in enumerate(("lm", "scalar")):
@@ -242,11 +283,12 @@ def bench_ppo(preset, device, iterations=2, seed=0, extra_args=()):
             paths[head] = os.path.join(workdir, f"{head}.pt")
             save_checkpoint(paths[head], dict(model=Transformer(head_config).state_dict(), tokenizer=tok.to_dict(),
                                               model_config=vars(head_config), step=0))
-        args = ppo_args(preset, paths["lm"], paths["scalar"], os.path.join(workdir, "ppo"), iterations, device, seed,
-                        extra_args)
-        scoring_or_update = lambda grad: "update" if grad else "scoring"
-        phases = dict(generate="rollout", combined_reward="scoring", response_logprobs=scoring_or_update,
-                      response_values=scoring_or_update, response_entropy="scoring")
+        schedule = preset if preset in train_ppo.PRESETS else "tiny"
+        args = ppo_args(schedule, paths["lm"], paths["scalar"], os.path.join(workdir, "ppo"), iterations, device,
+                        seed, extra_args)
+        phases = dict(generate="rollout", combined_reward="reward", response_logprobs=ppo_phase,
+                      response_values=ppo_phase, response_logprobs_and_entropy=ppo_phase,
+                      response_entropy="policy_value")  # response_entropy: before the one-pass version
         with phase_timers(train_ppo, phases, device) as records, \
                 phase_timers(runtime, dict(save_checkpoint="end"), device) as saves:
             train_ppo.main(args)
@@ -256,13 +298,111 @@ def bench_ppo(preset, device, iterations=2, seed=0, extra_args=()):
     # the last iteration runs from the start of the last rollout to the final checkpoint's save
     start = [r[1] for r in records if r[0] == "rollout"][-1]
     end = saves[-1][1]
-    spent = {phase: sum(e - s for p, s, e in records if p == phase and s >= start) for phase in ("rollout", "scoring")}
+    spent = {phase: sum(e - s for p, s, e in records if p == phase and s >= start) for phase in PPO_PHASES}
     total = end - start
-    return dict(preset=preset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                minibatch_size=args.minibatch_size, ppo_epochs=args.ppo_epochs, iteration_s=total,
-                rollout_s=spent["rollout"], scoring_s=spent["scoring"],
-                update_s=total - spent["rollout"] - spent["scoring"],
+    return dict(preset=preset, params=num_params(Transformer(config)), batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens, minibatch_size=args.minibatch_size, ppo_epochs=args.ppo_epochs,
+                iteration_s=total, **{f"{phase}_s": spent[phase] for phase in PPO_PHASES},
+                update_s=total - sum(spent.values()),
                 rollout_tokens_per_s=args.batch_size * args.max_new_tokens / spent["rollout"])
+
+
+# ---------------------------------------------------------------------------------------------- against transformers
+
+
+def hf_twin(config, seed=0):
+    """transformers' LlamaForCausalLM with the shapes of config (random weights, float32, SDPA attention), or None
+    when transformers is not installed (it is optional)."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    hf_config = LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.hidden_dim,
+                            num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+                            num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
+                            rms_norm_eps=config.norm_eps, tie_word_embeddings=config.tie_embeddings,
+                            rope_parameters=dict(rope_type="default", rope_theta=config.rope_theta),
+                            pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    hf_config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(hf_config).eval()
+
+
+def timed_train_step(model, tokens, optimizer, hf):
+    """Seconds of one optimizer step (forward, masked next-token loss, backward, clipping, AdamW) on tokens."""
+    start = time.perf_counter()
+    logits = model(tokens[:, :-1]).logits if hf else model(tokens[:, :-1])
+    loss = masked_nll(logits, tokens[:, 1:], torch.ones_like(tokens[:, 1:]))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def timed_generate(model, prompts, new_tokens, hf, seed=0):
+    """Seconds to sample new_tokens tokens (temperature 1, no top-k/top-p, no EOS) after each prompt row."""
+    sampler = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    if hf:
+        torch.manual_seed(seed)
+        out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                             do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+        made = out.shape[1] - prompts.shape[1]
+    else:
+        out = generate(model, prompts.tolist(), new_tokens, eos_id=-1, pad_id=0, temperature=1.0, generator=sampler)
+        made = min(len(row) for row in out)
+    seconds = time.perf_counter() - start
+    if made != new_tokens:
+        raise RuntimeError(f"{'transformers' if hf else 'model.generate'} made {made} of {new_tokens} new tokens")
+    return seconds
+
+
+def compare_hf(rounds=5, seed=0, configs=("tiny", "smollm2-135m")):
+    """This project's transformer against transformers' LlamaForCausalLM, same shapes, same threads, float32, in
+    one interleaved run: each round times both on the same work, alternating which goes first, and the ratio
+    (this project's tokens/s over transformers') is taken per round. Returns rows with min/median/max ratios, or
+    None without transformers."""
+    tiny = bench_config("tiny")
+    smol = ModelConfig(**SMOLLM2_135M)
+    cases = [("train", "tiny", tiny, dict(batch=32, seq_len=192)),
+             ("generate", "tiny", tiny, dict(batch=1, prompt_len=32, new_tokens=128)),
+             ("generate", "tiny", tiny, dict(batch=16, prompt_len=32, new_tokens=128)),
+             ("train", "smollm2-135m", smol, dict(batch=4, seq_len=256)),
+             ("generate", "smollm2-135m", smol, dict(batch=4, prompt_len=32, new_tokens=64))]
+    if hf_twin(tiny) is None:
+        return None
+    rows = []
+    for kind, name, config, shape in [case for case in cases if case[1] in configs]:
+        torch.manual_seed(seed)
+        models = {False: Transformer(config), True: hf_twin(config, seed)}
+        generator = torch.Generator().manual_seed(seed)
+        if kind == "train":
+            tokens = torch.randint(0, config.vocab_size, (shape["batch"], shape["seq_len"] + 1), generator=generator)
+            optimizers = {hf: runtime.make_optimizer(m.train(), lr=1e-4, weight_decay=0.1) for hf, m in models.items()}
+            work = lambda hf: timed_train_step(models[hf], tokens, optimizers[hf], hf)
+            n_tokens = shape["batch"] * shape["seq_len"]
+        else:
+            prompts = torch.randint(1, config.vocab_size, (shape["batch"], shape["prompt_len"]), generator=generator)
+            work = lambda hf: timed_generate(models[hf].eval(), prompts, shape["new_tokens"], hf, seed)
+            n_tokens = shape["batch"] * shape["new_tokens"]
+        for hf in (False, True):  # warm-up: allocator, kernel choice, lazy initialisation
+            work(hf)
+        seconds = {False: [], True: []}
+        for r in range(rounds):
+            for hf in ((False, True) if r % 2 == 0 else (True, False)):
+                seconds[hf].append(work(hf))
+        ratios = sorted(t_hf / t_ours for t_ours, t_hf in zip(seconds[False], seconds[True]))
+        row = dict(kind=kind, config=name, **shape, rounds=rounds,
+                   tokens_per_s=n_tokens / statistics.median(seconds[False]),
+                   hf_tokens_per_s=n_tokens / statistics.median(seconds[True]),
+                   ratio_min=ratios[0], ratio_median=statistics.median(ratios), ratio_max=ratios[-1])
+        rows.append(row)
+        print(f"vs transformers: {kind:8s} {name:12s} {json.dumps(shape)}: {fmt(row['tokens_per_s'])} vs "
+              f"{fmt(row['hf_tokens_per_s'])} tokens/s, ratio {row['ratio_min']:.2f} / {row['ratio_median']:.2f} / "
+              f"{row['ratio_max']:.2f} (min / median / max of {rounds})", flush=True)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -319,7 +459,8 @@ def get_args(argv=None):
     p.add_argument("--new-tokens", type=runtime.positive_int, default=128, help="tokens generated per row")
     # PPO
     p.add_argument("--ppo-presets", type=comma_list(str), default=None, help="train_ppo.py presets to time one "
-                   "iteration of (default: tiny on CPU, tiny,small on CUDA); empty to skip")
+                   "iteration of, or smollm2-135m (its shapes, the tiny schedule) (default: tiny on CPU, tiny,small "
+                   "on CUDA); empty to skip")
     p.add_argument("--ppo-iterations", type=runtime.positive_int, default=2, help="PPO iterations run; the last one "
                    "is timed")
     p.add_argument("--ppo-args", default="", help="extra train_ppo.py flags, e.g. '--batch-size 16 --minibatch-size "
@@ -327,12 +468,21 @@ def get_args(argv=None):
     p.add_argument("--threads", type=runtime.positive_int, default=None, help="CPU threads for torch (default: torch's "
                    "choice); on a CPU shared with other jobs, 1 avoids threads waiting on each other")
     p.add_argument("--seed", type=int, default=0, help="random seed of weights and tokens")
+    # against transformers
+    p.add_argument("--compare-hf", action="store_true", help="instead of the above: this project's transformer and "
+                   "transformers' LlamaForCausalLM side by side, same shapes and threads, float32, interleaved rounds "
+                   "(needs transformers, which is optional: without it the comparison is skipped with a message)")
+    p.add_argument("--compare-configs", type=comma_list(str), default="tiny,smollm2-135m",
+                   help="configs compared: tiny, smollm2-135m (its shapes at random weights)")
+    p.add_argument("--rounds", type=runtime.positive_int, default=5, help="--compare-hf: timed rounds per case")
     args = runtime.parse_args(p, {}, argv)
-    for flag, names in (("--presets", args.presets), ("--gen-presets", args.gen_presets),
-                        ("--ppo-presets", args.ppo_presets)):
-        unknown = [n for n in names or [] if n not in MODEL_PRESETS]
+    for flag, names, known in (("--presets", args.presets, MODEL_PRESETS),
+                               ("--gen-presets", args.gen_presets, MODEL_PRESETS),
+                               ("--ppo-presets", args.ppo_presets, [*MODEL_PRESETS, "smollm2-135m"]),
+                               ("--compare-configs", args.compare_configs, ["tiny", "smollm2-135m"])):
+        unknown = [n for n in names or [] if n not in known]
         if unknown:
-            p.error(f"{flag}: unknown preset {unknown[0]!r}; choose from {sorted(MODEL_PRESETS)}")
+            p.error(f"{flag}: unknown preset {unknown[0]!r}; choose from {sorted(known)}")
     unknown = [a for a in args.attention if a not in ("causal", "masked")]
     if unknown:
         p.error(f"--attention: unknown path {unknown[0]!r}; choose from causal, masked")
@@ -360,6 +510,13 @@ def main(args):
     bf16 = not args.no_bf16
     peak = peak_flops(device, args.peak_tflops)
     report = dict(machine=machine_info(device), peak_flops=peak, train={}, generate={}, ppo={})
+    if args.compare_hf:
+        if device.type != "cpu":
+            raise runtime.UserError("--compare-hf runs on the CPU only (float32 on both sides); pass --device cpu")
+        report["compare_hf"] = compare_hf(args.rounds, args.seed, args.compare_configs)
+        if report["compare_hf"] is None:
+            print("--compare-hf: transformers is not installed (pip install transformers); comparison skipped")
+        return finish(report, args.out)
     gen_presets = sizes["gen_presets"].split(",") if args.gen_presets is None else args.gen_presets
     ppo_presets = sizes["ppo_presets"].split(",") if args.ppo_presets is None else args.ppo_presets
     for name in ppo_presets:  # a bad --ppo-args is an error now, not after the training and generation timings
@@ -390,16 +547,22 @@ def main(args):
         r = bench_ppo(name, device, args.ppo_iterations, args.seed, args.ppo_args.split())
         report["ppo"][name] = r
         print(f"ppo {name:6s} batch {r['batch_size']} x {r['max_new_tokens']} new tokens, {r['ppo_epochs']} epochs: "
-              f"{r['iteration_s']:.2f} s per iteration = rollout {r['rollout_s']:.2f} + scoring {r['scoring_s']:.2f} "
+              f"{r['iteration_s']:.2f} s per iteration = rollout {r['rollout_s']:.2f} + reward models "
+              f"{r['reward_s']:.2f} + reference {r['reference_s']:.2f} + policy/value passes {r['policy_value_s']:.2f} "
               f"+ update {r['update_s']:.2f}", flush=True)
 
+    return finish(report, args.out)
+
+
+def finish(report, out):
+    """Record the load average after the run and write the report to out (if given)."""
     if hasattr(os, "getloadavg"):
         report["machine"]["loadavg_after"] = os.getloadavg()
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
             json.dump(report, f, indent=1)
-        print(f"wrote {args.out}")
+        print(f"wrote {out}")
     return report
 
 

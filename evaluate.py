@@ -97,7 +97,7 @@ def stream_tokens(model, prompt_ids, max_new_tokens, eos_id, temperature=0.0, to
     if max_new_tokens <= 0:
         return
     cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, device, next(model.parameters()).dtype)
-    logits = model(torch.tensor([prompt_ids], device=device), None, cache)[:, -1]  # (1, V)
+    logits = model(torch.tensor([prompt_ids], device=device), None, cache, last_only=True)[:, -1]  # (1, V)
     for _ in range(max_new_tokens):
         next_tok = sample_next(logits.float(), temperature, top_p=top_p, generator=generator)  # (1,)
         yield int(next_tok)

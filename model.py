@@ -61,8 +61,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight  # torch's RMSNorm op
 
 
 def rope_tables(head_dim, max_seq_len, theta):
@@ -72,18 +71,17 @@ def rope_tables(head_dim, max_seq_len, theta):
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x, cos, sin):
-    """Rotate x (B, T, H, D) by the angles of its positions; cos, sin (B, T, D/2).
+def apply_rope(x, rotation):
+    """Rotate x (B, T, H, D) by the angles of its positions; rotation = e^{i angle} = cos + i sin, complex
+    (B, T, 1, D/2), broadcast over the heads.
 
     Meta's convention: the pairs rotated together are interleaved neighbours (x[2i], x[2i+1]), read as the
-    complex number x[2i] + i x[2i+1] and multiplied by e^{i angle}. Written here in real arithmetic (identical
-    numbers, and it runs where complex tensors do not). HF-converted checkpoints permute wq/wk to use
-    rotate-half instead, so their weights must be un-permuted before loading into this layout.
+    complex number x[2i] + i x[2i+1] and multiplied by e^{i angle}: one complex multiply, as Meta's code writes it
+    (the same products as writing the four real ones out, in a third of the time). HF-converted
+    checkpoints permute wq/wk to use rotate-half instead, so their weights must be un-permuted before loading.
     """
-    x_even, x_odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)    # each (B, T, H, D/2)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]              # broadcast over heads
-    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))              # (B, T, H, D/2) complex
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 class KVCache:
@@ -120,19 +118,20 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask, cache):
+    def forward(self, x, rotation, attn_mask, cache):
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rotation)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rotation)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)                        # (B, H_kv, S, D), S = filled slots
             q = q.to(k.dtype)
-        # GQA: each key/value head serves n_heads / n_kv_heads consecutive query heads (Meta's repeat_kv)
-        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
+        # GQA: each key/value head serves n_heads / n_kv_heads consecutive query heads (Meta's repeat_kv); SDPA
+        # reads the shared heads in place instead of copying them (enable_gqa), which at every decoding step would
+        # copy the whole cache
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -157,8 +156,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x, cos, sin, attn_mask, cache):
-        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache)
+    def forward(self, x, rotation, attn_mask, cache):
+        x = x + self.attention(self.attention_norm(x), rotation, attn_mask, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -193,8 +192,9 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, tokens, attention_mask=None, cache=None):
-        """tokens (B, T) -> logits (B, T, V) float32 for head "lm", values (B, T) float32 for head "scalar"."""
+    def forward(self, tokens, attention_mask=None, cache=None, last_only=False):
+        """tokens (B, T) -> logits (B, T, V) float32 for head "lm", values (B, T) float32 for head "scalar";
+        last_only: the head reads the last position only (T = 1 out), all generation needs of a prompt."""
         B, T = tokens.shape
         start = 0 if cache is None else cache.pos
         if start + T > self.config.max_seq_len or (cache is not None and start + T > cache.max_len):
@@ -218,14 +218,15 @@ class Transformer(nn.Module):
             # every query also sees itself, so a pad query with no real key to its left gets a finite softmax
             # (its output is never used) instead of NaN
             attn_mask = (attn_mask | (k_slot == q_slot))[:, None]         # (B, 1, T, S), broadcast over heads
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]     # (B, T, D/2)
+        # e^{i pos theta_j} of every position, (B, T, 1, D/2) complex
+        rotation = torch.complex(self.rope_cos[positions, None].float(), self.rope_sin[positions, None].float())
         h = self.tok_embeddings(tokens)                                  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, cos, sin, attn_mask, cache)
+            h = layer(h, rotation, attn_mask, cache)
         if cache is not None:
             cache.pos += T
             cache.next_pos += real.long().sum(1)
-        h = self.norm(h)
+        h = self.norm(h[:, -1:] if last_only else h)
         # the head runs in float32 even under bf16 autocast: log-probs and rewards need the precision
         with torch.autocast(device_type=h.device.type, enabled=False):
             if self.config.head == "lm":
@@ -256,7 +257,8 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """Next token ids (B,) from last-position logits (B, V); temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    if temperature != 1.0:
+        logits = logits / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -266,10 +268,15 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         probs = sorted_logits.softmax(-1)
         outside = probs.cumsum(-1) - probs >= top_p       # mass before this token already reaches top_p
         logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    # inverse-CDF sampling: the first token whose cumulative probability reaches u * total, u uniform in (0, 1]:
+    # one random number per row, where torch.multinomial draws one per vocabulary entry (a quarter of a batch-16
+    # decoding step on CPU). A token of probability 0 adds nothing to the sum, so it is never the first to reach it.
+    cdf = logits.softmax(-1).cumsum(-1)                                                         # (B, V)
+    u = 1 - torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)  # (B, 1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=0, top_p=1.0,
              generator=None, use_cache=True, return_logprobs=False):
     """Sample continuations of a batch of token-id prompts; returns each row's new tokens (EOS included).
@@ -294,14 +301,15 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
         mask[i, longest - len(p):] = 1
     cache = KVCache(model.config, B, longest + max_new_tokens, device, next(model.parameters()).dtype) \
         if use_cache else None
-    logits = model(tokens, mask, cache)[:, -1]                            # (B, V)
+    logits = model(tokens, mask, cache, last_only=True)[:, -1]            # (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     new_tokens, new_logprobs = [], []
     for _ in range(max_new_tokens):
         next_tok = sample_next(logits.float(), temperature, top_k, top_p, generator)
         next_tok = next_tok.masked_fill(done, pad_id)                     # finished rows are fed padding
         new_tokens.append(next_tok)
-        new_logprobs.append(logits.float().log_softmax(-1).gather(1, next_tok[:, None]).squeeze(1))
+        if return_logprobs:  # only when asked: a log-softmax over the vocabulary at every step is not free
+            new_logprobs.append(logits.float().log_softmax(-1).gather(1, next_tok[:, None]).squeeze(1))
         step_mask = (~done).long()[:, None]
         done = done | (next_tok == eos_id)
         if done.all() or len(new_tokens) == max_new_tokens:
@@ -310,7 +318,7 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
             logits = model(next_tok[:, None], step_mask, cache)[:, -1]
         else:
             tokens, mask = torch.cat([tokens, next_tok[:, None]], 1), torch.cat([mask, step_mask], 1)
-            logits = model(tokens, mask)[:, -1]
+            logits = model(tokens, mask, last_only=True)[:, -1]
     out_tokens, out_logprobs = [], []
     cols = torch.stack(new_tokens, 1).tolist() if new_tokens else [[] for _ in range(B)]
     lps = torch.stack(new_logprobs, 1).tolist() if new_logprobs else [[] for _ in range(B)]

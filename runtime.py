@@ -216,8 +216,9 @@ def next_token_loss(model, batch, rt, n_tokens):
     the same whatever the split into micro-batches and processes; DDP averages over ranks, hence * world_size.
     """
     tokens, attn, mask = batch["tokens"], batch["attention_mask"], batch["loss_mask"]
+    # packed rows (pre-training) hold no padding: without a mask SDPA may take its causal (flash) kernel
     with autocast(rt):
-        logits = model(tokens[:, :-1], attention_mask=attn[:, :-1])
+        logits = model(tokens[:, :-1], attention_mask=None if bool(attn.all()) else attn[:, :-1])
     targets_mask = mask[:, 1:] * attn[:, 1:]
     n_here = targets_mask.sum()
     return masked_nll(logits.float(), tokens[:, 1:], targets_mask) * n_here / n_tokens * rt.world_size

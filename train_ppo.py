@@ -175,10 +175,14 @@ def response_values(value_model, tokens, attention_mask, P):
 
 
 @torch.no_grad()
-def response_entropy(model, tokens, attention_mask, P):
-    """(B, L): entropy of the policy's next-token distribution at each response position (for logging)."""
-    logp = model(tokens, attention_mask)[:, P - 1:-1].float().log_softmax(-1)  # (B, L, V)
-    return -(logp.exp() * logp).sum(-1) * attention_mask[:, P:]
+def response_logprobs_and_entropy(model, tokens, attention_mask, P):
+    """One forward pass of the policy, two readings: (B, L) response_logprobs (the same numbers) and (B, L) entropy
+    of its next-token distribution at each response position (for logging)."""
+    logits = model(tokens, attention_mask)[:, P - 1:-1].float()                 # (B, L, V): predicts token P + j
+    mask = attention_mask[:, P:]
+    logp = (logits.gather(-1, tokens[:, P:, None]).squeeze(-1) - logits.logsumexp(-1)) * mask
+    all_logp = logits.log_softmax(-1)
+    return logp, -(all_logp.exp() * all_logp).sum(-1) * mask
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -282,10 +286,9 @@ def rollout(policy, ref_model, value_model, tok, prompts, iteration, sampler, ar
                response_mask=response_mask.to(rt.device))
     tokens, attention_mask = out["tokens"], out["attention_mask"]
     with torch.no_grad(), runtime.autocast(rt):
-        out["old_logp"] = response_logprobs(policy, tokens, attention_mask, P)        # (B, L)
+        out["old_logp"], out["entropy"] = response_logprobs_and_entropy(policy, tokens, attention_mask, P)
         out["ref_logp"] = response_logprobs(ref_model, tokens, attention_mask, P)     # (B, L)
         out["old_values"] = response_values(value_model, tokens, attention_mask, P)   # (B, L)
-        out["entropy"] = response_entropy(policy, tokens, attention_mask, P)          # (B, L)
     return out
 
 

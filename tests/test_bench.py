@@ -8,7 +8,7 @@ import torch
 
 import bench
 import runtime
-from model import ModelConfig, flops_per_token
+from model import ModelConfig, flops_per_token, num_params
 
 MICRO = ModelConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=32)
 CPU = torch.device("cpu")
@@ -117,12 +117,19 @@ def test_phase_timers_attribute_calls_and_restore_the_module():
     import types
     module = types.SimpleNamespace(forward=lambda x: x + 1, other=lambda: 0)
     original = module.forward
-    with bench.phase_timers(module, dict(forward=lambda grad: "update" if grad else "scoring"), CPU) as records:
+    phases = dict(forward=lambda grad, x: "update" if grad else f"scoring {x}", absent="skipped")
+    with bench.phase_timers(module, phases, CPU) as records:
         assert module.forward(1) == 2
         with torch.no_grad():
             module.forward(2)
-    assert [r[0] for r in records] == ["update", "scoring"] and all(end >= start for _, start, end in records)
-    assert module.forward is original
+    assert [r[0] for r in records] == ["update", "scoring 2"] and all(end >= start for _, start, end in records)
+    assert module.forward is original and not hasattr(module, "absent")
+
+
+def test_ppo_phase_tells_the_reference_from_the_policy():
+    policy, frozen = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).requires_grad_(False)
+    assert bench.ppo_phase(True, policy) == "update"
+    assert bench.ppo_phase(False, frozen, "tokens") == "reference" and bench.ppo_phase(False, policy) == "policy_value"
 
 
 def test_bench_ppo_splits_the_iteration(restore_threads):
@@ -130,9 +137,37 @@ def test_bench_ppo_splits_the_iteration(restore_threads):
     r = bench.bench_ppo("tiny", CPU, iterations=2, extra_args=["--batch-size", "4", "--minibatch-size", "2",
                                                                "--ppo-epochs", "1", "--max-new-tokens", "4"])
     assert (r["batch_size"], r["max_new_tokens"], r["ppo_epochs"]) == (4, 4, 1)
-    assert r["rollout_s"] > 0 and r["scoring_s"] > 0 and r["update_s"] > 0
-    assert r["rollout_s"] + r["scoring_s"] + r["update_s"] == pytest.approx(r["iteration_s"])
+    phases = [f"{p}_s" for p in bench.PPO_PHASES + ("update",)]
+    assert all(r[p] > 0 for p in phases)
+    assert sum(r[p] for p in phases) == pytest.approx(r["iteration_s"])
     assert r["rollout_tokens_per_s"] == pytest.approx(4 * 4 / r["rollout_s"])
     import train_ppo
     assert train_ppo.generate is bench.generate                 # the timers are gone after the run
     assert runtime.save_checkpoint.__name__ == "save_checkpoint" and runtime.save_checkpoint.__module__ == "runtime"
+
+
+# ---------------------------------------------------------------------------------------------- against transformers
+def test_compare_hf_without_transformers_is_skipped_with_a_message(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench, "hf_twin", lambda config, seed=0: None)   # as when transformers is not installed
+    out = tmp_path / "vs_hf.json"
+    report = bench.main(bench.get_args(["--compare-hf", "--device", "cpu", "--out", str(out)]))
+    assert report["compare_hf"] is None and "transformers is not installed" in capsys.readouterr().out
+    assert json.loads(out.read_text())["compare_hf"] is None
+
+
+def test_compare_hf_times_both_sides_on_the_same_work(restore_threads):
+    pytest.importorskip("transformers")
+    torch.set_num_threads(1)
+    rows = bench.compare_hf(rounds=2, configs=("tiny",))
+    assert [(r["kind"], r["batch"]) for r in rows] == [("train", 32), ("generate", 1), ("generate", 16)]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["hf_tokens_per_s"] > 0
+        assert r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"]
+
+
+def test_the_hf_twin_has_the_same_shapes():
+    pytest.importorskip("transformers")
+    config = bench.bench_config("tiny")
+    twin = bench.hf_twin(config)
+    assert twin.config._attn_implementation == "sdpa"
+    assert sum(p.numel() for p in twin.parameters()) == num_params(bench.Transformer(config))

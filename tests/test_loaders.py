@@ -131,7 +131,7 @@ def test_unpermuted_hf_rows_under_rotate_half_equal_interleaved_rope():
     q = torch.randn(1, T, H, D)
     cos, sin = rope_tables(D, 16, 10000.0)
     positions = torch.arange(T)[None]
-    meta = apply_rope(q, cos[positions], sin[positions])                  # Meta: interleaved pairs
+    meta = apply_rope(q, torch.complex(cos, sin)[positions, None])                  # Meta: interleaved pairs
     # HF's rotate-half RoPE on the HF-permuted rows: x * cos + rotate_half(x) * sin with the angles repeated
     perm = hf_permute(torch.arange(H * D, dtype=torch.float32)[:, None], H).long().squeeze(1)
     q_hf = q.flatten(2)[..., perm].unflatten(-1, (H, D))

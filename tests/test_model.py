@@ -48,7 +48,7 @@ def test_rope_is_metas_complex_rotation_of_interleaved_pairs():
     x = torch.randn(2, 5, 3, 8)                                   # (B, T, H, D)
     positions = torch.tensor([[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]])
     cos, sin = rope_tables(8, 16, 10000.0)
-    out = apply_rope(x, cos[positions], sin[positions])
+    out = apply_rope(x, torch.complex(cos, sin)[positions, None])
     # Meta: view (x[2i], x[2i+1]) as a complex number and multiply by e^{i * pos * theta^(-2i/D)}
     angles = positions[..., None].float() * 10000.0 ** (-torch.arange(0, 8, 2).float() / 8)
     expected = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (4, 2)))
@@ -173,6 +173,39 @@ def test_top_k_and_top_p_filters():
     assert all(sample_next(logits, 1.0, top_p=0.01, generator=gen).item() == 1 for _ in range(20))
     # probs 0.64, 0.24, 0.09, 0.03: top_p 0.8 keeps the first two only
     assert {sample_next(logits, 1.0, top_p=0.8, generator=gen).item() for _ in range(200)} == {1, 3}
+
+
+@torch.no_grad()
+def test_last_only_reads_the_last_position_of_the_full_forward():
+    model = tiny().eval()
+    tokens = torch.randint(1, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(tokens)
+    mask[1, :4] = 0                                                   # a left-padded row
+    last = model(tokens, mask, last_only=True)
+    assert last.shape == (3, 1, model.config.vocab_size)
+    torch.testing.assert_close(last[:, 0], model(tokens, mask)[:, -1], atol=1e-5, rtol=0)
+
+
+def test_sampling_frequencies_follow_the_softmax():
+    # 40000 draws of 4 rows at once: each token's frequency within 5 standard errors of its probability
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [1.0, 1.0, 1.0, 1.0], [-5.0, 0.0, 5.0, 0.0], [2.0, 0.0, 0.0, 0.0]])
+    probs = logits.softmax(-1)
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next(logits.repeat(500, 1), 1.0, generator=gen) for _ in range(20)]).view(-1, 4)
+    freq = torch.stack([(draws == v).float().mean(0) for v in range(4)], 1)  # (4 rows, 4 tokens)
+    assert ((freq - probs).abs() <= 5 * (probs * (1 - probs) / len(draws)).sqrt() + 1e-4).all()
+    # temperature 2 halves the logits
+    draws = sample_next(logits[:1].repeat(20000, 1), 2.0, generator=gen)
+    assert abs((draws == 1).float().mean().item() - (logits[0] / 2).softmax(-1)[1].item()) < 0.02
+
+
+def test_sampling_never_picks_a_filtered_token():
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(1))
+    kept = logits.topk(3, -1).indices
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(50):
+        picked = sample_next(logits, 1.0, top_k=3, generator=gen)
+        assert (kept == picked[:, None]).any(1).all()
 
 
 def test_kv_cache_is_preallocated():

@@ -15,7 +15,8 @@ import world
 from model import ModelConfig, Transformer, generate, load_checkpoint, save_checkpoint
 from reward import ENSEMBLES, REWARDS, ensemble_mean, ensemble_min, helpfulness_only, llama2_gate, safety_only
 from train_ppo import (adaptive_beta, explained_variance, gae, kl_penalized_rewards, lagrangian_reward, lambda_update,
-                       policy_loss, response_logprobs, response_values, rollout_batch, value_loss, whiten)
+                       policy_loss, response_logprobs, response_logprobs_and_entropy, response_values, rollout_batch,
+                       value_loss, whiten)
 
 
 # ---------------------------------------------------------------------------------------------- the reward
@@ -179,6 +180,18 @@ def test_rollout_layout_matches_the_sampled_log_probs():
     # the value of the state before response token j is read where token j is predicted: position P - 1 + j
     values = response_values(lambda t, m: t.float(), tokens, attention_mask, P)
     assert values[0, 0].item() == prompts[0][-1] and values[1, 1].item() == responses[1][0]
+
+
+@torch.no_grad()
+def test_one_pass_gives_the_same_log_probs_and_the_entropy():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=40, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=64)).eval()
+    tokens, attention_mask, _, P = rollout_batch([[5, 6, 7], [8]], [[9, 10, 1], [11]], pad_id=0)
+    logp, entropy = response_logprobs_and_entropy(model, tokens, attention_mask, P)
+    assert torch.equal(logp, response_logprobs(model, tokens, attention_mask, P))
+    probs = model(tokens, attention_mask)[0, P - 1].softmax(-1)      # before the first response token of row 0
+    assert entropy[0, 0].item() == pytest.approx(-(probs * probs.log()).sum().item(), abs=1e-5)
+    assert entropy[1, 1:].tolist() == [0.0, 0.0]                     # padding of the one-token response
 
 
 # ---------------------------------------------------------------------------------------------- micro runs
