@@ -445,7 +445,8 @@ def bon_tables(bon, rm_accuracy):
              "reward R_c and gold reward, 95% interval (normal, over prompts); d = sqrt(log n - (n-1)/n).", ""]
     for name, b in bon.items():
         lines += [f"**{name}** (held-out RM accuracy: safety {rm_accuracy[name]['safety']}, helpfulness "
-                  f"{rm_accuracy[name]['helpfulness']})", "", "| n | d | proxy R_c | gold reward |", "|---|---|---|---|"]
+                  f"{rm_accuracy[name]['helpfulness']})", "", "| n | d | proxy R_c | gold reward |",
+                  "|---|---|---|---|"]
         lines += [f"| {n} | {d:.2f} | {fmt_ci(p, pc)} | {fmt_ci(g, gc)} |"
                   for n, d, p, pc, g, gc in zip(b["n"], b["d"], b["proxy"], b["proxy_ci"], b["gold"], b["gold_ci"])]
         lines.append("")
