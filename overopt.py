@@ -610,6 +610,8 @@ def get_args(argv=None):
     p.add_argument("--lambda-lr", type=runtime.nonnegative_float, default=0.1, help="train_ppo.py --lambda-lr")
     p.add_argument("--constrained-eval-prompts", type=int, default=-1,
                    help="validation prompts each constrained run judges at its end (-1: all; tuning reads these)")
+    p.add_argument("--test-limit", type=runtime.nonnegative_int, default=0, help="about this many test prompts "
+                   "(every k-th, all kinds; evaluate.py --limit) for the constrained runs (0: the whole split)")
     p.add_argument("--no-plots", action="store_true", help="skip the plots")
     # passed on
     for script, what in (("sft", "train_sft.py (the smaller model)"), ("rm", "train_rm.py"),
@@ -741,7 +743,7 @@ def evaluate_constrained(args):
         argv = ["evaluate.py", "--checkpoints", f"sft={sft}", *checkpoints, "--baseline", "sft", "--sft", sft,
                 "--rm-safety", args.from_rm["safety"], "--rm-helpful", args.from_rm["helpfulness"], "--seed",
                 str(args.from_seed), "--device", args.device, "--no-plots", "--out", folder, "--overwrite",
-                *args.eval_flags]
+                *(["--limit", str(args.test_limit)] if args.test_limit else []), *args.eval_flags]
         print(f"== constrained: evaluating seed {seed} on the test split", flush=True)
         subprocess.run([sys.executable] + argv, cwd=HERE, check=True, stdout=subprocess.DEVNULL)
     aggregate_folder = folders[0]
