@@ -62,6 +62,9 @@ from model import respond
 HERE = os.path.dirname(os.path.abspath(__file__))
 PARTS = ("bon", "rl", "constrained")
 REWARDS = ("llama2", "lagrangian", "safety", "helpfulness")   # the constrained comparison, in table order
+# Subprocesses run with one thread each: two OpenMP threads per process on a shared 2-core CPU wait on each other
+# (pipeline.sh and tests/conftest.py measured a 3-5x slowdown)
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 # ---------------------------------------------------------------------------------------------- the equations
@@ -143,7 +146,7 @@ def run_jobs(jobs, out, n_parallel, progress=30):
             print(f"== {job[0]}: reusing {job[1]}")
         else:
             pending.append(job)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = ONE_THREAD
     next_report = time.time() + progress
     while pending or running:
         for job in list(pending):
@@ -387,7 +390,8 @@ def evaluate_kept(args, folder):
         subprocess.run([sys.executable, "evaluate.py", "--checkpoints", f"it0000={sft}", *checkpoints, "--split",
                         "validation", "--temperature", "1", "--limit", str(args.prompts), "--sft", sft, "--seed",
                         str(args.from_seed), "--device", args.device, "--no-plots", "--out", out, "--overwrite",
-                        *args.eval_flags], cwd=HERE, check=True, stdout=subprocess.DEVNULL)
+                        *args.eval_flags], cwd=HERE, check=True, stdout=subprocess.DEVNULL,
+                       env=ONE_THREAD)
     rows = {}
     with open(generations) as f:
         for line in f:
@@ -745,12 +749,14 @@ def evaluate_constrained(args):
                 str(args.from_seed), "--device", args.device, "--no-plots", "--out", folder, "--overwrite",
                 *(["--limit", str(args.test_limit)] if args.test_limit else []), *args.eval_flags]
         print(f"== constrained: evaluating seed {seed} on the test split", flush=True)
-        subprocess.run([sys.executable] + argv, cwd=HERE, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable] + argv, cwd=HERE, check=True, stdout=subprocess.DEVNULL,
+                       env=ONE_THREAD)
     aggregate_folder = folders[0]
     if len(folders) > 1:
         aggregate_folder = os.path.join(base, "eval")
         subprocess.run([sys.executable, "evaluate.py", "--aggregate", *folders, "--out", aggregate_folder,
-                        "--overwrite", "--no-plots"], cwd=HERE, check=True, stdout=subprocess.DEVNULL)
+                        "--overwrite", "--no-plots"], cwd=HERE, check=True, stdout=subprocess.DEVNULL,
+                       env=ONE_THREAD)
     with open(os.path.join(aggregate_folder, "metrics.json")) as f:
         aggregate = json.load(f)
     lambdas = {}
