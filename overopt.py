@@ -526,14 +526,15 @@ def plots(args, bon, rl, lambdas):
         return []
     written = []
 
-    def curve(name, x, proxy, gold, fits, form, title):
+    def curve(name, x, proxy, gold, fits, form, title, origins=(None, None)):
+        """origins: R(0) of proxy and gold when it is not the first point (best-of-n: the mean of every sample)."""
         fig, ax = plt.subplots(figsize=(5, 3.5))
         grid = np.linspace(0, max(x) * 1.05 + 1e-9, 100)
-        for values, fit, color, label in ((proxy, fits[0], "tab:blue", "proxy R_c"),
-                                          (gold, fits[1], "tab:orange", "gold")):
+        for values, fit, origin, color, label in ((proxy, fits[0], origins[0], "tab:blue", "proxy R_c"),
+                                                  (gold, fits[1], origins[1], "tab:orange", "gold")):
             ax.plot(x, np.asarray(values) - values[0] if form == "rl" else values, "o", color=color, ms=3,
                     label=label)
-            (alpha, beta), base = fit, (0.0 if form == "rl" else values[0])
+            (alpha, beta), base = fit, (0.0 if form == "rl" else origin)
             logs = np.log(np.where(grid > 0, grid, 1.0))
             ax.plot(grid, base + grid * (alpha - beta * (logs if form == "rl" else grid)), "-", color=color, lw=1)
         ax.set_xlabel("d = sqrt(KL to SFT)")
@@ -548,7 +549,8 @@ def plots(args, bon, rl, lambdas):
 
     for variant, b in bon.items():
         curve(f"bon_{variant}", b["d"], b["proxy"], b["gold"], (b["proxy_fit"], b["gold_fit"]), "bon",
-              f"best-of-n, {variant} reward models")
+              f"best-of-n, {variant} reward models", (b["proxy"][0] - b["proxy_gain"][0],
+                                                     b["gold"][0] - b["gold_gain"][0]))
     for run, r in rl.items():
         curve(f"rl_{run}", r["d"], r["proxy"], r["gold"], (r["proxy_fit"], r["gold_fit"]), "rl",
               f"PPO, {run} reward models, beta {args.rl_beta}")
