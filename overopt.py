@@ -37,7 +37,8 @@ Outputs in OUT: overopt.md and overopt.json (every table below with its 95% inte
 rl_<run>.png, lambda.png (with matplotlib; skipped with a note without it), bon/ (samples and scores), rm/, ppo/,
 constrained/ (runs, eval_seedK/ and the aggregate eval/).
 
-Tiny preset, one seed (2-core CPU, about half an hour), then the constrained runs over three seeds:
+Tiny preset, one seed, then the constrained runs over three seeds (the README gives the measured times of a
+smaller configuration on a shared 2-core CPU; these defaults are larger):
     python overopt.py --from out --out out/overopt
     python overopt.py --from out/seed0 --out out/overopt --parts constrained --seeds 0 1 2
 """
