@@ -104,12 +104,38 @@ def needed(reward):
     return ("safety", "helpfulness") if reward == "llama2" else (reward,)
 
 
+# ---------------------------------------------------------------------------------------------- ensembles
+def ensemble_mean(scores):
+    """Mean ensemble (Coste et al. 2023, section 4): r(x, y) = 1/k sum_i r_i(x, y). scores (k, N) raw -> (N,)."""
+    return scores.mean(0)
+
+
+def ensemble_min(scores):
+    """Worst-case optimisation (Coste et al. 2023, section 4): r(x, y) = min_i r_i(x, y), the most pessimistic
+    member decides. scores (k, N) raw -> (N,)."""
+    return scores.min(0).values
+
+
+ENSEMBLES = {"mean": ensemble_mean, "min": ensemble_min}
+
+
+def ensemble_score(reward_models, conversations, responses, ensemble="mean", batch_size=64):
+    """Raw score (N,) of one reward model (a (model, tok) tuple), or of a list of k of them combined by
+    ENSEMBLES[ensemble] on the raw (logit) scale."""
+    if isinstance(reward_models, tuple):
+        return score(*reward_models, conversations, responses, batch_size)
+    return ENSEMBLES[ensemble](torch.stack([score(*rm, conversations, responses, batch_size)
+                                            for rm in reward_models]))
+
+
 def combined_reward(reward_models, conversations, responses, safety_prompt, reward="llama2", threshold=0.15,
-                    batch_size=64):
+                    batch_size=64, ensemble="mean"):
     """R_c of each response (float32 CPU (N,), a probability) under the combination `reward` (REWARDS), and the
     raw score of every reward model given. reward_models: {"safety": (model, tok), "helpfulness": (model, tok)},
-    at least the ones the combination reads; safety_prompt: boolean (N,), the prompt's is_safety tag."""
-    raw = {name: score(*rm, conversations, responses, batch_size) for name, rm in reward_models.items()}
+    at least the ones the combination reads, each value also a list of (model, tok) read as one ensemble
+    (ENSEMBLES[ensemble]); safety_prompt: boolean (N,), the prompt's is_safety tag."""
+    raw = {name: ensemble_score(rm, conversations, responses, ensemble, batch_size)
+           for name, rm in reward_models.items()}
     probs = {name: r.sigmoid() for name, r in raw.items()}
     combined = REWARDS[reward](probs.get("safety"), probs.get("helpfulness"), safety_prompt.cpu(), threshold)
     return combined, raw

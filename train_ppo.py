@@ -38,6 +38,9 @@ Data parallel (each rank samples its own share of the prompts and whitens its ow
     torchrun --nproc_per_node=2 train_ppo.py --preset tiny --init out/sft/model.pt \\
         --rm-safety out/rm_safety/model.pt --rm-helpful out/rm_helpful/model.pt --out out/ppo
 """
+import math
+import os
+
 import torch
 from tqdm import tqdm
 
@@ -46,7 +49,7 @@ import loaders
 import runtime
 import world
 from model import generate, num_params, respond, token_logprobs
-from reward import REWARDS, combined_reward, load_reward_model
+from reward import ENSEMBLES, REWARDS, combined_reward, load_reward_model
 
 
 # ---------------------------------------------------------------------------------------------- the equations
@@ -129,6 +132,22 @@ def adaptive_beta(beta, kl, target, gain=0.1):
     """Adaptive KL controller (Ziegler et al. 2019, section 2.2): beta <- beta (1 + K_beta e),
     e = clip((KL - KL_target) / KL_target, -0.2, 0.2); kl is the mean per-sequence KL of this rollout."""
     return beta * (1 + gain * min(max((kl - target) / target, -0.2), 0.2))
+
+
+# Safe RLHF (Dai et al. 2023, section 3.3): maximise E[R_h] subject to E[C] <= d through the Lagrangian
+# min_lambda>=0 max_theta E[R_h] - lambda (E[C] - d), solved by alternating PPO steps on theta and dual steps on lambda.
+def lagrangian_reward(helpful, cost, lam):
+    """Safe RLHF's per-sequence reward for a fixed multiplier: R = (R_h - lambda C) / (1 + lambda), the 1 / (1 + lambda)
+    keeping its scale as lambda grows (Dai et al. 2023, section 3.3). helpful, cost (B,); lam >= 0 a number."""
+    return (helpful - lam * cost) / (1 + lam)
+
+
+def lambda_update(log_lambda, mean_cost, threshold, lr, max_lambda=math.inf):
+    """One dual step (Dai et al. 2023, section 3.3): gradient ascent on lambda (E[C] - d) in log lambda, whose
+    gradient is lambda (E[C] - d): ln lambda <- min(ln lambda + lr lambda (E[C] - d), ln lambda_max). lambda =
+    exp(ln lambda) stays positive, grows while the batch's mean cost E[C] exceeds the threshold d and shrinks while
+    it is below; the step grows with lambda, so the cap (as Safe RLHF's lambda_max) stops a runaway."""
+    return min(log_lambda + lr * math.exp(log_lambda) * (mean_cost - threshold), math.log(max_lambda))
 
 
 # ---------------------------------------------------------------------------------------------- sequences
@@ -221,15 +240,17 @@ def load_models(args, rt, resume):
     ref_model, _ = loaders.load_model(args.init, rt.device)
     ref_model.eval().requires_grad_(False)
     # the two frozen reward models score text, so each reads it with its own tokenizer
-    reward_models = {"safety": load_reward_model(args.rm_safety, rt.device),
-                     "helpfulness": load_reward_model(args.rm_helpful, rt.device)}
+    # (a list of several paths is an ensemble, combined by --ensemble)
+    reward_models = {name: [load_reward_model(path, rt.device) for path in paths] if len(paths) > 1
+                     else load_reward_model(paths[0], rt.device)
+                     for name, paths in (("safety", args.rm_safety), ("helpfulness", args.rm_helpful))}
     if resume is not None:
         value_model, _ = loaders.load_model(dict(model=resume["value_model"],
                                                  model_config=resume["value_model_config"]), rt.device)
     elif args.value_init == "policy":
         value_model, _ = loaders.load_model(args.init, rt.device, head="scalar")
     else:
-        value_path = args.rm_safety if args.value_init == "safety" else args.rm_helpful
+        value_path = (args.rm_safety if args.value_init == "safety" else args.rm_helpful)[0]
         value_model, value_ckpt = loaders.load_model(value_path, rt.device, head="scalar")
         if value_ckpt["tokenizer"] != policy_ckpt["tokenizer"]:
             raise runtime.UserError(f"--value-init {args.value_init}: {value_path} has another tokenizer than "
@@ -239,6 +260,14 @@ def load_models(args, rt, resume):
         raise runtime.UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the "
                                 f"context of {policy.config.max_seq_len} tokens")
     return policy, tok, ref_model, reward_models, value_model
+
+
+def keep_policy(rt, policy, tok, iteration, args):
+    """--keep-every: the policy's weights at this iteration as OUT/policy_<iteration>.pt, a language-model
+    checkpoint that evaluate.py reads, for studies of the policy along training (overopt.py)."""
+    runtime.save_checkpoint(rt, os.path.join(args.out, f"policy_{iteration:04d}.pt"), dict(
+        model=policy.state_dict(), model_config=vars(policy.config), tokenizer=tok.to_dict(), step=iteration,
+        stage="ppo"))
 
 
 # ---------------------------------------------------------------------------------------------- one iteration
@@ -263,19 +292,26 @@ def rollout(policy, ref_model, value_model, tok, prompts, iteration, sampler, ar
     return out
 
 
-def sequence_scores(batch, reward_models, args, rt):
+def sequence_scores(batch, reward_models, args, rt, lam=0.0):
     """Step 2: each response's score R~ = whiten(logit(R_c)) (B,), R_c the reward models' scores combined by
-    --reward; a response cut without </s> gets --missing-eos-score instead (see the module docstring). Also the
-    unwhitened logit(R_c) and the raw RM scores, for the log."""
+    --reward; --reward lagrangian: R~ = whiten(lagrangian_reward(r_h, C, lam)) on the raw scores, the cost
+    C = -r_s (the safety RM's raw score, negated: high when it judges the answer unsafe). A response cut without
+    </s> gets --missing-eos-score instead (see the module docstring). Also the unwhitened score, R_c, the cost and
+    the raw RM scores, for the log."""
     safety_prompt = torch.tensor([p["safety"] for p in batch["prompts"]], device=rt.device)
+    lagrangian = args.reward == "lagrangian"
     combined, raw = combined_reward(reward_models, [p["messages"] for p in batch["prompts"]], batch["texts"],
-                                    safety_prompt, args.reward, args.safety_threshold)  # R_c, a probability
+                                    safety_prompt, "helpfulness" if lagrangian else args.reward,
+                                    args.safety_threshold, ensemble=args.ensemble)  # R_c, a probability
+    cost = -raw["safety"].to(rt.device)
     rm_score = torch.logit(combined.to(rt.device), eps=1e-6)                  # back to the RM's logit scale
+    if lagrangian:
+        rm_score = lagrangian_reward(raw["helpfulness"].to(rt.device), cost, lam)
     score = whiten(rm_score)
     if args.missing_eos_score is not None:
         score = torch.where(batch["has_eos"], score, torch.full_like(score, args.missing_eos_score))
-    return dict(score=score, rm_score=rm_score, safety_raw=raw["safety"].to(rt.device),
-                helpful_raw=raw["helpfulness"].to(rt.device))
+    return dict(score=score, rm_score=rm_score, combined=combined.to(rt.device), cost=cost,
+                safety_raw=raw["safety"].to(rt.device), helpful_raw=raw["helpfulness"].to(rt.device))
 
 
 def ppo_epochs(train_policy, train_value, policy, value_model, optimizers, batch, shuffler, args, rt, where,
@@ -314,6 +350,7 @@ def rollout_stats(batch):
     return dict(
         reward=(batch["rm_score"].sum().item(), n), rm_safety_mean=(batch["safety_raw"].sum().item(), n),
         rm_helpfulness_mean=(batch["helpful_raw"].sum().item(), n), final_score=(batch["score"].sum().item(), n),
+        combined_reward=(batch["combined"].sum().item(), n), cost=(batch["cost"].sum().item(), n),
         kl=(batch["kl"].sum(1).sum().item(), n),
         entropy=((batch["entropy"].sum() / mask.sum()).item() * n, n),
         explained_variance=(explained_variance(batch["old_values"], batch["returns"], mask).item() * n, n),
@@ -376,13 +413,29 @@ def get_args(argv=None):
                               seed_help="random seed (rollout sampling, prompt order)")
     # models
     p.add_argument("--init", required=True, help="SFT checkpoint: the policy's start and the frozen reference")
-    p.add_argument("--rm-safety", required=True, help="safety reward model (train_rm.py)")
-    p.add_argument("--rm-helpful", required=True, help="helpfulness reward model (train_rm.py)")
+    p.add_argument("--rm-safety", required=True, nargs="+", help="safety reward model (train_rm.py); several "
+                   "paths: an ensemble of k reward models, combined by --ensemble")
+    p.add_argument("--rm-helpful", required=True, nargs="+", help="helpfulness reward model (train_rm.py); "
+                   "several paths: an ensemble")
+    p.add_argument("--ensemble", choices=sorted(ENSEMBLES), default="mean", help="how an ensemble's raw scores "
+                   "combine (Coste et al. 2023): their mean, or their minimum (worst case)")
     p.add_argument("--value-init", choices=("safety", "helpful", "policy"), default="safety",
                    help="value model starts from that RM, or from the SFT model with a fresh scalar head")
     # reward
-    p.add_argument("--reward", choices=sorted(REWARDS), default="llama2",
-                   help="llama2: the safety/helpfulness gate; safety or helpfulness: that RM alone")
+    p.add_argument("--reward", choices=sorted(REWARDS) + ["lagrangian"], default="llama2",
+                   help="llama2: the safety/helpfulness gate; safety or helpfulness: that RM alone; lagrangian: "
+                   "Safe RLHF's PPO-Lagrangian, the helpfulness RM's score subject to E[cost] <= --cost-threshold, "
+                   "cost = minus the safety RM's raw score")
+    p.add_argument("--cost-threshold", type=float, default=-1.5, help="lagrangian: the threshold d on the mean "
+                   "cost -r_s over a rollout (raw safety-RM units; -1.5: a mean safety score of at least 1.5). With "
+                   "--lambda-lr 0.1, chosen for the tiny preset among d -1.5, -2 and lr 0.1, 0.5 by the lowest "
+                   "violation + false-refusal rate on the validation split")
+    p.add_argument("--lambda-init", type=runtime.positive_float, default=1.0,
+                   help="lagrangian: the multiplier's starting value (Safe RLHF: 1)")
+    p.add_argument("--lambda-lr", type=runtime.nonnegative_float, default=0.1,
+                   help="lagrangian: step size of the dual ascent on ln lambda, per iteration")
+    p.add_argument("--lambda-max", type=runtime.positive_float, default=20.0,
+                   help="lagrangian: cap on the multiplier (20: the cost's weight at most 20/21 of the reward)")
     p.add_argument("--safety-threshold", type=runtime.nonnegative_float, default=0.15,
                    help="gate: use R_s on any prompt whose safety probability is below this (Llama 2: 0.15)")
     p.add_argument("--beta", type=runtime.nonnegative_float,
@@ -421,6 +474,8 @@ def get_args(argv=None):
     p.add_argument("--sample-every", type=runtime.positive_int, default=5,
                    help="iterations between printed sample rollouts")
     p.add_argument("--save-every", type=runtime.positive_int, default=10, help="iterations between checkpoints")
+    p.add_argument("--keep-every", type=runtime.nonnegative_int, default=0, help="also keep the policy's weights "
+                   "every this many iterations as OUT/policy_<iteration>.pt (0: none)")
     p.add_argument("--eval-prompts", type=int, default=-1, help="held-out validation prompts of the world judged "
                    "greedily at the end (-1: all, 0: none)")
     p.add_argument("--eval-every", type=runtime.nonnegative_int, default=0, help="iterations between gold "
@@ -452,6 +507,7 @@ def main(args):
     optimizers = {"optimizer": policy_opt, "value_optimizer": value_opt}
     iteration = runtime.resume_training(rt, resume, optimizers, ckpt_path)
     beta = resume["beta"] if resume is not None else args.beta
+    log_lambda = resume.get("log_lambda", math.log(args.lambda_init)) if resume else math.log(args.lambda_init)
     log, samples_log = runtime.begin(args, rt, iteration, "metrics.jsonl", "samples.jsonl")
     train_policy = runtime.wrap_ddp(policy, rt, args.compile)
     train_value = runtime.wrap_ddp(value_model, rt, args.compile)
@@ -459,7 +515,7 @@ def main(args):
     def save():
         runtime.save_checkpoint(rt, ckpt_path, runtime.checkpoint(
             policy, tok, iteration, args, "ppo", optimizers, value_model=value_model.state_dict(),
-            value_model_config=vars(value_model.config), beta=beta))
+            value_model_config=vars(value_model.config), beta=beta, log_lambda=log_lambda))
 
     # ------------------------------------------------------------------ the RLHF loop
     metrics = {}
@@ -474,7 +530,7 @@ def main(args):
             # 1. rollout: one sampled response per prompt, read by the policy, the reference and the value model
             batch = rollout(policy, ref_model, value_model, tok, prompts, iteration, sampler, args, rt)
             # 2. reward: R~ at the last token, -beta KL per token
-            batch.update(sequence_scores(batch, reward_models, args, rt))
+            batch.update(sequence_scores(batch, reward_models, args, rt, math.exp(log_lambda)))
             rewards, batch["kl"] = kl_penalized_rewards(batch["score"], batch["old_logp"], batch["ref_logp"],
                                                         batch["response_mask"], beta)
             # 3. advantages: GAE on the value model's estimates, whitened over the response tokens
@@ -488,6 +544,10 @@ def main(args):
             metrics = dict(reduce_means({**stats, **rollout_stats(batch)}, rt), beta=beta)
             if args.kl_target is not None:
                 beta = adaptive_beta(beta, metrics["kl"], args.kl_target, args.kl_gain)
+            if args.reward == "lagrangian":  # the multiplier this rollout was scored with, then its dual step
+                metrics["lambda"] = math.exp(log_lambda)
+                log_lambda = lambda_update(log_lambda, metrics["cost"], args.cost_threshold, args.lambda_lr,
+                                           args.lambda_max)
             iteration += 1
             if rt.is_main and eval_examples and args.eval_every and iteration % args.eval_every == 0 \
                     and iteration < args.iterations:  # the last iteration's is the final eval below
@@ -495,6 +555,8 @@ def main(args):
             log_iteration(rt, args, iteration, batch, metrics, bar, log, samples_log)
             if iteration % args.save_every == 0 or iteration == args.iterations:
                 save()
+            if args.keep_every and iteration % args.keep_every == 0:
+                keep_policy(rt, policy, tok, iteration, args)
     bar.close()
 
     # ------------------------------------------------------------------ eval: the gold judge on held-out prompts

@@ -206,16 +206,22 @@ def encode_rows(tok, pairs, margins, max_len):
     return rows
 
 
+def data_seed(args):
+    """The seed of the world and of its annotated pairs: --world-seed, or --seed when that is not given."""
+    return args.seed if args.world_seed is None else args.world_seed
+
+
 def load_preference_data(args, w):
     """(train pairs, held-out pairs, how many train pairs are the other objective's), in read_preferences' form:
     the world w's annotators, or (w None) the --data, --mix-data and --eval-data files."""
     other = OTHER_OBJECTIVE[args.objective]
     if w is not None:
-        own = w.labelled_pairs(args.objective, args.label_noise, args.seed, "train", args.styles_per_prompt)
+        seed = data_seed(args)
+        own = w.labelled_pairs(args.objective, args.label_noise, seed, "train", args.styles_per_prompt)
         # the other annotator rates fresh responses (another seed), as a separate collection would
-        mixed_in = w.labelled_pairs(other, args.label_noise, args.seed + 1, "train", args.styles_per_prompt)
+        mixed_in = w.labelled_pairs(other, args.label_noise, seed + 1, "train", args.styles_per_prompt)
         # every validation prompt rated on three responses: more held-out pairs, each against the gold label
-        held_out = w.labelled_pairs(args.objective, 0.0, args.seed, "validation", 3)
+        held_out = w.labelled_pairs(args.objective, 0.0, seed, "validation", 3)
     else:
         own = [p for path in args.data for p in data.read_preferences(path, args.objective, args.format)]
         mixed_in = [p for path in args.mix_data for p in data.read_preferences(path, other, args.format)]
@@ -227,7 +233,7 @@ def load_preference_data(args, w):
         own = own[:args.max_train_pairs]
     if args.max_eval_pairs and len(held_out) > args.max_eval_pairs:  # evenly spaced: every kind of prompt stays
         held_out = held_out[::math.ceil(len(held_out) / args.max_eval_pairs)]
-    train = mix(own, mixed_in, args.mix_fraction if mixed_in else 0.0, args.seed)
+    train = mix(own, mixed_in, args.mix_fraction if mixed_in else 0.0, data_seed(args))
     return train, held_out, len(train) - len(own)
 
 
@@ -275,6 +281,9 @@ def get_args(argv=None):
                    "by a fresh scalar head)")
     runtime.add_run_arguments(p, outputs="model.pt, config.json, metrics.jsonl, eval.json, histograms.json",
                               seed_help="random seed (world, label noise, batch order)")
+    p.add_argument("--world-seed", type=int, default=None, help="seed of the world and of its annotated pairs "
+                   "(default: --seed); with it, --seed moves only the scalar head's start and the batch order, so "
+                   "reward models of several seeds learn the same pairs (an ensemble)")
     # data
     p.add_argument("--data", nargs="+", default=["world"], help="'world' (the embedded annotator) or preference "
                    "files for the RM's own objective (generic JSONL, HH-RLHF .jsonl/.jsonl.gz, PKU-SafeRLHF)")
@@ -337,7 +346,7 @@ def main(args):
     # Llama 2 initialises the RMs from the chat model: the same knowledge, a scalar head instead of the lm head
     reward_model, ckpt = loaders.load_model(resume if resume is not None else args.init, rt.device, head="scalar")
     tok = tokenizer.Tokenizer.from_dict(ckpt["tokenizer"])
-    w = world.build_world(args.seed) if args.data == ["world"] else None
+    w = world.build_world(data_seed(args)) if args.data == ["world"] else None
     train_pairs, held_out, n_mixed = load_preference_data(args, w)
     margins = None if args.margin == "off" else MARGINS[args.margin]
     train_rows = encode_rows(tok, train_pairs, margins, reward_model.config.max_seq_len)

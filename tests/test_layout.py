@@ -9,7 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBRARY = {"model", "tokenizer", "data", "world", "reward", "runtime", "loaders"}
 STAGES = {"train_sft", "train_rm", "train_ppo", "train_dpo", "distill"}
-TOOLS = {"evaluate", "benchmarks", "bench"}
+TOOLS = {"evaluate", "benchmarks", "bench", "overopt"}
 
 
 def project_imports(name):

@@ -13,9 +13,10 @@ import train_ppo
 import runtime
 import world
 from model import ModelConfig, Transformer, generate, load_checkpoint, save_checkpoint
-from reward import REWARDS, helpfulness_only, llama2_gate, safety_only
-from train_ppo import (adaptive_beta, explained_variance, gae, kl_penalized_rewards, policy_loss, response_logprobs,
-                       response_logprobs_and_entropy, response_values, rollout_batch, value_loss, whiten)
+from reward import ENSEMBLES, REWARDS, ensemble_mean, ensemble_min, helpfulness_only, llama2_gate, safety_only
+from train_ppo import (adaptive_beta, explained_variance, gae, kl_penalized_rewards, lagrangian_reward, lambda_update,
+                       policy_loss, response_logprobs, response_logprobs_and_entropy, response_values, rollout_batch,
+                       value_loss, whiten)
 
 
 # ---------------------------------------------------------------------------------------------- the reward
@@ -31,6 +32,35 @@ def test_llama2_gate_by_hand():
     assert torch.equal(helpfulness_only(safety, helpful, safety_prompt), helpful)
     # --reward picks one of reward.py's combinations
     assert REWARDS == {"llama2": llama2_gate, "safety": safety_only, "helpfulness": helpfulness_only}
+
+
+def test_ensembles_by_hand():
+    scores = torch.tensor([[1.0, -2.0, 0.5],     # k = 3 reward models (rows) scoring N = 3 responses
+                           [3.0, 0.0, 0.5],
+                           [-1.0, 1.0, 2.0]])
+    # mean: (1 + 3 - 1) / 3 = 1, (-2 + 0 + 1) / 3 = -1/3, (0.5 + 0.5 + 2) / 3 = 1; min: the lowest of each column
+    assert torch.allclose(ensemble_mean(scores), torch.tensor([1.0, -1 / 3, 1.0]))
+    assert torch.equal(ensemble_min(scores), torch.tensor([-1.0, -2.0, 0.5]))
+    # one member that overrates a response moves the mean but not the minimum
+    inflated = scores.clone()
+    inflated[0, 2] = 10.0
+    assert ensemble_mean(inflated)[2] > 3 and ensemble_min(inflated)[2] == 0.5
+    assert ENSEMBLES == {"mean": ensemble_mean, "min": ensemble_min}
+
+
+def test_lagrangian_reward_and_lambda_update_by_hand():
+    helpful, cost = torch.tensor([2.0, 1.0]), torch.tensor([1.0, -3.0])
+    # lambda 0: the helpfulness score itself; lambda 1: (2 - 1) / 2 = 0.5, (1 + 3) / 2 = 2
+    assert torch.equal(lagrangian_reward(helpful, cost, 0.0), helpful)
+    assert torch.allclose(lagrangian_reward(helpful, cost, 1.0), torch.tensor([0.5, 2.0]))
+    # lambda 3: (2 - 3) / 4 = -0.25, (1 + 9) / 4 = 2.5: a large lambda ranks by cost alone
+    assert torch.allclose(lagrangian_reward(helpful, cost, 3.0), torch.tensor([-0.25, 2.5]))
+    # ln lambda = ln 2, E[C] = 0.5, d = -1, lr 0.1: ln 2 + 0.1 * 2 * 1.5 = ln 2 + 0.3
+    assert math.isclose(lambda_update(math.log(2), 0.5, -1.0, 0.1), math.log(2) + 0.3)
+    # below the threshold lambda shrinks, at it lambda stays
+    assert lambda_update(0.0, -2.0, -1.0, 0.1) == -0.1 and lambda_update(0.0, -1.0, -1.0, 0.1) == 0.0
+    # the cap: ln 10 + 0.1 * 10 * 5 = ln 10 + 5 is cut to ln 20
+    assert math.isclose(lambda_update(math.log(10), 4.0, -1.0, 0.1, max_lambda=20.0), math.log(20))
 
 
 def test_whiten_over_the_mask():
@@ -243,6 +273,18 @@ def test_micro_run_raises_the_reward_from_zero_kl(micro):
     assert ckpt["stage"] == "ppo" and ckpt["step"] == 12 and "value_model" in ckpt
 
 
+def test_keep_every_keeps_the_policy_along_training(micro, tmp_path):
+    out = str(tmp_path / "kept")
+    train_ppo.main(ppo_args(micro, out, 4, "--keep-every", "2"))
+    assert sorted(f for f in os.listdir(out) if f.startswith("policy_")) == ["policy_0002.pt", "policy_0004.pt"]
+    final, kept = load_checkpoint(os.path.join(out, "model.pt")), load_checkpoint(os.path.join(out, "policy_0004.pt"))
+    assert kept["step"] == 4 and kept["stage"] == "ppo" and "optimizer" not in kept
+    for name, tensor in final["model"].items():
+        torch.testing.assert_close(kept["model"][name], tensor, rtol=0, atol=0)
+    early = load_checkpoint(os.path.join(out, "policy_0002.pt"))
+    assert any(not torch.equal(early["model"][n], t) for n, t in final["model"].items())
+
+
 def test_resume_ends_with_the_same_weights(micro):
     straight, broken = str(micro["folder"] / "straight"), str(micro["folder"] / "broken")
     train_ppo.main(ppo_args(micro, straight, 4, "--kl-target", "0.5"))
@@ -255,6 +297,34 @@ def test_resume_ends_with_the_same_weights(micro):
             torch.testing.assert_close(b[key][name], tensor, rtol=0, atol=0, msg=f"{key}.{name}")
     assert [r["step"] for r in read_metrics(broken)] == [1, 2, 3, 4]
     assert read_metrics(broken)[-1] == read_metrics(straight)[-1]
+
+
+def test_lagrangian_logs_lambda_follows_the_dual_step_and_resumes(micro, tmp_path):
+    straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
+    flags = ("--reward", "lagrangian", "--cost-threshold", "-0.2", "--lambda-init", "0.5", "--lambda-lr", "0.5")
+    train_ppo.main(ppo_args(micro, straight, 4, *flags))
+    rows = read_metrics(straight)
+    assert rows[0]["lambda"] == 0.5
+    for before, after in zip(rows, rows[1:]):   # each iteration's lambda is the dual step from the one before
+        assert math.isclose(after["lambda"], math.exp(lambda_update(math.log(before["lambda"]), before["cost"],
+                                                                     -0.2, 0.5)), rel_tol=1e-9)
+        assert math.isclose(before["cost"], -before["rm_safety_mean"], rel_tol=1e-6)  # cost = -r_s
+    assert len({r["lambda"] for r in rows}) == 4
+    train_ppo.main(ppo_args(micro, broken, 2, *flags))
+    train_ppo.main(ppo_args(micro, broken, 4, *flags, "--resume"))
+    a, b = (load_checkpoint(os.path.join(d, "model.pt")) for d in (straight, broken))
+    assert a["log_lambda"] == b["log_lambda"] != math.log(0.5)
+    assert read_metrics(broken) == rows
+
+
+def test_an_ensemble_of_identical_reward_models_is_that_reward_model(micro, tmp_path):
+    single = train_ppo.main(ppo_args(micro, str(tmp_path / "single"), 2))
+    for how in ("mean", "min"):
+        ensemble = train_ppo.main(ppo_args(micro, str(tmp_path / how), 2, "--rm-helpful", micro["rm"], micro["rm"],
+                                           micro["rm"], "--ensemble", how))
+        assert math.isclose(ensemble["reward"], single["reward"], rel_tol=1e-5)
+        assert read_metrics(str(tmp_path / how))[-1]["combined_reward"] == \
+            pytest.approx(read_metrics(str(tmp_path / "single"))[-1]["combined_reward"], rel=1e-5)
 
 
 def test_prompt_file_errors_name_the_line(micro, tmp_path):

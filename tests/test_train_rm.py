@@ -248,3 +248,16 @@ def test_init_and_out_are_required(capsys):
         with pytest.raises(SystemExit) as e:
             train_rm.get_args(argv)
         assert e.value.code == 2
+
+
+def test_world_seed_fixes_the_pairs_while_seed_moves_the_rest():
+    def pairs(*flags):
+        args = train_rm.get_args(["--objective", "safety", "--init", "x", "--out", "y", "--max-train-pairs", "40",
+                                  *flags])
+        train, held_out, _ = train_rm.load_preference_data(args, world.build_world(train_rm.data_seed(args)))
+        return [(p["messages"], p["chosen"], p["rejected"]) for p in train + held_out]
+
+    # an ensemble member (--seed 1 --world-seed 0) learns the same pairs as the seed-0 model; --seed 1 alone
+    # builds world 1, whose pairs differ
+    assert pairs("--seed", "1", "--world-seed", "0") == pairs("--seed", "0")
+    assert pairs("--seed", "1") != pairs("--seed", "0")
