@@ -92,6 +92,17 @@ def bench_config(preset, vocab_size=None, seq_len=None):
 
 
 # ---------------------------------------------------------------------------------------------- training
+def train_step(forward, model, optimizer, tokens, loss_mask):
+    """One full optimizer step on tokens (B, T + 1): forward(inputs) -> logits, masked next-token loss, backward,
+    gradient clipping at 1, the optimizer's step; returns the loss."""
+    loss = masked_nll(forward(tokens[:, :-1]), tokens[:, 1:], loss_mask)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def bench_train(config, batch_size, seq_len, steps, device, attention="causal", bf16=True, compile=False,
                 warmup_steps=2, peak=None, seed=0):
     """Training throughput of full optimizer steps on random tokens (B = batch_size, T = seq_len).
@@ -114,15 +125,11 @@ def bench_train(config, batch_size, seq_len, steps, device, attention="causal", 
     attention_mask = loss_mask if attention == "masked" else None
     amp = runtime.autocast(runtime.Runtime(device)) if bf16 else nullcontext()
 
-    def step():
+    def forward(inputs):
         with amp:
-            logits = train_model(tokens[:, :-1], attention_mask=attention_mask)   # (B, T, V)
-        loss = masked_nll(logits, tokens[:, 1:], loss_mask)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+            return train_model(inputs, attention_mask=attention_mask)   # (B, T, V)
+
+    step = lambda: train_step(forward, model, optimizer, tokens, loss_mask)
 
     for _ in range(warmup_steps):  # allocator, kernel selection and, with --compile, compilation
         step()
@@ -338,13 +345,9 @@ def hf_twin(config, seed=0):
 
 def timed_train_step(model, tokens, optimizer, hf):
     """Seconds of one optimizer step (forward, masked next-token loss, backward, clipping, AdamW) on tokens."""
+    forward = (lambda inputs: model(inputs).logits) if hf else model
     start = time.perf_counter()
-    logits = model(tokens[:, :-1]).logits if hf else model(tokens[:, :-1])
-    loss = masked_nll(logits, tokens[:, 1:], torch.ones_like(tokens[:, 1:]))
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    train_step(forward, model, optimizer, tokens, torch.ones_like(tokens[:, 1:]))
     return time.perf_counter() - start
 
 

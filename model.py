@@ -367,12 +367,15 @@ def respond(model, tok, conversations, max_new_tokens=64, temperature=0.0, top_p
 
 
 # ---------------------------------------------------------------------------------------------- losses and scores
+def target_logprobs(logits, targets):
+    """log softmax(logits)[target] at every position: logits (..., V), targets (...) -> (...)."""
+    return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+
 def token_logprobs(model, tokens, attention_mask):
     """(B, T-1): log p(tokens[:, t+1] | tokens[:, :t+1]); 0 where the target token is padding."""
     logits = model(tokens, attention_mask)[:, :-1]                       # (B, T-1, V) float32
-    targets = tokens[:, 1:]
-    logp = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
-    return logp * attention_mask[:, 1:]
+    return target_logprobs(logits, tokens[:, 1:]) * attention_mask[:, 1:]
 
 
 def masked_nll(logits, targets, loss_mask):

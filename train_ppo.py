@@ -48,7 +48,7 @@ import data
 import loaders
 import runtime
 import world
-from model import generate, num_params, respond, token_logprobs
+from model import generate, num_params, respond, target_logprobs, token_logprobs
 from reward import ENSEMBLES, REWARDS, combined_reward, load_reward_model
 
 
@@ -180,9 +180,8 @@ def response_logprobs_and_entropy(model, tokens, attention_mask, P):
     of its next-token distribution at each response position (for logging)."""
     logits = model(tokens, attention_mask)[:, P - 1:-1].float()                 # (B, L, V): predicts token P + j
     mask = attention_mask[:, P:]
-    logp = (logits.gather(-1, tokens[:, P:, None]).squeeze(-1) - logits.logsumexp(-1)) * mask
     all_logp = logits.log_softmax(-1)
-    return logp, -(all_logp.exp() * all_logp).sum(-1) * mask
+    return target_logprobs(logits, tokens[:, P:]) * mask, -(all_logp.exp() * all_logp).sum(-1) * mask
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -265,9 +264,8 @@ def load_models(args, rt, resume):
 def keep_policy(rt, policy, tok, iteration, args):
     """--keep-every: the policy's weights at this iteration as OUT/policy_<iteration>.pt, a language-model
     checkpoint that evaluate.py reads, for studies of the policy along training (overopt.py)."""
-    runtime.save_checkpoint(rt, os.path.join(args.out, f"policy_{iteration:04d}.pt"), dict(
-        model=policy.state_dict(), model_config=vars(policy.config), tokenizer=tok.to_dict(), step=iteration,
-        stage="ppo"))
+    runtime.save_checkpoint(rt, os.path.join(args.out, f"policy_{iteration:04d}.pt"),
+                            runtime.checkpoint(policy, tok, iteration, args, "ppo", optimizers={}))
 
 
 # ---------------------------------------------------------------------------------------------- one iteration
@@ -304,9 +302,8 @@ def sequence_scores(batch, reward_models, args, rt, lam=0.0):
                                     safety_prompt, "helpfulness" if lagrangian else args.reward,
                                     args.safety_threshold, ensemble=args.ensemble)  # R_c, a probability
     cost = -raw["safety"].to(rt.device)
-    rm_score = torch.logit(combined.to(rt.device), eps=1e-6)                  # back to the RM's logit scale
-    if lagrangian:
-        rm_score = lagrangian_reward(raw["helpfulness"].to(rt.device), cost, lam)
+    rm_score = lagrangian_reward(raw["helpfulness"].to(rt.device), cost, lam) if lagrangian \
+        else torch.logit(combined.to(rt.device), eps=1e-6)                   # back to the RM's logit scale
     score = whiten(rm_score)
     if args.missing_eos_score is not None:
         score = torch.where(batch["has_eos"], score, torch.full_like(score, args.missing_eos_score))
