@@ -554,7 +554,7 @@ def main(args):
     state = resume["distill"] if resume is not None else dict(phase=0, step=0, rows=None, pool={}, history=[])
 
     # ------------------------------------------------------------------ optimizer, resume, run folder
-    optimizer = runtime.make_optimizer(policy, args.lr, args.weight_decay)
+    optimizer = runtime.make_optimizer(policy, args.lr, args.weight_decay, freeze=args.freeze_layers)
     step = runtime.resume_training(rt, resume, {"optimizer": optimizer}, ckpt_path)   # offsets[phase] + its step
     train_model = runtime.wrap_ddp(policy, rt, args.compile)
     log, samples = runtime.begin(args, rt, step, "metrics.jsonl", "samples.jsonl")

@@ -389,7 +389,7 @@ def main(args):
                          args.gamma)
 
     # ------------------------------------------------------------------ optimizer, resume, run folder
-    optimizer = runtime.make_optimizer(policy, args.lr, args.weight_decay)
+    optimizer = runtime.make_optimizer(policy, args.lr, args.weight_decay, freeze=args.freeze_layers)
     step = runtime.resume_training(rt, resume, {"optimizer": optimizer}, ckpt_path)
     train_model = runtime.wrap_ddp(policy, rt, args.compile)
     log = runtime.begin(args, rt, step)

@@ -499,8 +499,8 @@ def main(args):
 
     # ------------------------------------------------------------------ optimizers, resume, run folder
     # Llama 2 (section 3.2.3): AdamW, constant learning rate, weight decay 0.1, gradient clipping 1.0
-    policy_opt = runtime.make_optimizer(policy, args.lr, args.weight_decay)
-    value_opt = runtime.make_optimizer(value_model, args.value_lr, args.weight_decay)
+    policy_opt = runtime.make_optimizer(policy, args.lr, args.weight_decay, freeze=args.freeze_layers)
+    value_opt = runtime.make_optimizer(value_model, args.value_lr, args.weight_decay, freeze=args.freeze_layers)
     optimizers = {"optimizer": policy_opt, "value_optimizer": value_opt}
     iteration = runtime.resume_training(rt, resume, optimizers, ckpt_path)
     beta = resume["beta"] if resume is not None else args.beta

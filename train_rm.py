@@ -359,7 +359,7 @@ def main(args):
                        f"{rt.device}")
 
     # ------------------------------------------------------------------ optimizer, resume, run folder
-    optimizer = runtime.make_optimizer(reward_model, args.lr, args.weight_decay)
+    optimizer = runtime.make_optimizer(reward_model, args.lr, args.weight_decay, freeze=args.freeze_layers)
     step = runtime.resume_training(rt, resume, {"optimizer": optimizer}, ckpt_path)
     train_model = runtime.wrap_ddp(reward_model, rt, args.compile)
     log = runtime.begin(args, rt, step)

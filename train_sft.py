@@ -190,7 +190,7 @@ def main(args):
                        f"{model_lib.num_params(model) / 1e6:.2f}M parameters on {rt.device}")
 
     # ------------------------------------------------------------------ optimizer, resume, run folder
-    optimizer = runtime.make_optimizer(model, args.lr, args.weight_decay)
+    optimizer = runtime.make_optimizer(model, args.lr, args.weight_decay, freeze=args.freeze_layers)
     step = runtime.resume_training(rt, resume, {"optimizer": optimizer}, ckpt_path)
     train_model = runtime.wrap_ddp(model, rt, args.compile)
     log = runtime.begin(args, rt, step)
