@@ -258,6 +258,175 @@ def safety_sft_rows(data_dir, n_harmful=240, n_helpful=240, seed=0):
     return rows
 
 
+# ------------------------------------------------------------------------------------------- real-model training data
+# The training side of the real-model pipeline (pipeline.sh PRESET=smollm2). Evaluation reads AdvBench, HarmBench,
+# XSTest, TruthfulQA, BOLD and the held-out part of each HH-RLHF file; training reads only what follows, and
+# evaluation_prompts() removes any training prompt that an evaluation file also asks.
+HARMFUL_SOURCES = (  # (folder, file, field): harmful requests for training; Do-Not-Answer's human_chatbox and
+    # misinformation areas are left out (they want a careful answer, not a refusal)
+    ("strongreject", "strongreject_dataset.csv", "forbidden_prompt"),
+    ("do_not_answer", "malicious_uses.jsonl", "prompt"),
+    ("do_not_answer", "information_hazard.jsonl", "prompt"),
+    ("do_not_answer", "discrimination_exclusion_toxicity_hateful_offensive.jsonl", "prompt"),
+    ("beavertails", "beavertails_unsafe_prompts_sample.jsonl", "prompt"))
+HH_FILES = dict(safety=("hh_rlhf", "harmless-base_test.jsonl.gz"),
+                helpfulness=("hh_rlhf", "helpful-base_test.jsonl.gz"))
+BORDERLINE_PROMPTS = (  # benign requests that sound unsafe, written for this project; none is an XSTest prompt
+    # words with a harmless meaning
+    "How do I kill a frozen program on Windows?",
+    "What's the command to terminate all my background jobs in bash?",
+    "How can I shoot better photos of birds in flight?", "How do I blow up a photo to poster size without blur?",
+    "What is the best way to crack a coconut at home?", "How do I execute a SQL query from a Python script?",
+    "How can I attack the net more effectively in tennis?", "How do I destroy the competition in a spelling bee?",
+    "How do I smash a garlic clove with a knife?", "What's a good way to butcher a whole chicken for roasting?",
+    "How do I strangle a fig vine that is taking over my fence?", "How can I steal the show at my piano recital?",
+    "How do I hijack the conversation back to my topic in a meeting, politely?",
+    "How should I choke the carburettor on a cold lawnmower engine?", "How do I hack together a quick bookshelf?",
+    "What's the fastest way to murder a to-do list on a Monday?",
+    "How do I nuke leftovers evenly in a microwave?",
+    "How do I poison-proof my garden against slugs without chemicals?", "How can I bomb less at stand-up open mics?",
+    "How do I gut a fish I just caught?", "How do I beat eggs until they form stiff peaks?",
+    "How do I fire a clay pot in a kiln?", "How do I capture a screenshot on a Mac?",
+    "What does it mean to bury the lede in journalism?", "How do I break into the video game industry?",
+    # harmful-sounding but safe targets and contexts
+    "How do I get rid of fruit flies in my kitchen?", "What's the safest way to remove a wasp nest from my shed?",
+    "How do I kill weeds between patio stones?", "How can I stop moles digging up my lawn humanely?",
+    "In chess, how do I trap the opponent's queen?", "How do I defeat the final boss in a platform game?",
+    "What's the best strategy to eliminate opponents in a board game like Risk?",
+    "How do I win a sword fight in a stage combat class safely?", "How do I poison enemies in a fantasy video game?",
+    "Write a short murder-mystery plot for a dinner party game.", "How did medieval castles defend against sieges?",
+    "Why did the Roman Empire fall?", "What caused the sinking of the Titanic?",
+    "What weapons did samurai carry in feudal Japan?", "How were bank robberies solved by detectives in the 1930s?",
+    # definitions and knowledge
+    "What is money laundering, in simple terms?", "What does the word 'arson' mean?",
+    "What is a phishing email and how can I spot one?", "What is the difference between a virus and a worm?",
+    "What is identity theft and how do people protect themselves from it?", "What is a Ponzi scheme?",
+    "What does 'insider trading' mean?", "How do vaccines train the immune system?",
+    "What are the symptoms of carbon monoxide poisoning?", "Why is mixing bleach and ammonia dangerous?",
+    "What should I do if someone is choking?", "How do I treat a minor kitchen burn?",
+    "What is the legal drinking age in Germany?", "How do firefighters put out chemical fires?",
+    "How do locksmiths open a door when someone is locked out of their own house?",
+    "What should I do if I find a syringe in a park?", "How can I tell if a mushroom I found is poisonous?",
+    "What are common signs that a child is being bullied at school?", "How do I report a scam website?",
+    "How do I keep my passwords safe from hackers?", "How can I protect my home from burglars?",
+    "How do I safely dispose of old medication?", "How do I store kitchen knives safely with kids at home?",
+    "What's a safe way to watch a solar eclipse?", "How do I escape a rip current at the beach?",
+    "How do self-defence classes teach people to get out of a wrist grab?",
+    "How do I sharpen a kitchen knife?", "How strong is the recoil of a hunting rifle for a beginner at a range?",
+    "What is the plot of the novel Crime and Punishment?", "Who was Jack the Ripper?",
+    "Why do some people become addicted to gambling?", "How do I talk to a friend who seems depressed?",
+)
+
+
+def _norm(text):
+    return " ".join(text.lower().split()).strip(" ?.!")
+
+
+def evaluation_prompts(data_dir):
+    """Every prompt an evaluation file asks (AdvBench, all of HarmBench, XSTest), normalised, for disjointness."""
+    found = set()
+    if os.path.exists(os.path.join(data_dir, *BENCHMARK_FILES["advbench"])):
+        found |= {_norm(p) for p in read_advbench(data_dir)}
+    if os.path.exists(os.path.join(data_dir, *BENCHMARK_FILES["harmbench"])):
+        found |= {_norm(r["Behavior"]) for r in _csv_rows(os.path.join(data_dir, *BENCHMARK_FILES["harmbench"]))}
+    if os.path.exists(os.path.join(data_dir, *BENCHMARK_FILES["xstest"])):
+        found |= {_norm(p) for p, _, _ in read_xstest(data_dir)}
+    return found
+
+
+def data_file(data_dir, folder, name):
+    """The path of a data file, or an error naming it and where it comes from publicly (its SOURCE.md)."""
+    path = os.path.join(data_dir, folder, name)
+    if not os.path.exists(path):
+        raise runtime.UserError(f"missing {path}: see {os.path.join(data_dir, folder, 'SOURCE.md')} or the "
+                                f"README's real-data table for its public source")
+    return path
+
+
+def training_harmful(data_dir):
+    """Harmful training requests from HARMFUL_SOURCES, deduplicated, none asked by an evaluation file
+    (StrongREJECT's rows taken from AdvBench are dropped by source as well)."""
+    held, seen, out = evaluation_prompts(data_dir), set(), []
+    for folder, name, field in HARMFUL_SOURCES:
+        path = data_file(data_dir, folder, name)
+        rows = _csv_rows(path) if name.endswith(".csv") else data.read_jsonl(path)
+        for row in rows:
+            key = _norm(row[field])
+            if row.get("source") == "AdvBench" or key in held or key in seen:
+                continue
+            seen.add(key)
+            out.append(row[field].strip())
+    return out
+
+
+def split_hh(path, n_held_out, max_tokens, tok, seed):
+    """HH-RLHF pairs as generic preference rows (prompt messages, chosen, rejected), those whose longer side fits
+    max_tokens, shuffled by seed and split into (train, held_out) with n_held_out held out."""
+    rows = []
+    for pair in data.read_hh_rlhf(path):
+        longest = max(len(tok.encode_dialog(pair["messages"] + [{"role": "assistant", "content": pair[k]}])[0])
+                      for k in ("chosen", "rejected"))
+        if longest <= max_tokens:
+            rows.append(dict(prompt=pair["messages"], chosen=pair["chosen"], rejected=pair["rejected"]))
+    random.Random(seed).shuffle(rows)
+    return rows[n_held_out:], rows[:n_held_out]
+
+
+def make_real_data(model, tok, data_dir, n_harmful=300, n_pairs=160, n_held_out=400, max_tokens=256, seed=0,
+                   batch_size=16, progress=True):
+    """Every training file of the real-model pipeline, as {file name: rows}, built from data_dir and the
+    starting model's own answers:
+      sft.jsonl          n_harmful harmful requests with a safe refusal, as many HH-RLHF helpful-base first turns
+                         with their chosen reply, and BORDERLINE_PROMPTS with the starting model's own answer (so the
+                         model sees where the line is: requests that sound unsafe but are not get a real answer);
+      rm_safety_train / rm_safety_eval.jsonl   HH-RLHF harmless-base pairs (train, n_held_out held out) and, in
+                         train only, constructed pairs: on n_pairs harmful requests a refusal over the starting
+                         model's compliance, on each borderline prompt its answer over a refusal, both with strength
+                         "significantly better" (Llama 2's largest margin);
+      rm_helpful_train / rm_helpful_eval.jsonl HH-RLHF helpful-base pairs, split the same way;
+      prompts.jsonl      RL prompts: harmful requests (safety true), borderline prompts and helpful-base first turns.
+    Harmful requests are split once: the SFT refusals, the constructed pairs and the RL prompts use disjoint ones."""
+    rng = random.Random(seed)
+    harmful = training_harmful(data_dir)
+    rng.shuffle(harmful)
+    if len(harmful) < n_harmful + 2 * n_pairs:
+        raise runtime.UserError(f"{data_dir}: {len(harmful)} harmful training requests, fewer than the "
+                                f"{n_harmful + 2 * n_pairs} asked for")
+    sft_harmful, pair_harmful, rl_harmful = (harmful[:n_harmful], harmful[n_harmful:n_harmful + n_pairs],
+                                             harmful[n_harmful + n_pairs:])
+    files = {}
+    for objective, name in (("safety", "rm_safety"), ("helpfulness", "rm_helpful")):
+        train, held_out = split_hh(data_file(data_dir, *HH_FILES[objective]), n_held_out, max_tokens, tok, seed)
+        files[f"{name}_train.jsonl"], files[f"{name}_eval.jsonl"] = train, held_out
+    # the starting model's own answers: compliance with harmful requests, answers to the borderline ones
+    asks = [[{"role": "user", "content": p}] for p in pair_harmful + list(BORDERLINE_PROMPTS)]
+    answers = [a.text for a in respond(model, tok, asks, 96, batch_size=batch_size,
+                                       desc="starting model's answers" if progress else None)]
+    complied = [(p, a) for p, a in zip(pair_harmful, answers) if a and not gcg_refusal(a)]
+    border = [(p, a) for p, a in zip(BORDERLINE_PROMPTS, answers[len(pair_harmful):]) if a and not gcg_refusal(a)]
+    refusal = lambda: rng.choice(SAFE_RESPONSES)  # noqa: E731
+    strong = "significantly better"
+    files["rm_safety_train.jsonl"] += [dict(prompt=p, chosen=refusal(), rejected=a, strength=strong)
+                                       for p, a in complied]
+    files["rm_safety_train.jsonl"] += [dict(prompt=p, chosen=a, rejected=refusal(), strength=strong)
+                                       for p, a in border]
+    rng.shuffle(files["rm_safety_train.jsonl"])
+    helpful = [r for r in files["rm_helpful_train.jsonl"] if len(r["prompt"]) == 1]  # first turns
+    sft = [[p, refusal()] for p in sft_harmful]
+    sft += [[r["prompt"][0]["content"], r["chosen"]] for r in helpful[:n_harmful]]
+    sft += [[p, a] for p, a in border]
+    files["sft.jsonl"] = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
+                          for p, a in sft]
+    rng.shuffle(files["sft.jsonl"])
+    prompts = [dict(prompt=p, safety=True) for p in rl_harmful]
+    prompts += [dict(prompt=p, safety=False) for p in BORDERLINE_PROMPTS]
+    prompts += [dict(prompt=r["prompt"][0]["content"], safety=False)
+                for r in helpful[n_harmful:n_harmful + len(rl_harmful)]]
+    rng.shuffle(prompts)
+    files["prompts.jsonl"] = prompts
+    return files
+
+
 # ---------------------------------------------------------------------------------------------- command line
 def get_args(argv=None):
     p = runtime.parser(__doc__)
@@ -273,8 +442,22 @@ def get_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace the results (or file) already at --out")
     p.add_argument("--make-safety-sft", default=None, metavar="DATA_DIR",
                    help="write the small safety SFT set built from DATA_DIR to --out and exit")
+    p.add_argument("--make-real-data", default=None, metavar="DATA_DIR", help="write the real-model pipeline's "
+                   "training files (make_real_data) built from DATA_DIR and --checkpoint's own answers into the "
+                   "folder --out, and exit")
+    p.add_argument("--max-tokens", type=runtime.positive_int, default=256, help="--make-real-data: keep the "
+                   "HH-RLHF pairs whose longer side fits this many tokens")
+    p.add_argument("--n-harmful", type=runtime.positive_int, default=300, help="--make-real-data: harmful "
+                   "requests refused in the SFT set (and as many helpful replies)")
+    p.add_argument("--n-held-out", type=runtime.positive_int, default=400, help="--make-real-data: HH-RLHF pairs "
+                   "held out of each file for the reward models' accuracy")
+    p.add_argument("--seed", type=int, default=0, help="--make-real-data: shuffle and split seed")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     args = runtime.parse_args(p, {}, argv)
+    if args.make_real_data is not None:
+        if args.checkpoint is None or args.out is None:
+            p.error("--make-real-data needs --checkpoint (the starting model) and --out FOLDER")
+        return args
     if args.make_safety_sft is None and (args.checkpoint is None or args.data is None):
         p.error("give --checkpoint and --data, or --make-safety-sft DATA_DIR --out FILE")
     if args.make_safety_sft is not None and args.out is None:
@@ -296,7 +479,30 @@ def check_out(path, overwrite, folder):
                                 f"another --out")
 
 
+def write_real_data(args):
+    """--make-real-data: the training files into the folder --out, and sources.json saying what each holds."""
+    if os.path.exists(os.path.join(args.out, "sources.json")) and not args.overwrite:
+        raise runtime.UserError(f"{args.out} already holds training files; pass --overwrite or choose another --out")
+    model, tok, _ = loaders.load_policy(args.checkpoint, runtime.pick_device(args.device))
+    files = make_real_data(model, tok, args.make_real_data, args.n_harmful, n_held_out=args.n_held_out,
+                           max_tokens=args.max_tokens, seed=args.seed, batch_size=args.batch_size)
+    os.makedirs(args.out, exist_ok=True)
+    for name, rows in files.items():
+        with open(os.path.join(args.out, name), "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        print(f"{len(rows):6d} rows  {os.path.join(args.out, name)}")
+    sources = dict(data=os.path.abspath(args.make_real_data), starting_model=args.checkpoint,
+                   rows={name: len(rows) for name, rows in files.items()}, harmful_sources=HARMFUL_SOURCES,
+                   hh_rlhf=HH_FILES, max_tokens=args.max_tokens, n_held_out=args.n_held_out, seed=args.seed)
+    with open(os.path.join(args.out, "sources.json"), "w") as f:
+        json.dump(sources, f, indent=1)
+    return sources["rows"]
+
+
 def main(args):
+    if args.make_real_data is not None:
+        return write_real_data(args)
     if args.make_safety_sft is not None:
         check_out(args.out, args.overwrite, folder=False)
         rows = safety_sft_rows(args.make_safety_sft)

@@ -8,11 +8,16 @@
 #   ./pipeline.sh --out runs/a --preset small
 #   ./pipeline.sh OUT=runs/a PRESET=small     # the same, and so is: OUT=runs/a PRESET=small ./pipeline.sh
 #   ./pipeline.sh --seeds 3 --sweep           # seeds 0, 1 and 2 with their spread, and the safety-data sweep
+#   ./pipeline.sh --preset smollm2 --out out/smollm2   # SmolLM2-135M-Instruct through every stage on real data
 #
 # Each setting is a flag (--out DIR or --out=DIR), a NAME=VALUE argument or an environment variable; an argument
 # wins over the environment. Any other argument is an error (exit 2).
 #   --out DIR      OUT=DIR       run folder (default out); a relative path is taken from the folder you run this in
-#   --preset NAME  PRESET=NAME   tiny (default), small or 1b: every script's --preset
+#   --preset NAME  PRESET=NAME   tiny (default), small or 1b: every script's --preset; or smollm2: the real-model
+#                                pipeline below
+#   --scale NAME   SCALE=NAME    smollm2 only: cpu (default; 2 hours or less on 2 cores), gpu (bf16 on one CUDA
+#                                GPU, 15 minutes or less on an H100) or micro (a few steps of each stage: a check)
+#   --data DIR     DATA=DIR      smollm2 only: the real data folder (default ../shared/data; see the README)
 #   --jobs N       JOBS=N        stages run side by side after SFT and in the sweep (default 2 with 2 or more
 #                                cores, else 1)
 #   --seeds N      SEEDS=N       run the whole pipeline for seeds 0 to N-1 (default 1: seed 0 alone); see Seeds
@@ -37,6 +42,12 @@
 # share S = 0, 0.1, 0.25, 0.5 and 1 of the SFT set's safety demonstrations (train_sft.py --safety-share S; every
 # benign and borderline demonstration kept) into OUT/sweep/share_<S>, reused and resumed as the stages above; then
 # one evaluation of the five, with seed 0's reward models, into OUT/sweep/eval.
+# Real model (PRESET=smollm2): SmolLM2-135M-Instruct (fetched by loaders.py --fetch-smollm2 when .gl/ lacks it; needs
+# pip install gguf) is the base model. benchmarks.py --make-real-data writes OUT/data/ (the SFT mix, the reward
+# models' HH-RLHF train and held-out pairs, RL prompts) from DATA and the model's own answers; then SFT, both RMs,
+# PPO, DPO, rejection sampling and context distillation run as above from those files, and evaluate.py scores every
+# stage on the public benchmarks (AdvBench, HarmBench, XSTest, TruthfulQA, BOLD) into OUT/eval. Seeds and the
+# sweep are for the embedded world only.
 set -euo pipefail
 caller=$PWD
 here=$(cd "$(dirname "$0")" && pwd)
@@ -54,17 +65,17 @@ while (( $# > 0 )); do
   case $1 in
     -h | --help) usage; exit 0 ;;
     --sweep) SWEEP=1; shift ;;
-    --out | --preset | --jobs | --seeds | --python)
+    --out | --preset | --jobs | --seeds | --python | --scale | --data)
       [[ $# -ge 2 && -n $2 && $2 != -* ]] || usage_error "$1 needs a value"
       flag=${1#--}
       printf -v "${flag^^}" %s "$2"
       shift 2 ;;
-    --out=* | --preset=* | --jobs=* | --seeds=* | --python=*)
+    --out=* | --preset=* | --jobs=* | --seeds=* | --python=* | --scale=* | --data=*)
       flag=${1%%=*}
       flag=${flag#--}
       printf -v "${flag^^}" %s "${1#*=}"
       shift ;;
-    OUT=* | PRESET=* | JOBS=* | SEEDS=* | SWEEP=* | PYTHON=* | PROGRESS=*)
+    OUT=* | PRESET=* | JOBS=* | SEEDS=* | SWEEP=* | PYTHON=* | PROGRESS=* | SCALE=* | DATA=*)
       printf -v "${1%%=*}" %s "${1#*=}"
       shift ;;
     *) usage_error "unknown argument '$1'" ;;
@@ -77,7 +88,14 @@ PROGRESS=${PROGRESS:-30}
 SEEDS=${SEEDS:-1}
 SWEEP=${SWEEP:-0}
 [[ $OUT == /* || $caller == "$here" ]] || OUT=$caller/$OUT
-[[ $PRESET =~ ^(tiny|small|1b)$ ]] || usage_error "--preset/PRESET must be tiny, small or 1b, not '$PRESET'"
+SCALE=${SCALE:-cpu}
+DATA=${DATA:-$here/../shared/data}
+[[ $PRESET =~ ^(tiny|small|1b|smollm2)$ ]] \
+  || usage_error "--preset/PRESET must be tiny, small, 1b or smollm2, not '$PRESET'"
+[[ $SCALE =~ ^(cpu|gpu|micro)$ ]] || usage_error "--scale/SCALE must be cpu, gpu or micro, not '$SCALE'"
+[[ $PRESET != smollm2 || ( ${SEEDS:-1} == 1 && $SWEEP == 0 ) ]] \
+  || usage_error "--seeds and --sweep are for the embedded world, not --preset smollm2"
+[[ $DATA == /* || $caller == "$here" ]] || DATA=$caller/$DATA
 [[ $PROGRESS =~ ^[1-9][0-9]*$ ]] || usage_error "PROGRESS must be a positive number of seconds, not '$PROGRESS'"
 [[ $SEEDS =~ ^[1-9][0-9]*$ ]] || usage_error "--seeds/SEEDS must be a positive integer, not '$SEEDS'"
 [[ $SWEEP =~ ^[01]$ ]] || usage_error "SWEEP must be 0 or 1, not '$SWEEP'"
@@ -349,6 +367,103 @@ pipeline() {  # pipeline SEED: steps 1 to 8 into RUN; with --seeds N > 1 every s
     --baseline sft --sft "$RUN/sft/model.pt" --rm-safety "$RUN/rm_safety/model.pt" \
     --rm-helpful "$RUN/rm_helpful/model.pt" "${seed[@]}"
 }
+
+# ---------------------------------------------------------------------------------------------- the real model
+SMOLLM2=.gl/SmolLM2-135M-Instruct.Q4_1.gguf
+
+real_sizes() {  # each stage's sizes at SCALE. cpu: about 2 hours on 2 cores, most blocks frozen (--freeze-layers),
+  # sequences of 256 tokens; gpu: bf16 on one CUDA GPU, every block trained, sequences of 512; micro: a few steps
+  # of everything, to check the wiring
+  local freeze
+  case $SCALE in
+    cpu) freeze=(--freeze-layers 20)
+      MAKE_DATA=(--max-tokens 256 --n-harmful 300 --n-held-out 400)
+      SFT=(--steps 150 --batch-size 8 --lr 2e-5 --max-seq-len 256 "${freeze[@]}")
+      RM=(--steps 120 --batch-size 8 --lr 2e-5 --eval-every 60 --eval-batch-size 16 "${freeze[@]}")
+      PPO=(--iterations 20 --batch-size 8 --minibatch-size 8 --ppo-epochs 1 --max-new-tokens 48 --lr 5e-6
+           --value-lr 2e-5 --beta 0.05 "${freeze[@]}")
+      DPO=(--steps 80 --batch-size 8 --lr 5e-6 --eval-every 40 --val-pairs 64 --ref-on-the-fly "${freeze[@]}")
+      RS=(--n-prompts 48 --k 4 --iterations 1 --steps 30 --batch-size 8 --lr 1e-5 --max-new-tokens 128 "${freeze[@]}")
+      CD=(--n-prompts 96 --steps 30 --batch-size 8 --lr 1e-5 --max-new-tokens 128 "${freeze[@]}")
+      EVAL=(--benchmark-limit 100 --batch-size 16) ;;
+    gpu) freeze=(--device cuda)
+      MAKE_DATA=(--max-tokens 512 --n-harmful 400 --n-held-out 500 --device cuda)
+      SFT=(--steps 400 --batch-size 32 --lr 1e-5 --max-seq-len 512 "${freeze[@]}")
+      RM=(--steps 300 --batch-size 32 --lr 1e-5 --eval-every 100 "${freeze[@]}")
+      PPO=(--iterations 40 --batch-size 64 --minibatch-size 32 --ppo-epochs 1 --max-new-tokens 96 --lr 2e-6
+           --value-lr 1e-5 --beta 0.05 "${freeze[@]}")
+      DPO=(--steps 200 --batch-size 32 --lr 2e-6 --eval-every 50 "${freeze[@]}")
+      RS=(--n-prompts 256 --k 8 --iterations 1 --steps 100 --batch-size 32 --lr 1e-5 --max-new-tokens 256 "${freeze[@]}")
+      CD=(--n-prompts 300 --steps 100 --batch-size 32 --lr 1e-5 --max-new-tokens 256 "${freeze[@]}")
+      EVAL=(--batch-size 64 --device cuda) ;;
+    micro) freeze=(--freeze-layers 28)
+      MAKE_DATA=(--max-tokens 128 --n-harmful 16 --n-held-out 16)
+      SFT=(--steps 2 --batch-size 2 --lr 2e-5 --max-seq-len 128 "${freeze[@]}")
+      RM=(--steps 2 --batch-size 2 --lr 2e-5 --max-train-pairs 8 --max-eval-pairs 8 "${freeze[@]}")
+      PPO=(--iterations 1 --batch-size 2 --minibatch-size 2 --ppo-epochs 1 --max-new-tokens 8 "${freeze[@]}")
+      DPO=(--steps 2 --batch-size 2 --eval-every 2 --val-pairs 4 --ref-on-the-fly "${freeze[@]}")
+      RS=(--n-prompts 4 --k 2 --iterations 1 --steps 1 --batch-size 2 --max-new-tokens 160 "${freeze[@]}")
+      CD=(--n-prompts 8 --steps 1 --batch-size 2 --max-new-tokens 256 --no-targeted "${freeze[@]}")
+      EVAL=(--benchmark-limit 4 --batch-size 4 --max-new-tokens 8) ;;
+  esac
+}
+
+real_pipeline() {  # PRESET=smollm2: every stage from SmolLM2-135M-Instruct on the real data in DATA, into RUN
+  local d=$RUN/data name checkpoints=() inputs=()
+  real_sizes
+  if [[ ! -f $SMOLLM2 ]]; then
+    echo "== fetching $SMOLLM2"
+    $PYTHON loaders.py --fetch-smollm2
+  fi
+  # 0. Training files: the SFT mix, HH-RLHF pairs split into train and held-out parts, constructed safety pairs,
+  #    RL prompts; never an evaluation prompt (benchmarks.py's section "real-model training data")
+  if [[ ! -f $d/sources.json ]]; then
+    OMP_NUM_THREADS=$ALONE_THREADS $PYTHON benchmarks.py --make-real-data "$DATA" --checkpoint "$SMOLLM2" \
+      "${MAKE_DATA[@]}" --out "$d" --overwrite
+  else
+    echo "== data: reusing $d"
+  fi
+
+  # 1-2. Safety SFT on the balanced mix: refusals, helpful replies, and answers to requests that only sound unsafe
+  OMP_NUM_THREADS=$ALONE_THREADS stage sft $PYTHON train_sft.py --stage sft --init "$SMOLLM2" \
+    --data "$d/sft.jsonl" "${SFT[@]}" --out "$RUN/sft"
+
+  # 3. Reward models on HH-RLHF (harmless-base for safety, with the constructed pairs; helpful-base), held-out
+  #    accuracy on each file's held-out part
+  side_by_side rm_safety $PYTHON train_rm.py --objective safety --init "$RUN/sft/model.pt" \
+    --data "$d/rm_safety_train.jsonl" --mix-data "$d/rm_helpful_train.jsonl" --eval-data "$d/rm_safety_eval.jsonl" \
+    "${RM[@]}" --out "$RUN/rm_safety"
+  side_by_side rm_helpful $PYTHON train_rm.py --objective helpfulness --init "$RUN/sft/model.pt" \
+    --data "$d/rm_helpful_train.jsonl" --eval-data "$d/rm_helpful_eval.jsonl" "${RM[@]}" --out "$RUN/rm_helpful"
+  join
+
+  # 4-7. PPO with the Llama 2 gate, DPO on the same pairs, rejection sampling, safety context distillation
+  side_by_side ppo $PYTHON train_ppo.py --init "$RUN/sft/model.pt" --rm-safety "$RUN/rm_safety/model.pt" \
+    --rm-helpful "$RUN/rm_helpful/model.pt" --prompts "$d/prompts.jsonl" "${PPO[@]}" --out "$RUN/ppo"
+  side_by_side dpo $PYTHON train_dpo.py --init "$RUN/sft/model.pt" --data "$d/rm_helpful_train.jsonl" \
+    --safety-data "$d/rm_safety_train.jsonl" "${DPO[@]}" --out "$RUN/dpo"
+  side_by_side rs $PYTHON distill.py --mode rejection --init "$RUN/sft/model.pt" --prompts "$d/prompts.jsonl" \
+    --rm-safety "$RUN/rm_safety/model.pt" --rm-helpful "$RUN/rm_helpful/model.pt" --no-eval "${RS[@]}" \
+    --out "$RUN/rs"
+  side_by_side distill $PYTHON distill.py --mode context --context generic --init "$RUN/sft/model.pt" \
+    --prompts "$d/prompts.jsonl" --rm-safety "$RUN/rm_safety/model.pt" --replay-data "$d/sft.jsonl" --no-eval \
+    "${CD[@]}" --out "$RUN/distill"
+  join
+
+  # 8. Every stage on the public benchmarks, with n and 95% intervals
+  checkpoints=("base=$SMOLLM2")
+  for name in sft ppo dpo rs distill; do
+    checkpoints+=("$name=$RUN/$name/model.pt") inputs+=("$RUN/$name/model.pt")
+  done
+  OMP_NUM_THREADS=$ALONE_THREADS evaluate_into "${KEY}eval" "$RUN/eval" "${#inputs[@]}" "${inputs[@]}" \
+    --checkpoints "${checkpoints[@]}" --benchmarks "$DATA" "${EVAL[@]}"
+}
+
+if [[ $PRESET == smollm2 ]]; then
+  STAGES=(sft rm_safety rm_helpful ppo dpo rs distill)
+  real_pipeline
+  exit 0
+fi
 
 # 0. Pre-training data audit (section 4.1): personal data, pronouns and identity terms in the base corpus
 $PYTHON evaluate.py --audit > "$OUT/audit.txt"

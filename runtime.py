@@ -166,11 +166,12 @@ def freeze_lower(model, n_layers):
     what makes a few hundred steps of a 135M-parameter model fit a CPU. A tied output head is the embedding and
     freezes with it."""
     model = getattr(model, "module", model)
-    if not 0 <= n_layers <= len(model.layers):
+    if n_layers == 0:
+        return model
+    if n_layers > len(model.layers):
         raise UserError(f"--freeze-layers {n_layers}: the model has {len(model.layers)} blocks")
-    if n_layers:
-        for p in [*model.tok_embeddings.parameters(), *model.layers[:n_layers].parameters()]:
-            p.requires_grad_(False)
+    for p in [*model.tok_embeddings.parameters(), *model.layers[:n_layers].parameters()]:
+        p.requires_grad_(False)
     return model
 
 
