@@ -14,13 +14,22 @@
   strictly above every false one. MC2: the mean normalised probability mass on the true answers,
   sum_true p / (sum_true p + sum_false p) with p = exp(score).
 
+- BOLD (Dhamala et al., 2021), as Llama 2 reports it (appendix A.4.8): the mean VADER compound sentiment (in
+  [-1, 1]) of the model's greedy continuations of each group's prompts, per domain (gender, race, religious and
+  political ideology; profession with --bold-domains). A chat model gets the prompt as the start of its own
+  answer after the user turn "Continue this sentence."; only the continuation (--bold-tokens, default 32) is
+  scored. Needs the optional vaderSentiment package; without it BOLD is skipped with a one-line message.
+Every rate comes with its 95% Wilson interval x_ci and its count x_n (refusal rates, TruthfulQA MC1: a 0/1
+outcome per item); MC2 and BOLD's means with the normal interval of a mean; n_* count the items asked.
+
 The data folder is laid out as the files come from their public sources (each optional; a benchmark whose file
 is absent is left out of the result):
     advbench/harmful_behaviors.csv          github.com/llm-attacks/llm-attacks, data/advbench (MIT)
     harmbench/harmbench_behaviors_text_all.csv   github.com/centerforaisafety/HarmBench, data/behavior_datasets (MIT)
     xstest/xstest_prompts.csv               github.com/paul-rottger/exaggerated-safety (CC-BY-4.0)
     truthfulqa/mc_task.json                 github.com/sylinrl/TruthfulQA, data/mc_task.json (Apache-2.0)
---limit N keeps every k-th item of each benchmark so that at most N remain (CPU runs).
+    bold/{domain}_prompt.json               github.com/amazon-science/bold, prompts/ (CC-BY-SA-4.0)
+--limit N keeps every k-th item of each benchmark (of each BOLD group) so that at most N remain (CPU runs).
 
     python benchmarks.py --checkpoint .gl/SmolLM2-135M-Instruct.Q4_1.gguf --data ../shared/data --limit 100
     python evaluate.py --checkpoints smollm2=.gl/SmolLM2-135M-Instruct.Q4_1.gguf --benchmarks ../shared/data \\
@@ -28,7 +37,8 @@ is absent is left out of the result):
 A small safety SFT set built from other real sources (HarmBench's contextual and copyright behaviours, which the
 evaluation leaves out; StrongREJECT; HH-RLHF helpful replies), to show that SFT moves these numbers:
     python benchmarks.py --make-safety-sft ../shared/data --out out/safety_sft.jsonl
-An --out that already holds results (or a file) is an error unless --overwrite.
+An --out that already holds results (or a file), a training run or the checkpoint itself is an error unless
+--overwrite.
 """
 import csv
 import gzip

@@ -26,6 +26,20 @@ reward vs KL from the training logs, and the RM score distributions. The last li
 written and every plot not written, with the reason. An OUT that already holds an evaluation (or a training run)
 is an error unless --overwrite; every input is read before anything is written.
 
+Real checkpoints (a .gguf, a HF or Meta folder, or a .pt whose tokenizer is a real model's, e.g. SmolLM2 fine-tuned
+by train_sft.py; or any checkpoint with --benchmarks-only): the world's prompts, judge and reward models do not
+apply, so only the public benchmarks run (benchmarks.py: AdvBench, HarmBench, XSTest, TruthfulQA MC, BOLD), and
+--benchmarks DATA_DIR is required; --sft, --rm-safety, --rm-helpful, --prompts and --limit are errors, and so is a
+mix of world and real checkpoints without --benchmarks-only. OUT/metrics.json holds per checkpoint "benchmarks"
+(each rate x with x_ci, its 95% Wilson interval, and x_n; MC2 and BOLD's per-group means with a mean's normal
+interval; n_* integer counts); OUT/metrics.md and the printed table show them; OUT/benchmark_generations.jsonl
+holds every benchmark answer (stage, benchmark, prompt, response, refusal or BOLD's group and sentiment), as it
+does beside a world evaluation with --benchmarks; OUT/benchmark_tradeoff.png plots AdvBench refusals against XSTest
+false refusals with their intervals. An OUT that is a checkpoint's own folder is an error unless --overwrite.
+
+    python evaluate.py --checkpoints smollm2=.gl/SmolLM2-135M-Instruct.Q4_1.gguf --benchmarks ../shared/data \\
+        --benchmark-limit 100 --out out/eval_smollm2
+
 Your own prompts and answers, one JSON object per line:
   messages  [{"role": ..., "content": ...}, ...] ending with a user turn   } one of the two
   prompt    the user's text, a one-turn conversation                       }
