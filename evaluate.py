@@ -26,6 +26,20 @@ reward vs KL from the training logs, and the RM score distributions. The last li
 written and every plot not written, with the reason. An OUT that already holds an evaluation (or a training run)
 is an error unless --overwrite; every input is read before anything is written.
 
+Real checkpoints (a .gguf, a HF or Meta folder, or a .pt whose tokenizer is a real model's, e.g. SmolLM2 fine-tuned
+by train_sft.py; or any checkpoint with --benchmarks-only): the world's prompts, judge and reward models do not
+apply, so only the public benchmarks run (benchmarks.py: AdvBench, HarmBench, XSTest, TruthfulQA MC, BOLD), and
+--benchmarks DATA_DIR is required; --sft, --rm-safety, --rm-helpful, --prompts and --limit are errors, and so is a
+mix of world and real checkpoints without --benchmarks-only. OUT/metrics.json holds per checkpoint "benchmarks"
+(each rate x with x_ci, its 95% Wilson interval, and x_n; MC2 and BOLD's per-group means with a mean's normal
+interval; n_* integer counts); OUT/metrics.md and the printed table show them; OUT/benchmark_generations.jsonl
+holds every benchmark answer (stage, benchmark, prompt, response, refusal or BOLD's group and sentiment), as it
+does beside a world evaluation with --benchmarks; OUT/benchmark_tradeoff.png plots AdvBench refusals against XSTest
+false refusals with their intervals. An OUT that is a checkpoint's own folder is an error unless --overwrite.
+
+    python evaluate.py --checkpoints smollm2=.gl/SmolLM2-135M-Instruct.Q4_1.gguf --benchmarks ../shared/data \\
+        --benchmark-limit 100 --out out/eval_smollm2
+
 Your own prompts and answers, one JSON object per line:
   messages  [{"role": ..., "content": ...}, ...] ending with a user turn   } one of the two
   prompt    the user's text, a one-turn conversation                       }
@@ -82,8 +96,8 @@ import loaders
 import reward
 import runtime
 import world
-from model import KVCache, respond, sample_next, token_logprobs
-from tokenizer import split_turns
+from model import KVCache, load_checkpoint, respond, sample_next, token_logprobs
+from tokenizer import SPECIAL_TOKENS, split_turns
 from world import gold_metrics, win_rate
 
 
@@ -169,8 +183,9 @@ def file_metrics(examples, responses):
 
 
 def evaluate_checkpoint(name, model, tok, examples, args, baseline_texts, sft, reward_models, benchmarks,
-                        grade=gold_metrics, about=None):
-    """Generate on the examples and grade: (metrics, response texts, one generations.jsonl row per example).
+                        grade=gold_metrics, about=None, bench_generations=None):
+    """Generate on the examples and grade: (metrics, response texts, one generations.jsonl row per example); with
+    benchmarks, m["benchmarks"] and one bench_generations row per benchmark answer.
 
     baseline_texts: the responses of args.baseline (None: this checkpoint is the baseline); sft: (model, tok) or
     None; reward_models: {"safety": (model, tok) or None, "helpfulness": ...}; benchmarks: that module or None;
@@ -197,7 +212,7 @@ def evaluate_checkpoint(name, model, tok, examples, args, baseline_texts, sft, r
     m["win_rate_ci"], m["win_rate_n"] = world.wilson(m["win_rate"] * len(examples), len(examples)), len(examples)
     m["win_rate_baseline"] = args.baseline
     if benchmarks is not None:
-        m["benchmarks"] = benchmarks.run_all(model, tok, args.benchmarks, args.benchmark_limit)
+        m["benchmarks"] = run_benchmarks(benchmarks, name, model, tok, args, bench_generations)
     generations = [dict(stage=name, id=ex.id, kind=ex.kind, category=ex.category, attack=ex.attack,
                         held_out=ex.kind == "harmful" and ex.attack == world.HELD_OUT_ATTACK and ex.split == "test",
                         prompt=ex.prompt, messages=ex.messages, response=r, **vars(world.judge(ex, r)),
@@ -206,6 +221,82 @@ def evaluate_checkpoint(name, model, tok, examples, args, baseline_texts, sft, r
                         kl_to_sft=None if kl is None else float(kl[i]))
                    for i, (ex, r) in enumerate(zip(examples, texts))]
     return m, texts, generations
+
+
+def run_benchmarks(benchmarks, name, model, tok, args, generations):
+    """benchmarks.run_all on one checkpoint; generations gets its answers, each row naming the checkpoint (stage)."""
+    rows = []
+    result = benchmarks.run_all(model, tok, args.benchmarks, args.benchmark_limit, args.max_new_tokens,
+                                args.batch_size, rows, bold_domains=args.bold_domains, bold_tokens=args.bold_tokens)
+    if generations is not None:
+        generations += [dict(stage=name, **row) for row in rows]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- real checkpoints
+def world_checkpoint(path):
+    """Whether path holds a model of the embedded world: this project's .pt whose tokenizer was made here
+    (tokenizer.Tokenizer's own control tokens, SPECIAL_TOKENS, and no others). A real model (a .gguf, a HF or Meta
+    folder, loaders.py) brings its own control tokens (<|im_start|>, <|eot_id|>, ...), and keeps them when
+    train_sft.py fine-tunes it: the world's prompts, judge and reward models do not apply to it."""
+    if loaders.is_real(path):
+        return False
+    return set(load_checkpoint(path)["tokenizer"]["special_tokens"]) == set(SPECIAL_TOKENS)
+
+
+WORLD_FLAGS = ("--sft", "--rm-safety", "--rm-helpful", "--prompts", "--limit")  # what only the world's path reads
+
+
+def benchmarks_only(args, checkpoints):
+    """Whether this call runs the public benchmarks only: with --benchmarks-only, or when every checkpoint is a
+    real one. A mix of world and real checkpoints is an error, and so, with the benchmarks only, are a missing
+    --benchmarks and the flags of the world's evaluation."""
+    real = [name for name, path in checkpoints.items() if not world_checkpoint(path)]
+    if not args.benchmarks_only and not real:
+        return False
+    if not args.benchmarks_only and len(real) < len(checkpoints):
+        trained = [name for name in checkpoints if name not in real]
+        raise runtime.UserError(f"world checkpoints ({', '.join(trained)}) and real ones ({', '.join(real)}: a real "
+                                f"model's tokenizer) in one call: the world's metrics do not apply to a real model. "
+                                f"Evaluate them in separate calls, or pass --benchmarks-only to run only the "
+                                f"benchmarks on all")
+    why = "--benchmarks-only" if args.benchmarks_only else f"real checkpoints ({', '.join(real)})"
+    if args.benchmarks is None:
+        raise runtime.UserError(f"{why}: only the public benchmarks apply; give --benchmarks DATA_DIR (the folder "
+                                f"benchmarks.py reads)")
+    given = [f for f in WORLD_FLAGS if getattr(args, f[2:].replace("-", "_")) is not None]
+    if given:
+        raise runtime.UserError(f"{given[0]} belongs to the world's evaluation; with {why} only the benchmarks run "
+                                f"(--benchmark-limit caps them)")
+    return True
+
+
+def evaluate_benchmarks(args, checkpoints, device, benchmarks):
+    """The benchmarks-only evaluation: each checkpoint's benchmarks.run_all metrics under "benchmarks", their
+    answers in OUT/benchmark_generations.jsonl, the tables, the AdvBench vs XSTest trade-off plot."""
+    rows, generations = {}, []
+    for name, path in checkpoints.items():
+        model, tok, _ = loaders.load_policy(path, device)
+        rows[name] = dict(checkpoint=path, benchmark_limit=args.benchmark_limit,
+                          benchmarks=run_benchmarks(benchmarks, name, model, tok, args, generations))
+        del model
+    rows = _json_safe(rows)
+    open_out(args.out, args.overwrite)
+    write_jsonl(os.path.join(args.out, "benchmark_generations.jsonl"), generations)
+    write_tables(args.out, rows)
+    written, skipped = ["metrics.json", "metrics.md", "benchmark_generations.jsonl"], dict.fromkeys(BENCH_PLOTS,
+                                                                                                  "--no-plots")
+    if not args.no_plots:
+        plots, skipped = make_plots(rows, [], {}, args.out, BENCH_PLOTS)
+        written += plots
+    print(summary(args.out, written, skipped))
+    return rows
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- prompt files
@@ -403,11 +494,28 @@ def file_columns(rows):
     return [c for c in cols if any(_get(m, c[1], c[2]) is not None for m in rows.values())]
 
 
-def benchmark_columns(rows):
-    """One column per numeric benchmark metric any checkpoint reported; its n_* counts print as integers."""
-    names = sorted({k for m in rows.values() for k, v in (m.get("benchmarks") or {}).items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    return [(k, "benchmarks", k, "count" if k.startswith("n_") else "num") for k in names]
+def benchmark_rows(rows):
+    """{name: its benchmarks.run_all metrics} of the rows that ran the benchmarks."""
+    return {name: m["benchmarks"] for name, m in rows.items() if isinstance(m.get("benchmarks"), dict)}
+
+
+def benchmark_columns(bench_rows):
+    """The columns of benchmark_rows' flat dicts, in run_all's order: each rate or mean that carries an interval
+    ("advbench_refusal%", "truthfulqa_mc2%"; in percent), each BOLD group's mean sentiment ("gender:American_actors",
+    in [-1, 1]), any other number as it is. The n_* counts and each metric's n go in the n line, as integers."""
+    keys = list(dict.fromkeys(k for m in bench_rows.values() for k in m))
+    cols = []
+    for key in keys:
+        if key.startswith("n_") or key.endswith(("_ci", "_n")) and key.rsplit("_", 1)[0] in keys:
+            continue
+        values = [m.get(key) for m in bench_rows.values()]
+        if any(isinstance(v, dict) for v in values):  # BOLD: one column per group
+            groups = dict.fromkeys(g for v in values if isinstance(v, dict) for g in v)
+            cols += [(f"{key.removeprefix('bold_')}:{g}", key, g, "num") for g in groups]
+        elif any(_number(v) for v in values):
+            rate = f"{key}_ci" in keys
+            cols.append((key.removesuffix("_rate") + "%" * rate, key, None, "rate" if rate else "num"))
+    return cols
 
 
 def _get(m, key, sub, suffix=""):
@@ -452,7 +560,7 @@ def group_sizes(rows, cols):
     parts = []
     for header, key, sub, kind in cols:
         counts = {name: _get(m, key, sub, "_n") for name, m in rows.items()}
-        if kind != "rate" or not any(_number(n) for n in counts.values()):
+        if not any(_number(n) for n in counts.values()):
             continue
         show = lambda n: f"{n:.0f}" if _number(n) else "-"
         if len(set(counts.values())) == 1:
@@ -520,6 +628,13 @@ FILE_LEGEND = ("refused: refusals of all prompts; refused-KIND of the prompts of
                "of the file. acc: correct answers of the prompts with a gold answer. no-ans: empty or degenerate "
                "answers, of all prompts. confused: refusals of harmful prompts that name another request and never "
                "this one, of all refusals of harmful prompts.")
+BENCH_LEGEND = ("Benchmarks (benchmarks.py): advbench_refusal and harmbench_refusal: GCG's refusal phrases found in "
+                "the answer to a harmful request (an empty answer is no refusal); xstest_false_refusal: XSTest's "
+                "refusal prefixes on its safe prompts, xstest_unsafe_refusal on its unsafe ones; truthfulqa_mc1 and "
+                "mc2 by log-likelihood; each in percent with its 95% interval (Wilson; MC2 a mean's normal "
+                "interval). DOMAIN:GROUP: BOLD's mean VADER compound sentiment, in [-1, 1], of the model's "
+                "continuations of that group's prompts, with the normal 95% interval of the mean. n: the items "
+                "behind each.")
 MODEL_LEGEND = ("RM-safe / RM-help: mean sigmoid RM score. KL-sft: mean sequence log-ratio to the SFT model. win: "
                 "gold-judge win rate against the baseline, ties half.")
 
@@ -547,6 +662,7 @@ def format_audit(audit):
 REWARD_KEYS = ("reward", "rm_score", "margin")
 KL_KEYS = ("kl", "kl_to_ref")
 PLOTS = ("tradeoff.png", "reward_kl.png", "rm_scores.png")
+BENCH_PLOTS = ("benchmark_tradeoff.png",)  # with --benchmarks
 
 
 def training_curve(path):
@@ -577,7 +693,9 @@ def make_plots(rows, generations, log_paths, out, plots=PLOTS):
             "reward_kl.png": (lambda path: reward_kl_plot(plt, log_paths, path),
                               "no training log with reward and KL keys"),
             "rm_scores.png": (lambda path: rm_scores_plot(plt, rows, generations, path),
-                              "no --rm-safety or --rm-helpful given")}
+                              "no --rm-safety or --rm-helpful given"),
+            "benchmark_tradeoff.png": (lambda path: benchmark_tradeoff_plot(plt, rows, path),
+                                       "no checkpoint ran both AdvBench and XSTest")}
     written, skipped = [], {}
     for name in plots:
         plot, why_not = draw[name]
@@ -625,6 +743,28 @@ def tradeoff_plot(plt, rows, path):
     ax.set_xlabel("false-refusal rate on borderline prompts (%)")
     ax.set_ylabel("violation rate on harmful prompts (%)")
     ax.set_title("safety / helpfulness trade-off per stage" + ("\n(mean ± sd over seeds)" if seeds else ""))
+    return _save(fig, plt, path)
+
+
+def benchmark_tradeoff_plot(plt, rows, path):
+    """The same trade-off on the public benchmarks: AdvBench refusal rate against XSTest's false-refusal rate on
+    its safe prompts, one point per checkpoint with its Wilson intervals as error bars. None when no checkpoint
+    ran both."""
+    keys = ("xstest_false_refusal_rate", "advbench_refusal_rate")
+    bench = {n: m for n, m in benchmark_rows(rows).items() if all(_number(m.get(k)) for k in keys)}
+    if not bench:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for name, m in bench.items():
+        (x, y), (x_ci, y_ci) = [100 * m[k] for k in keys], [[100 * v for v in m[f"{k}_ci"]] for k in keys]
+        ax.errorbar([x], [y], xerr=[[x - x_ci[0]], [x_ci[1] - x]], yerr=[[y - y_ci[0]], [y_ci[1] - y]], fmt="o",
+                    capsize=3)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4))
+    ax.set_xlim(-2, 102)
+    ax.set_ylim(-2, 102)
+    ax.set_xlabel("XSTest false-refusal rate, safe prompts (%)")
+    ax.set_ylabel("AdvBench refusal rate (%)")
+    ax.set_title("refusals of harmful vs safe prompts\n(95% Wilson intervals)")
     return _save(fig, plt, path)
 
 
@@ -779,9 +919,11 @@ def chat(model, tok, safety_rm=None, system=None, max_new_tokens=128, temperatur
 
 # ---------------------------------------------------------------------------------------------- command line
 EVAL_FILES = ("metrics.json", "metrics.md", "generations.jsonl")  # what an evaluation writes, besides PLOTS
+BENCH_FILES = ("benchmark_generations.jsonl",)                    # and with --benchmarks, besides BENCH_PLOTS
 RESPONSE_FILES = ("metrics.json", "metrics.md", "graded.jsonl")   # what --responses writes
 AGGREGATE_FILES = ("metrics.json", "metrics.md")                  # what --aggregate writes, besides tradeoff.png
-OUTPUTS = tuple(dict.fromkeys((*EVAL_FILES, *RESPONSE_FILES, *PLOTS)))  # any mode's: --overwrite replaces them all
+# any mode's: --overwrite replaces them all
+OUTPUTS = tuple(dict.fromkeys((*EVAL_FILES, *RESPONSE_FILES, *PLOTS, *BENCH_FILES, *BENCH_PLOTS)))
 
 
 def parse_checkpoints(specs):
@@ -820,8 +962,15 @@ def get_args(argv=None):
                    "about this many remain, all kinds kept (default: all)")
     p.add_argument("--benchmarks", default=None, help="folder of real benchmark data: adds benchmarks.run_all's "
                    "metrics")
-    p.add_argument("--benchmark-limit", type=runtime.positive_int, default=None, help="examples per benchmark "
-                   "(default: all)")
+    p.add_argument("--benchmark-limit", type=runtime.positive_int, default=None, help="examples per benchmark, "
+                   "BOLD prompts per group, evenly spaced (default: all)")
+    p.add_argument("--benchmarks-only", action="store_true", help="run only the benchmarks, no world metrics (the "
+                   "default for real checkpoints: a .gguf, a HF or Meta folder, a .pt with a real model's tokenizer)")
+    p.add_argument("--bold-domains", nargs="*", default=None, metavar="DOMAIN", help="BOLD domains to run: gender, "
+                   "race, religious_ideology, political_ideology, profession (default: all but profession; none "
+                   "given: skip BOLD)")
+    p.add_argument("--bold-tokens", type=runtime.positive_int, default=32, help="tokens generated per BOLD "
+                   "continuation (default 32)")
     p.add_argument("--logs", nargs="*", default=None, help="NAME=metrics.jsonl training logs for the reward-vs-KL "
                    "plot (default: the metrics.jsonl beside each checkpoint)")
     p.add_argument("--out", default=None, help="folder for metrics.json, metrics.md, generations.jsonl (or "
@@ -881,8 +1030,9 @@ def get_args(argv=None):
     return args
 
 
-def check_out(out, overwrite):
-    """An evaluation's folder: writable, and holding no evaluation or training run unless overwrite."""
+def check_out(out, overwrite, checkpoints=()):
+    """An evaluation's folder: writable, and holding no evaluation or training run, nor the folder of one of the
+    checkpoints, unless overwrite (which replaces only evaluation files)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise runtime.UserError(f"--out {out} is a file, not a folder")
     if not runtime.writable(out):
@@ -891,6 +1041,10 @@ def check_out(out, overwrite):
     if held and not overwrite:
         raise runtime.UserError(f"{out} already holds {', '.join(held)}; pass --overwrite to replace its evaluation "
                                 f"or choose another --out")
+    home = [p for p in checkpoints if os.path.realpath(out) == loaders.checkpoint_folder(p)]
+    if home and not overwrite:
+        raise runtime.UserError(f"--out {out} is the folder of the checkpoint {home[0]}; choose another --out, or "
+                                f"pass --overwrite to write the evaluation beside it")
 
 
 def open_out(out, overwrite):
@@ -902,15 +1056,21 @@ def open_out(out, overwrite):
             os.remove(os.path.join(out, name))
 
 
-def load_benchmarks(folder):
-    """The benchmarks module, its data folder checked, or None without --benchmarks."""
-    if folder is None:
+def load_benchmarks(args):
+    """The benchmarks module, its data folder and --bold-domains checked (None: its default domains), or None
+    without --benchmarks."""
+    if args.benchmarks is None:
         return None
     try:
         import benchmarks
     except ImportError as e:
         raise runtime.UserError(f"--benchmarks needs benchmarks.py beside evaluate.py ({e})") from None
-    benchmarks.available(folder)
+    benchmarks.available(args.benchmarks)
+    unknown = [d for d in args.bold_domains or () if d not in benchmarks.BOLD_DOMAINS]
+    if unknown:
+        raise runtime.UserError(f"--bold-domains {unknown[0]!r}: not one of {', '.join(benchmarks.BOLD_DOMAINS)}")
+    if args.bold_domains is None:
+        args.bold_domains = list(benchmarks.DEFAULT_BOLD_DOMAINS)
     return benchmarks
 
 
@@ -927,33 +1087,43 @@ def _json_safe(x):
 
 def write_tables(out, rows):
     """Write out/metrics.json and out/metrics.md (the table, the n behind each rate, the legend, any benchmarks)
-    and print the table."""
+    and print the tables. Rows of the benchmarks only (real checkpoints) get the benchmark table alone."""
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    bench_cols = benchmark_columns(rows)
-    markdown = format_markdown(rows) + "\n\n" + legend(rows) + "\n"
+    bench = benchmark_rows(rows)
+    bench_cols = benchmark_columns(bench)
+    graded = any(k in m for m in rows.values() for k in ("violation_rate", "refusal_rate", "n_seeds"))
+    markdown = format_markdown(rows) + "\n\n" + legend(rows) + "\n" if graded else ""
     if bench_cols:
-        markdown += "\nBenchmarks:\n\n" + format_markdown(rows, bench_cols) + "\n"
+        markdown += ("\nBenchmarks:\n\n" if graded else "") + format_markdown(bench, bench_cols) + "\n\n" \
+            + BENCH_LEGEND + "\n"
     with open(os.path.join(out, "metrics.md"), "w") as f:
         f.write(markdown)
-    print(format_table(rows))
-    print("±: the larger half-width of each rate's 95% Wilson interval; metrics.md gives the intervals and a legend")
+    if graded:
+        print(format_table(rows))
+        print("±: the larger half-width of each rate's 95% Wilson interval; metrics.md gives the intervals and a "
+              "legend")
     if bench_cols:
-        print("\nbenchmarks:\n" + format_table(rows, bench_cols))
+        print(("\nbenchmarks:\n" if graded else "") + format_table(bench, bench_cols))
+        print("±: the larger half-width of each 95% interval (Wilson for rates and MC1, normal for MC2 and BOLD's "
+              "means); metrics.md gives the intervals and a legend")
 
 
-def write_outputs(args, rows, generations, checkpoints):
-    """Create OUT (its old evaluation removed with --overwrite), write the files, print the tables and the summary."""
+def write_outputs(args, rows, generations, checkpoints, bench_generations=None):
+    """Create OUT (its old evaluation removed with --overwrite), write the files, print the tables and the summary;
+    with bench_generations (--benchmarks) also benchmark_generations.jsonl and the benchmark trade-off plot."""
     open_out(args.out, args.overwrite)
-    with open(os.path.join(args.out, "generations.jsonl"), "w") as f:
-        for g in generations:
-            f.write(json.dumps(g) + "\n")
+    write_jsonl(os.path.join(args.out, "generations.jsonl"), generations)
+    written, plot_names = list(EVAL_FILES), PLOTS
+    if bench_generations is not None:
+        write_jsonl(os.path.join(args.out, "benchmark_generations.jsonl"), bench_generations)
+        written, plot_names = written + list(BENCH_FILES), PLOTS + BENCH_PLOTS
     write_tables(args.out, rows)
-    written, skipped = list(EVAL_FILES), dict.fromkeys(PLOTS, "--no-plots")
+    skipped = dict.fromkeys(plot_names, "--no-plots")
     if not args.no_plots:
         logs = (dict(s.split("=", 1) for s in args.logs) if args.logs is not None
                 else {n: os.path.join(os.path.dirname(p), "metrics.jsonl") for n, p in checkpoints.items()})
-        plots, skipped = make_plots(rows, generations, logs, args.out)
+        plots, skipped = make_plots(rows, generations, logs, args.out, plot_names)
         written += plots
     print(summary(args.out, written, skipped))
 
@@ -993,11 +1163,13 @@ def main(args):
         return chat(model, tok, safety_rm, args.system, args.max_new_tokens, args.temperature, args.top_p, args.seed)
 
     # ------------------------------------------------------------------ every input, read before anything is written
-    check_out(args.out, args.overwrite)
     checkpoints = parse_checkpoints(args.checkpoints)
+    check_out(args.out, args.overwrite, checkpoints.values())
     for name, path in checkpoints.items():
         if not os.path.exists(path):
             raise runtime.UserError(f"no checkpoint at {path} (for {name})")
+    if benchmarks_only(args, checkpoints):
+        return evaluate_benchmarks(args, checkpoints, device, load_benchmarks(args))
     if args.prompts is not None:  # a prompt file, graded by its own rates
         examples, grade, about = read_examples(args.prompts)[0], file_metrics, dict(file=args.prompts)
     else:
@@ -1008,10 +1180,10 @@ def main(args):
     sft = loaders.load_policy(args.sft, device)[:2] if args.sft else None
     reward_models = {name: reward.load_reward_model(path, device) if path else None
                      for name, path in (("safety", args.rm_safety), ("helpfulness", args.rm_helpful))}
-    benchmarks = load_benchmarks(args.benchmarks)
+    benchmarks = load_benchmarks(args)
 
     # ------------------------------------------------------------------ generate and grade, one checkpoint at a time
-    rows, responses, generations = {}, {}, []
+    rows, responses, generations, bench_generations = {}, {}, [], [] if benchmarks else None
     order = [args.baseline] + [n for n in checkpoints if n != args.baseline]  # the baseline's answers come first
     for name in order:
         model, tok, _ = loaders.load_policy(checkpoints[name], device)
@@ -1019,13 +1191,13 @@ def main(args):
             raise runtime.UserError(f"{checkpoints[name]} and --sft {args.sft} use different tokenizers: no KL")
         rows[name], responses[name], rows_out = evaluate_checkpoint(
             name, model, tok, examples, args, responses.get(args.baseline), sft, reward_models, benchmarks, grade,
-            about)
+            about, bench_generations)
         generations += rows_out
         del model
 
     # ------------------------------------------------------------------ write, print, plot
     rows = {name: _json_safe(rows[name]) for name in checkpoints}  # the order given
-    write_outputs(args, rows, generations, checkpoints)
+    write_outputs(args, rows, generations, checkpoints, bench_generations)
     return rows
 
 

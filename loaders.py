@@ -483,6 +483,11 @@ def is_real(path):
     return isinstance(path, (str, os.PathLike)) and (os.path.isdir(path) or str(path).endswith(".gguf"))
 
 
+def checkpoint_folder(path):
+    """The real path of the folder a checkpoint lives in: a HF or Meta checkpoint is a folder itself."""
+    return os.path.realpath(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
+
+
 def load_model(path_or_ckpt, device="cpu", head=None):
     """(Transformer, checkpoint dict) from any checkpoint: this project's (a .pt file or its dict, through
     model.load_model) or a real model's (load_real). head="scalar" swaps the lm head for a fresh scalar head."""

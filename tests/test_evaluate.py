@@ -143,8 +143,8 @@ def run(micro, tmp_path_factory):
     """evaluate.main on the two micro checkpoints with every option: KL, both RMs, a stand-in benchmarks module."""
     paths, _ = micro
     out = str(tmp_path_factory.mktemp("eval"))
-    fake = types.SimpleNamespace(run_all=lambda model, tok, folder, limit: dict(mc1=0.25, limit=limit, n_mc=7),
-                                 available=lambda folder: ["truthfulqa"])
+    fake = types.SimpleNamespace(run_all=lambda model, tok, folder, limit, *a, **k: dict(mc1=0.25, limit=limit, n_mc=7),
+                                 available=lambda folder: ["truthfulqa"], BOLD_DOMAINS=(), DEFAULT_BOLD_DOMAINS=())
     saved = sys.modules.get("benchmarks")
     sys.modules["benchmarks"] = fake
     stdout = io.StringIO()
@@ -311,7 +311,7 @@ def test_printed_table_and_markdown_agree_with_the_json(run):
         assert words in legend, words
     assert "mc1" in printed and "mc1" in open(os.path.join(out, "metrics.md")).read()
     bench_head, bench_body = parse_table(printed.split("benchmarks:\n")[1].splitlines()[:3])
-    assert bench_head == ["stage", "limit", "mc1", "n_mc"] and bench_body["a"] == ["3.000", "0.250", "7"]
+    assert bench_head == ["stage", "mc1", "limit"] and bench_body["a"] == ["0.250", "3.000"]
 
 
 def test_a_cell_shows_the_interval_of_its_rate():
@@ -331,15 +331,16 @@ def test_plots_or_a_note(run, micro, tmp_path, monkeypatch):
     assert evaluate.training_curve(os.path.join(os.path.dirname(paths["b"]), "metrics.jsonl")) \
         == ("rm_score", "kl", [(0.0, 0.1), (0.5, 0.4), (1.0, 0.6)])
     summary = printed.strip().splitlines()[-1]
-    assert summary.startswith(f"wrote {out}: metrics.json, metrics.md, generations.jsonl")
+    assert summary.startswith(f"wrote {out}: metrics.json, metrics.md, generations.jsonl, benchmark_generations.jsonl")
     if importlib.util.find_spec("matplotlib") is not None:
         for name in evaluate.PLOTS:
             assert os.path.getsize(os.path.join(out, name)) > 1000, name
             assert name in summary
-        assert "not written" not in summary
+        # the stand-in benchmarks ran neither AdvBench nor XSTest: no point for their trade-off plot
+        assert summary.endswith("; not written: benchmark_tradeoff.png (no checkpoint ran both AdvBench and XSTest)")
     else:  # the summary names no plot as written, and says why none was
-        assert summary.endswith("; not written: tradeoff.png, reward_kl.png, rm_scores.png (matplotlib is not "
-                                "installed: pip install matplotlib)")
+        assert summary.endswith("; not written: tradeoff.png, reward_kl.png, rm_scores.png, benchmark_tradeoff.png "
+                                "(matplotlib is not installed: pip install matplotlib)")
         assert not any(name.endswith(".png") for name in os.listdir(out))
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     written, skipped = evaluate.make_plots(rows, read_generations(out), {}, str(tmp_path))
