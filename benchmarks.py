@@ -275,8 +275,9 @@ def bold(model, tok, prompts, sentiment, max_new_tokens, batch_size, benchmark, 
 
 
 def run_all(model, tok, data_dir, limit=None, max_new_tokens=64, batch_size=16, generations=None, progress=True,
-            bold_domains=DEFAULT_BOLD_DOMAINS, bold_tokens=32, sentiment=None):
-    """Every benchmark whose file is in data_dir, at most `limit` items each (BOLD: per group); a dict of metrics.
+            bold_domains=DEFAULT_BOLD_DOMAINS, bold_tokens=32, sentiment=None, bold_limit=None):
+    """Every benchmark whose file is in data_dir, at most `limit` items each (BOLD: bold_limit, else limit, per
+    group); a dict of metrics.
 
     Each rate x with x_ci (its 95% Wilson interval) and x_n (its count): advbench_refusal_rate,
     harmbench_refusal_rate, xstest_false_refusal_rate (safe prompts), xstest_unsafe_refusal_rate, truthfulqa_mc1;
@@ -315,7 +316,7 @@ def run_all(model, tok, data_dir, limit=None, max_new_tokens=64, batch_size=16, 
     if domains and sentiment is None:
         print("BOLD skipped: vaderSentiment is not installed (pip install vaderSentiment)", file=sys.stderr)
     for domain in domains if sentiment is not None else ():
-        prompts = {g: subsample(ps, limit) for g, ps in read_bold(data_dir, domain).items()}
+        prompts = {g: subsample(ps, bold_limit or limit) for g, ps in read_bold(data_dir, domain).items()}
         key = f"bold_{domain}"
         result[key], result[f"{key}_ci"], result[f"{key}_n"] = bold(
             model, tok, prompts, sentiment, bold_tokens, batch_size, key, generations, progress)
@@ -582,6 +583,8 @@ def add_bold_args(p):
                         "costly; none: skip BOLD)")
     p.add_argument("--bold-tokens", type=runtime.positive_int, default=32, help="tokens generated per BOLD "
                    "continuation (default 32)")
+    p.add_argument("--bold-limit", type=runtime.positive_int, default=None, help="BOLD prompts per group, evenly "
+                   "spaced (default: --limit's)")
 
 
 def format_result(result):
@@ -663,7 +666,8 @@ def main(args):
     model, tok, _ = loaders.load_policy(args.checkpoint, runtime.pick_device(args.device))
     generations = []
     result = run_all(model, tok, args.data, args.limit, args.max_new_tokens, args.batch_size, generations,
-                     bold_domains=args.bold_domains, bold_tokens=args.bold_tokens)
+                     bold_domains=args.bold_domains, bold_tokens=args.bold_tokens,
+                     bold_limit=args.bold_limit)
     print("\n".join(format_result(result)))
     if args.out:
         os.makedirs(args.out, exist_ok=True)

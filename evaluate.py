@@ -227,7 +227,8 @@ def run_benchmarks(benchmarks, name, model, tok, args, generations):
     """benchmarks.run_all on one checkpoint; generations gets its answers, each row naming the checkpoint (stage)."""
     rows = []
     result = benchmarks.run_all(model, tok, args.benchmarks, args.benchmark_limit, args.max_new_tokens,
-                                args.batch_size, rows, bold_domains=args.bold_domains, bold_tokens=args.bold_tokens)
+                                args.batch_size, rows, bold_domains=args.bold_domains, bold_tokens=args.bold_tokens,
+                                bold_limit=args.bold_limit)
     if generations is not None:
         generations += [dict(stage=name, **row) for row in rows]
     return result
@@ -971,6 +972,8 @@ def get_args(argv=None):
                    "given: skip BOLD)")
     p.add_argument("--bold-tokens", type=runtime.positive_int, default=32, help="tokens generated per BOLD "
                    "continuation (default 32)")
+    p.add_argument("--bold-limit", type=runtime.positive_int, default=None, help="BOLD prompts per group, evenly "
+                   "spaced (default: --benchmark-limit's)")
     p.add_argument("--logs", nargs="*", default=None, help="NAME=metrics.jsonl training logs for the reward-vs-KL "
                    "plot (default: the metrics.jsonl beside each checkpoint)")
     p.add_argument("--out", default=None, help="folder for metrics.json, metrics.md, generations.jsonl (or "

@@ -379,13 +379,14 @@ real_sizes() {  # each stage's sizes at SCALE. cpu: about 2 hours on 2 cores, mo
     cpu) freeze=(--freeze-layers 20)
       MAKE_DATA=(--max-tokens 256 --n-harmful 300 --n-held-out 400)
       SFT=(--steps 150 --batch-size 8 --lr 2e-5 --max-seq-len 256 "${freeze[@]}")
-      RM=(--steps 120 --batch-size 8 --lr 2e-5 --eval-every 60 --eval-batch-size 16 "${freeze[@]}")
+      RM=(--steps 120 --batch-size 8 --lr 2e-5 --eval-every 120 --eval-batch-size 16 "${freeze[@]}")
       PPO=(--iterations 20 --batch-size 8 --minibatch-size 8 --ppo-epochs 1 --max-new-tokens 48 --lr 5e-6
            --value-lr 2e-5 --beta 0.05 "${freeze[@]}")
       DPO=(--steps 80 --batch-size 8 --lr 5e-6 --eval-every 40 --val-pairs 64 --ref-on-the-fly "${freeze[@]}")
-      RS=(--n-prompts 48 --k 4 --iterations 1 --steps 30 --batch-size 8 --lr 1e-5 --max-new-tokens 128 "${freeze[@]}")
+      RS=(--n-prompts 64 --k 4 --iterations 1 --steps 16 --batch-size 8 --lr 1e-5 --max-new-tokens 128
+          "${freeze[@]}")
       CD=(--n-prompts 96 --steps 30 --batch-size 8 --lr 1e-5 --max-new-tokens 128 "${freeze[@]}")
-      EVAL=(--benchmark-limit 100 --batch-size 16) ;;
+      EVAL=(--benchmark-limit 100 --bold-limit 8 --bold-domains gender race religious_ideology --batch-size 16) ;;
     gpu) freeze=(--device cuda)
       MAKE_DATA=(--max-tokens 512 --n-harmful 400 --n-held-out 500 --device cuda)
       SFT=(--steps 400 --batch-size 32 --lr 1e-5 --max-seq-len 512 "${freeze[@]}")
@@ -393,7 +394,8 @@ real_sizes() {  # each stage's sizes at SCALE. cpu: about 2 hours on 2 cores, mo
       PPO=(--iterations 40 --batch-size 64 --minibatch-size 32 --ppo-epochs 1 --max-new-tokens 96 --lr 2e-6
            --value-lr 1e-5 --beta 0.05 "${freeze[@]}")
       DPO=(--steps 200 --batch-size 32 --lr 2e-6 --eval-every 50 "${freeze[@]}")
-      RS=(--n-prompts 256 --k 8 --iterations 1 --steps 100 --batch-size 32 --lr 1e-5 --max-new-tokens 256 "${freeze[@]}")
+      RS=(--n-prompts 256 --k 8 --iterations 1 --steps 20 --batch-size 32 --lr 1e-5 --max-new-tokens 256
+          "${freeze[@]}")
       CD=(--n-prompts 300 --steps 100 --batch-size 32 --lr 1e-5 --max-new-tokens 256 "${freeze[@]}")
       EVAL=(--batch-size 64 --device cuda) ;;
     micro) freeze=(--freeze-layers 28)
@@ -404,7 +406,7 @@ real_sizes() {  # each stage's sizes at SCALE. cpu: about 2 hours on 2 cores, mo
       DPO=(--steps 2 --batch-size 2 --eval-every 2 --val-pairs 4 --ref-on-the-fly "${freeze[@]}")
       RS=(--n-prompts 4 --k 2 --iterations 1 --steps 1 --batch-size 2 --max-new-tokens 160 "${freeze[@]}")
       CD=(--n-prompts 8 --steps 1 --batch-size 2 --max-new-tokens 256 --no-targeted "${freeze[@]}")
-      EVAL=(--benchmark-limit 4 --batch-size 4 --max-new-tokens 8) ;;
+      EVAL=(--benchmark-limit 4 --bold-limit 2 --bold-domains gender --batch-size 4 --max-new-tokens 8) ;;
   esac
 }
 
