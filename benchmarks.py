@@ -469,11 +469,14 @@ def training_harmful(data_dir):
     return out
 
 
-def split_hh(path, n_held_out, max_tokens, tok, seed):
+def split_hh(path, n_held_out, max_tokens, tok, seed, leave_out=frozenset()):
     """HH-RLHF pairs as generic preference rows (prompt messages, chosen, rejected), those whose longer side fits
-    max_tokens, shuffled by seed and split into (train, held_out) with n_held_out held out."""
+    max_tokens and whose first turn is not in leave_out (normalised evaluation prompts), shuffled by seed and split
+    into (train, held_out) with n_held_out held out."""
     rows = []
     for pair in data.read_hh_rlhf(path):
+        if _norm(pair["messages"][0]["content"]) in leave_out:
+            continue
         longest = max(len(tok.encode_dialog(pair["messages"] + [{"role": "assistant", "content": pair[k]}])[0])
                       for k in ("chosen", "rejected"))
         if longest <= max_tokens:
@@ -506,7 +509,8 @@ def make_real_data(model, tok, data_dir, n_harmful=300, n_pairs=160, n_held_out=
                                              harmful[n_harmful + n_pairs:])
     files = {}
     for objective, name in (("safety", "rm_safety"), ("helpfulness", "rm_helpful")):
-        train, held_out = split_hh(data_file(data_dir, *HH_FILES[objective]), n_held_out, max_tokens, tok, seed)
+        train, held_out = split_hh(data_file(data_dir, *HH_FILES[objective]), n_held_out, max_tokens, tok, seed,
+                                   evaluation_prompts(data_dir))
         files[f"{name}_train.jsonl"], files[f"{name}_eval.jsonl"] = train, held_out
     # the starting model's own answers: compliance with harmful requests, answers to the borderline ones
     asks = [[{"role": "user", "content": p}] for p in pair_harmful + list(BORDERLINE_PROMPTS)]
