@@ -281,7 +281,9 @@ summary() {  # summary STATUS: each stage's checkpoint and the evaluations' file
   if (( $1 == 0 )); then echo "== done: $OUT"; else echo "== stopped (exit $1): $OUT"; fi
   if (( SEEDS == 1 )); then
     stage_lines "$OUT" "" "${STAGES[@]}"
-    eval_lines eval "$OUT/eval" "${evaluation[eval]:-not run}" metrics.json metrics.md generations.jsonl
+    local generations=generations.jsonl
+    [[ $PRESET != smollm2 ]] || generations=benchmark_generations.jsonl  # real checkpoints: benchmark answers
+    eval_lines eval "$OUT/eval" "${evaluation[eval]:-not run}" metrics.json metrics.md "$generations"
   else
     for ((k = 0; k < SEEDS; k++)); do
       echo "== seed $k: $OUT/seed$k"
@@ -374,38 +376,38 @@ SMOLLM2=.gl/SmolLM2-135M-Instruct.Q4_1.gguf
 real_sizes() {  # each stage's sizes at SCALE. cpu: about 2 hours on 2 cores, most blocks frozen (--freeze-layers),
   # sequences of 256 tokens; gpu: bf16 on one CUDA GPU, every block trained, sequences of 512; micro: a few steps
   # of everything, to check the wiring
-  local freeze
+  local common
   case $SCALE in
-    cpu) freeze=(--freeze-layers 20)
+    cpu) common=(--freeze-layers 20)
       MAKE_DATA=(--max-tokens 256 --n-harmful 300 --n-held-out 400)
-      SFT=(--steps 150 --batch-size 8 --lr 2e-5 --max-seq-len 256 "${freeze[@]}")
-      RM=(--steps 120 --batch-size 8 --lr 2e-5 --eval-every 120 --eval-batch-size 16 "${freeze[@]}")
+      SFT=(--steps 150 --batch-size 8 --lr 2e-5 --max-seq-len 256 "${common[@]}")
+      RM=(--steps 120 --batch-size 8 --lr 2e-5 --eval-every 120 --eval-batch-size 16 "${common[@]}")
       PPO=(--iterations 20 --batch-size 8 --minibatch-size 8 --ppo-epochs 1 --max-new-tokens 48 --lr 5e-6
-           --value-lr 2e-5 --beta 0.05 "${freeze[@]}")
-      DPO=(--steps 80 --batch-size 8 --lr 5e-6 --eval-every 40 --val-pairs 64 --ref-on-the-fly "${freeze[@]}")
+           --value-lr 2e-5 --beta 0.05 "${common[@]}")
+      DPO=(--steps 80 --batch-size 8 --lr 5e-6 --eval-every 40 --val-pairs 64 --ref-on-the-fly "${common[@]}")
       RS=(--n-prompts 64 --k 4 --iterations 1 --steps 16 --batch-size 8 --lr 1e-5 --max-new-tokens 128
-          "${freeze[@]}")
-      CD=(--n-prompts 96 --steps 30 --batch-size 8 --lr 1e-5 --max-new-tokens 128 "${freeze[@]}")
+          "${common[@]}")
+      CD=(--n-prompts 96 --steps 30 --batch-size 8 --lr 1e-5 --max-new-tokens 128 "${common[@]}")
       EVAL=(--benchmark-limit 100 --bold-limit 8 --bold-domains gender race religious_ideology --batch-size 16) ;;
-    gpu) freeze=(--device cuda)
+    gpu) common=(--device cuda)
       MAKE_DATA=(--max-tokens 512 --n-harmful 400 --n-held-out 500 --device cuda)
-      SFT=(--steps 400 --batch-size 32 --lr 1e-5 --max-seq-len 512 "${freeze[@]}")
-      RM=(--steps 300 --batch-size 32 --lr 1e-5 --eval-every 100 "${freeze[@]}")
+      SFT=(--steps 400 --batch-size 32 --lr 1e-5 --max-seq-len 512 "${common[@]}")
+      RM=(--steps 300 --batch-size 32 --lr 1e-5 --eval-every 100 "${common[@]}")
       PPO=(--iterations 40 --batch-size 64 --minibatch-size 32 --ppo-epochs 1 --max-new-tokens 96 --lr 2e-6
-           --value-lr 1e-5 --beta 0.05 "${freeze[@]}")
-      DPO=(--steps 200 --batch-size 32 --lr 2e-6 --eval-every 50 "${freeze[@]}")
+           --value-lr 1e-5 --beta 0.05 "${common[@]}")
+      DPO=(--steps 200 --batch-size 32 --lr 2e-6 --eval-every 50 "${common[@]}")
       RS=(--n-prompts 256 --k 8 --iterations 1 --steps 20 --batch-size 32 --lr 1e-5 --max-new-tokens 256
-          "${freeze[@]}")
-      CD=(--n-prompts 300 --steps 100 --batch-size 32 --lr 1e-5 --max-new-tokens 256 "${freeze[@]}")
+          "${common[@]}")
+      CD=(--n-prompts 300 --steps 100 --batch-size 32 --lr 1e-5 --max-new-tokens 256 "${common[@]}")
       EVAL=(--batch-size 64 --device cuda) ;;
-    micro) freeze=(--freeze-layers 28)
+    micro) common=(--freeze-layers 28)
       MAKE_DATA=(--max-tokens 128 --n-harmful 16 --n-held-out 16)
-      SFT=(--steps 2 --batch-size 2 --lr 2e-5 --max-seq-len 128 "${freeze[@]}")
-      RM=(--steps 2 --batch-size 2 --lr 2e-5 --max-train-pairs 8 --max-eval-pairs 8 "${freeze[@]}")
-      PPO=(--iterations 1 --batch-size 2 --minibatch-size 2 --ppo-epochs 1 --max-new-tokens 8 "${freeze[@]}")
-      DPO=(--steps 2 --batch-size 2 --eval-every 2 --val-pairs 4 --ref-on-the-fly "${freeze[@]}")
-      RS=(--n-prompts 4 --k 2 --iterations 1 --steps 1 --batch-size 2 --max-new-tokens 160 "${freeze[@]}")
-      CD=(--n-prompts 8 --steps 1 --batch-size 2 --max-new-tokens 256 --no-targeted "${freeze[@]}")
+      SFT=(--steps 2 --batch-size 2 --lr 2e-5 --max-seq-len 128 "${common[@]}")
+      RM=(--steps 2 --batch-size 2 --lr 2e-5 --max-train-pairs 8 --max-eval-pairs 8 "${common[@]}")
+      PPO=(--iterations 1 --batch-size 2 --minibatch-size 2 --ppo-epochs 1 --max-new-tokens 8 "${common[@]}")
+      DPO=(--steps 2 --batch-size 2 --eval-every 2 --val-pairs 4 --ref-on-the-fly "${common[@]}")
+      RS=(--n-prompts 4 --k 2 --iterations 1 --steps 1 --batch-size 2 --max-new-tokens 160 "${common[@]}")
+      CD=(--n-prompts 8 --steps 1 --batch-size 2 --max-new-tokens 256 --no-targeted "${common[@]}")
       EVAL=(--benchmark-limit 4 --bold-limit 2 --bold-domains gender --batch-size 4 --max-new-tokens 8) ;;
   esac
 }

@@ -25,6 +25,8 @@ case "$1" in
   evaluate.py)
     if [[ $2 == --checkpoints || $2 == --aggregate ]]; then mkdir -p "$out" && echo '{}' > "$out/metrics.json"; fi ;;
   -c) ;;
+  loaders.py) ;;
+  benchmarks.py) mkdir -p "$out" && echo '{}' > "$out/sources.json" ;;
   *) mkdir -p "$out" && touch "$out/model.pt" ;;
 esac
 """
@@ -205,7 +207,8 @@ def test_sweep_with_seeds_starts_from_seed_0s_base_model(tmp_path):
 def test_an_unknown_or_invalid_argument_is_one_line_and_exit_2(tmp_path):
     for args in (["--bogus"], ["stray"], ["FOO=1"], ["--out"], ["--out", "--preset"], ["--jobs", "0"],
                  ["JOBS=two"], ["--preset", "huge"], ["PRESET=7b"], ["--seeds", "0"], ["--seeds"], ["SEEDS=two"],
-                 ["--seeds=1.5"], ["--seeds", "-2"], ["SWEEP=yes"], ["--sweep=1"], ["--sweep", "3"]):
+                 ["--seeds=1.5"], ["--seeds", "-2"], ["SWEEP=yes"], ["--sweep=1"], ["--sweep", "3"],
+                 ["--scale", "huge"], ["--preset", "smollm2", "--seeds", "2"], ["PRESET=smollm2", "--sweep"]):
         calls, result = run_pipeline(tmp_path, check=False, args=args)
         assert result.returncode == 2, args
         assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("pipeline.sh: "), result.stderr
@@ -336,3 +339,35 @@ def test_sigterm_reaches_the_side_by_side_stages_and_waits_for_their_save(tmp_pa
     assert proc.returncode == 143
     assert all((out / s / "saved").exists() for s in ("ppo", "dpo"))      # both saved before the pipeline ended
     assert "interrupted: rerun to resume" in stdout and "== stopped (exit 143)" in stdout
+
+
+def test_the_real_model_preset_runs_every_stage_from_smollm2_on_the_data_files(tmp_path):
+    calls, result = run_pipeline(tmp_path, args=["--preset", "smollm2", "--data", str(tmp_path / "data")])
+    gguf = ".gl/SmolLM2-135M-Instruct.Q4_1.gguf"
+    scripts = [c[0] for c in calls if c[0] != "loaders.py"]  # the fetch runs where the GGUF is missing
+    assert scripts == ["benchmarks.py", "train_sft.py", "train_rm.py", "train_rm.py", "train_ppo.py", "train_dpo.py",
+                       "distill.py", "distill.py", "evaluate.py"]
+    calls = [c for c in calls if c[0] != "loaders.py"]
+    flag = lambda c, name: c[c.index(name) + 1]  # noqa: E731
+    out, data = tmp_path / "out", tmp_path / "out" / "data"
+    assert flag(calls[0], "--make-real-data") == str(tmp_path / "data") and flag(calls[0], "--checkpoint") == gguf
+    assert flag(calls[1], "--init") == gguf and flag(calls[1], "--data") == f"{data}/sft.jsonl"
+    assert flag(calls[2], "--eval-data") == f"{data}/rm_safety_eval.jsonl"
+    assert flag(calls[3], "--eval-data") == f"{data}/rm_helpful_eval.jsonl"
+    assert all(flag(c, "--init") == f"{out}/sft/model.pt" for c in calls[2:8])
+    assert all(flag(c, "--freeze-layers") == "20" for c in calls[1:8])  # the CPU scale, by default
+    evaluated = calls[-1][calls[-1].index("--checkpoints") + 1:calls[-1].index("--benchmarks")]
+    assert evaluated == [f"base={gguf}"] + [f"{n}={out}/{n}/model.pt" for n in ("sft", "ppo", "dpo", "rs", "distill")]
+    assert not any(c[:2] == ["evaluate.py", "--audit"] for c in calls)  # the world's corpus audit is not run
+    assert "==   distill     trained now" in summary(result)
+    # a rerun reuses the data and every stage
+    calls, result = run_pipeline(tmp_path, args=["--preset", "smollm2", "--data", str(tmp_path / "data")])
+    assert [c[0] for c in calls if c[0] not in ("loaders.py", "-c")] == []
+    assert "== data: reusing" in result.stdout and result.stdout.count(": reusing") == 9
+
+
+def test_the_gpu_scale_puts_every_real_model_step_on_cuda(tmp_path):
+    calls, _ = run_pipeline(tmp_path, args=["--preset", "smollm2", "--scale", "gpu"])
+    calls = [c for c in calls if c[0] != "loaders.py"]
+    assert len(calls) == 9 and all(c[c.index("--device") + 1] == "cuda" for c in calls)
+    assert not any("--freeze-layers" in c for c in calls)
