@@ -384,7 +384,7 @@ real_sizes() {  # each stage's sizes at SCALE. cpu: about 2 hours on 2 cores, mo
       RM=(--steps 120 --batch-size 8 --lr 2e-5 --eval-every 120 --eval-batch-size 16 "${common[@]}")
       PPO=(--iterations 20 --batch-size 8 --minibatch-size 8 --ppo-epochs 1 --max-new-tokens 48 --lr 5e-6
            --value-lr 2e-5 --beta 0.05 "${common[@]}")
-      DPO=(--steps 80 --batch-size 8 --lr 5e-6 --eval-every 40 --val-pairs 64 --ref-on-the-fly "${common[@]}")
+      DPO=(--steps 40 --batch-size 8 --lr 5e-6 --eval-every 40 --val-pairs 64 --ref-on-the-fly "${common[@]}")
       RS=(--n-prompts 64 --k 4 --iterations 1 --steps 16 --batch-size 8 --lr 1e-5 --max-new-tokens 128
           "${common[@]}")
       CD=(--n-prompts 96 --steps 30 --batch-size 8 --lr 1e-5 --max-new-tokens 128 "${common[@]}")
