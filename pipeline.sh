@@ -383,7 +383,7 @@ real_sizes() {  # each stage's sizes at SCALE. cpu: about 2 hours on 2 cores, mo
       SFT=(--steps 150 --batch-size 8 --lr 2e-5 --max-seq-len 256 "${common[@]}")
       RM=(--steps 120 --batch-size 8 --lr 2e-5 --eval-every 120 --eval-batch-size 16 "${common[@]}")
       PPO=(--iterations 20 --batch-size 8 --minibatch-size 8 --ppo-epochs 1 --max-new-tokens 48 --lr 5e-6
-           --value-lr 2e-5 --beta 0.05 "${common[@]}")
+           --value-lr 2e-5 --beta 0.05 --eval-prompts 0 "${common[@]}")
       DPO=(--steps 40 --batch-size 8 --lr 5e-6 --eval-every 40 --val-pairs 64 --ref-on-the-fly "${common[@]}")
       RS=(--n-prompts 64 --k 4 --iterations 1 --steps 16 --batch-size 8 --lr 1e-5 --max-new-tokens 128
           "${common[@]}")
@@ -394,7 +394,7 @@ real_sizes() {  # each stage's sizes at SCALE. cpu: about 2 hours on 2 cores, mo
       SFT=(--steps 400 --batch-size 32 --lr 1e-5 --max-seq-len 512 "${common[@]}")
       RM=(--steps 300 --batch-size 32 --lr 1e-5 --eval-every 100 "${common[@]}")
       PPO=(--iterations 40 --batch-size 64 --minibatch-size 32 --ppo-epochs 1 --max-new-tokens 96 --lr 2e-6
-           --value-lr 1e-5 --beta 0.05 "${common[@]}")
+           --value-lr 1e-5 --beta 0.05 --eval-prompts 0 "${common[@]}")
       DPO=(--steps 200 --batch-size 32 --lr 2e-6 --eval-every 50 "${common[@]}")
       RS=(--n-prompts 256 --k 8 --iterations 1 --steps 20 --batch-size 32 --lr 1e-5 --max-new-tokens 256
           "${common[@]}")
@@ -404,7 +404,8 @@ real_sizes() {  # each stage's sizes at SCALE. cpu: about 2 hours on 2 cores, mo
       MAKE_DATA=(--max-tokens 128 --n-harmful 16 --n-held-out 16)
       SFT=(--steps 2 --batch-size 2 --lr 2e-5 --max-seq-len 128 "${common[@]}")
       RM=(--steps 2 --batch-size 2 --lr 2e-5 --max-train-pairs 8 --max-eval-pairs 8 "${common[@]}")
-      PPO=(--iterations 1 --batch-size 2 --minibatch-size 2 --ppo-epochs 1 --max-new-tokens 8 "${common[@]}")
+      PPO=(--iterations 1 --batch-size 2 --minibatch-size 2 --ppo-epochs 1 --max-new-tokens 8 --eval-prompts 0
+           "${common[@]}")
       DPO=(--steps 2 --batch-size 2 --eval-every 2 --val-pairs 4 --ref-on-the-fly "${common[@]}")
       RS=(--n-prompts 4 --k 2 --iterations 1 --steps 1 --batch-size 2 --max-new-tokens 160 "${common[@]}")
       CD=(--n-prompts 8 --steps 1 --batch-size 2 --max-new-tokens 256 --no-targeted "${common[@]}")

@@ -474,8 +474,7 @@ def get_args(argv=None):
     p.add_argument("--keep-every", type=runtime.nonnegative_int, default=0, help="also keep the policy's weights "
                    "every this many iterations as OUT/policy_<iteration>.pt (0: none)")
     p.add_argument("--eval-prompts", type=int, default=-1, help="held-out validation prompts of the world judged "
-                   "greedily at the end (-1: all, 0: none; none with a --prompts file, whose model the world's "
-                   "judge does not grade)")
+                   "greedily at the end (-1: all, 0: none, as for a real model)")
     p.add_argument("--eval-every", type=runtime.nonnegative_int, default=0, help="iterations between gold "
                    "evaluations on those prompts during training, logged under 'eval' (0: only at the end)")
     args = runtime.parse_args(p, PRESETS, argv)
@@ -494,7 +493,7 @@ def main(args):
     # policy: trained, starts as the SFT model; ref_model: the SFT model, frozen; value_model: trained
     policy, tok, ref_model, reward_models, value_model = load_models(args, rt, resume)
     prompts = load_prompts(args.prompts, tok, policy.config.max_seq_len - args.max_new_tokens, args.world_seed)
-    eval_examples = held_out_examples(args.world_seed, args.eval_prompts) if args.prompts == "world" else []
+    eval_examples = held_out_examples(args.world_seed, args.eval_prompts)
     runtime.print0(rt, f"ppo: {len(prompts)} prompts ({sum(p['safety'] for p in prompts)} safety-tagged), reward "
                        f"{args.reward}, {num_params(policy) / 1e6:.2f}M-parameter policy on {rt.device}")
 
