@@ -15,8 +15,9 @@
 #   --out DIR      OUT=DIR       run folder (default out); a relative path is taken from the folder you run this in
 #   --preset NAME  PRESET=NAME   tiny (default), small or 1b: every script's --preset; or smollm2: the real-model
 #                                pipeline below
-#   --scale NAME   SCALE=NAME    smollm2 only: cpu (default; 2 hours or less on 2 cores), gpu (bf16 on one CUDA
-#                                GPU, 15 minutes or less on an H100) or micro (a few steps of each stage: a check)
+#   --scale NAME   SCALE=NAME    smollm2 only: cpu (default; 92 min measured on 2 cores), gpu (bf16 on one CUDA
+#                                GPU, sized for 15 minutes on an H100, not yet run) or micro (a few steps of each
+#                                stage: a check of the wiring)
 #   --data DIR     DATA=DIR      smollm2 only: the real data folder (default ../shared/data; see the README)
 #   --jobs N       JOBS=N        stages run side by side after SFT and in the sweep (default 2 with 2 or more
 #                                cores, else 1)
@@ -373,7 +374,7 @@ pipeline() {  # pipeline SEED: steps 1 to 8 into RUN; with --seeds N > 1 every s
 # ---------------------------------------------------------------------------------------------- the real model
 SMOLLM2=.gl/SmolLM2-135M-Instruct.Q4_1.gguf
 
-real_sizes() {  # each stage's sizes at SCALE. cpu: about 2 hours on 2 cores, most blocks frozen (--freeze-layers),
+real_sizes() {  # each stage's sizes at SCALE. cpu: 92 minutes on 2 cores, most blocks frozen (--freeze-layers),
   # sequences of 256 tokens; gpu: bf16 on one CUDA GPU, every block trained, sequences of 512; micro: a few steps
   # of everything, to check the wiring
   local common
