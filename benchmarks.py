@@ -453,10 +453,11 @@ def data_file(data_dir, folder, name):
     return path
 
 
-def training_harmful(data_dir):
-    """Harmful training requests from HARMFUL_SOURCES, deduplicated, none asked by an evaluation file
-    (StrongREJECT's rows taken from AdvBench are dropped by source as well)."""
-    held, seen, out = evaluation_prompts(data_dir), set(), []
+def training_harmful(data_dir, held=None):
+    """Harmful training requests from HARMFUL_SOURCES, deduplicated, none in held (normalised evaluation prompts;
+    default evaluation_prompts(data_dir)); StrongREJECT's rows taken from AdvBench are dropped by source as well."""
+    held = evaluation_prompts(data_dir) if held is None else held
+    seen, out = set(), []
     for folder, name, field in HARMFUL_SOURCES:
         path = data_file(data_dir, folder, name)
         rows = _csv_rows(path) if name.endswith(".csv") else data.read_jsonl(path)
@@ -500,7 +501,8 @@ def make_real_data(model, tok, data_dir, n_harmful=300, n_pairs=160, n_held_out=
       prompts.jsonl      RL prompts: harmful requests (safety true), borderline prompts and helpful-base first turns.
     Harmful requests are split once: the SFT refusals, the constructed pairs and the RL prompts use disjoint ones."""
     rng = random.Random(seed)
-    harmful = training_harmful(data_dir)
+    held = evaluation_prompts(data_dir)
+    harmful = training_harmful(data_dir, held)
     rng.shuffle(harmful)
     if len(harmful) < n_harmful + 2 * n_pairs:
         raise runtime.UserError(f"{data_dir}: {len(harmful)} harmful training requests, fewer than the "
@@ -510,7 +512,7 @@ def make_real_data(model, tok, data_dir, n_harmful=300, n_pairs=160, n_held_out=
     files = {}
     for objective, name in (("safety", "rm_safety"), ("helpfulness", "rm_helpful")):
         train, held_out = split_hh(data_file(data_dir, *HH_FILES[objective]), n_held_out, max_tokens, tok, seed,
-                                   evaluation_prompts(data_dir))
+                                   held)
         files[f"{name}_train.jsonl"], files[f"{name}_eval.jsonl"] = train, held_out
     # the starting model's own answers: compliance with harmful requests, answers to the borderline ones
     asks = [[{"role": "user", "content": p}] for p in pair_harmful + list(BORDERLINE_PROMPTS)]
@@ -640,9 +642,7 @@ def write_real_data(args):
                            max_tokens=args.max_tokens, seed=args.seed, batch_size=args.batch_size)
     os.makedirs(args.out, exist_ok=True)
     for name, rows in files.items():
-        with open(os.path.join(args.out, name), "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        data.write_jsonl(os.path.join(args.out, name), rows)
         print(f"{len(rows):6d} rows  {os.path.join(args.out, name)}")
     sources = dict(data=os.path.abspath(args.make_real_data), starting_model=args.checkpoint,
                    rows={name: len(rows) for name, rows in files.items()}, harmful_sources=HARMFUL_SOURCES,
@@ -659,9 +659,7 @@ def main(args):
         check_out(args.out, args.overwrite, folder=False)
         rows = safety_sft_rows(args.make_safety_sft)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        data.write_jsonl(args.out, rows)
         print(f"wrote {len(rows)} dialogues to {args.out}")
         return dict(rows=len(rows))
     if args.out:
@@ -677,9 +675,8 @@ def main(args):
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "metrics.json"), "w") as f:
             json.dump(dict(checkpoint=args.checkpoint, limit=args.limit, **result), f, indent=1)
-        with open(os.path.join(args.out, "generations.jsonl"), "w", encoding="utf-8") as f:
-            for g in generations:
-                f.write(json.dumps(dict(checkpoint=args.checkpoint, **g)) + "\n")
+        data.write_jsonl(os.path.join(args.out, "generations.jsonl"),
+                         [dict(checkpoint=args.checkpoint, **g) for g in generations])
     return result
 
 

@@ -188,6 +188,13 @@ def read_jsonl(path, required=(), with_lines=False):
     return rows
 
 
+def write_jsonl(path, rows):
+    """One JSON object per line, UTF-8: the form read_jsonl reads back."""
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
 def read_prompts(path):
     """Prompts from a JSONL file, one per line: {"messages": [..., a user turn]} or {"prompt": text}, each with an
     optional boolean "safety" (the is_safety tag the Llama 2 reward gate reads; default false) and "category" (a

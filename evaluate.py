@@ -283,7 +283,7 @@ def evaluate_benchmarks(args, checkpoints, device, benchmarks):
         del model
     rows = _json_safe(rows)
     open_out(args.out, args.overwrite)
-    write_jsonl(os.path.join(args.out, "benchmark_generations.jsonl"), generations)
+    data.write_jsonl(os.path.join(args.out, "benchmark_generations.jsonl"), generations)
     write_tables(args.out, rows)
     written, skipped = ["metrics.json", "metrics.md", "benchmark_generations.jsonl"], dict.fromkeys(BENCH_PLOTS,
                                                                                                   "--no-plots")
@@ -292,12 +292,6 @@ def evaluate_benchmarks(args, checkpoints, device, benchmarks):
         written += plots
     print(summary(args.out, written, skipped))
     return rows
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- prompt files
@@ -1116,10 +1110,10 @@ def write_outputs(args, rows, generations, checkpoints, bench_generations=None):
     """Create OUT (its old evaluation removed with --overwrite), write the files, print the tables and the summary;
     with bench_generations (--benchmarks) also benchmark_generations.jsonl and the benchmark trade-off plot."""
     open_out(args.out, args.overwrite)
-    write_jsonl(os.path.join(args.out, "generations.jsonl"), generations)
+    data.write_jsonl(os.path.join(args.out, "generations.jsonl"), generations)
     written, plot_names = list(EVAL_FILES), PLOTS
     if bench_generations is not None:
-        write_jsonl(os.path.join(args.out, "benchmark_generations.jsonl"), bench_generations)
+        data.write_jsonl(os.path.join(args.out, "benchmark_generations.jsonl"), bench_generations)
         written, plot_names = written + list(BENCH_FILES), PLOTS + BENCH_PLOTS
     write_tables(args.out, rows)
     skipped = dict.fromkeys(plot_names, "--no-plots")
