@@ -168,8 +168,11 @@ def _csv_rows(path):
         return list(csv.DictReader(f))
 
 
-def read_advbench(data_dir):
-    return [r["goal"] for r in _csv_rows(os.path.join(data_dir, "advbench", "harmful_behaviors.csv"))]
+def read_advbench(data_dir, targets=False):
+    """AdvBench's harmful requests; with targets, (request, the affirmative start it pairs with: "Sure, here is
+    ...") pairs."""
+    rows = _csv_rows(os.path.join(data_dir, "advbench", "harmful_behaviors.csv"))
+    return [(r["goal"], r["target"]) for r in rows] if targets else [r["goal"] for r in rows]
 
 
 def read_harmbench(data_dir, functional="standard"):
