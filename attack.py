@@ -327,9 +327,9 @@ class RealSuite(WorldSuite):
         self.benign = []
         self.validation = benchmarks.subsample([Prompt(p) for p in benchmarks.read_harmbench(args.benchmarks)],
                                                args.val_limit)
-        pairs = data.read_jsonl(os.path.join(args.real_data, "rm_safety_train.jsonl"), ("prompt", "chosen", "rejected"))
+        pairs = data.read_preference_jsonl(os.path.join(args.real_data, "rm_safety_train.jsonl"))
         # the constructed safety pairs: a refusal over the starting model's own compliance with a training request
-        self.train_harmful = [(p["prompt"], p["rejected"], p["chosen"]) for p in pairs
+        self.train_harmful = [(p["messages"], p["rejected"], p["chosen"]) for p in pairs
                               if p.get("strength") == "significantly better" and benchmarks.gcg_refusal(p["chosen"])
                               and not benchmarks.gcg_refusal(p["rejected"])]
         sft = data.read_jsonl(os.path.join(args.real_data, "sft.jsonl"), ("messages",))
@@ -702,12 +702,13 @@ WORLD_STAGES = ("base", "sft", "ppo", "dpo", "rs", "distill")  # pipeline.sh's f
 # the 100-example set: 50 steps) at a rate scaled to the model. Set on the validation split (tiny, the ppo stage):
 # the attack's lr (at 3e-4 one Adam step already flips the first token, and no objective can hold it), the
 # recovery lr and steps (the fewest that meet the targets), and beta (Qi et al.'s 0.5, 2, 0.1 held 82% of
-# violations against 93% unconstrained; 5 on the first 5 tokens held 61%).
+# violations against 93% unconstrained; 5 on the first 5 tokens held 61%). smollm2's budgets were set beforehand,
+# not tuned: Qi et al. 2023's lr 5e-5 and batch 10, 20 steps (2 epochs of 100 examples) to fit the CPU.
 PRESETS = {
     "tiny": dict(limit=300, val_limit=120, ft_steps=50, ft_batch=10, ft_lr=1e-5, recovery_n=300,
                  recovery_steps=100, recovery_lr=3e-4, beta_first=5.0, beta_early=5.0, beta_late=0.1,
                  freeze_layers=0, direction_prompts=200, batch_size=64),
-    "smollm2": dict(limit=100, val_limit=40, ft_steps=50, ft_batch=10, ft_lr=1e-5, recovery_n=100,
+    "smollm2": dict(limit=100, val_limit=40, ft_steps=20, ft_batch=10, ft_lr=5e-5, recovery_n=100,
                     recovery_steps=40, recovery_lr=5e-5, beta_first=5.0, beta_early=5.0, beta_late=0.1,
                     freeze_layers=24, direction_prompts=64, batch_size=16, layers=[8, 12, 16, 20]),
 }
