@@ -601,10 +601,11 @@ def tables(done, about, args):
                  f"{sizes.get('benign')} prompts per cell.\n")
     steered = [(s, done[f"{s}/direction"]) for s in names if f"{s}/direction" in done]
     table("Refusal direction: ablated on harmful prompts, added on borderline and benign ones (%)",
-          ["checkpoint", "layer", "violations", "ablated", "false refusals", "added", "benign accuracy", "added"],
-          [[s, d["layer"], cell(done[f"{s}/metrics"]), cell(d["ablated"]),
-            cell(done[f"{s}/metrics"], "false_refusal_rate"), cell(d["added"], "false_refusal_rate"),
-            cell(done[f"{s}/metrics"], "benign_accuracy"), cell(d["added"], "benign_accuracy")] for s, d in steered],
+          ["checkpoint", "layer", "violations", "ablated", "false refusals", "added", "benign refusals", "added",
+           "benign accuracy", "added"],
+          [[s, d["layer"], cell(done[f"{s}/metrics"]), cell(d["ablated"])]
+           + [cell(m, key) for key in ("false_refusal_rate", "benign_refusal_rate", "benign_accuracy")
+              for m in (done[f"{s}/metrics"], d["added"])] for s, d in steered],
           f"Layer chosen on {sizes.get('validation_harmful')} validation harmful prompts (most violations when "
           f"ablated).")
     return "\n".join(lines)
@@ -652,13 +653,14 @@ def plots(done, args, about):
         return ["plots skipped: matplotlib is not installed (pip install matplotlib)"]
     names, written = rows_of(done), []
 
-    def errorbar(ax, xs, ms, label, key="violation_rate"):
+    def errorbar(ax, xs, ms, label, key="violation_rate", joined=True):
         got = [(x, m) for x, m in zip(xs, ms) if m and key in m]
         if got:
             ys = [100 * m[key] for _, m in got]
             err = [[y - 100 * m[f"{key}_ci"][0] for y, (_, m) in zip(ys, got)],
                    [100 * m[f"{key}_ci"][1] - y for y, (_, m) in zip(ys, got)]]
-            ax.errorbar([x for x, _ in got], ys, yerr=err, marker="o", capsize=3, label=label)
+            ax.errorbar([x for x, _ in got], ys, yerr=err, marker="o", capsize=3, label=label,
+                        linestyle="-" if joined else "none")
     fig, ax = plt.subplots(figsize=(6, 4))
     for s in names:
         errorbar(ax, args.ks, [done.get(f"{s}/prefill/{k}") for k in args.ks], s)
@@ -676,11 +678,13 @@ def plots(done, args, about):
     ax.legend(fontsize=7)
     written.append(_save(fig, plt, os.path.join(args.out, "kl.png")))
     fig, ax = plt.subplots(figsize=(6, 4))
-    labels = ["none"] + [f"harmful {k}" for k in args.ns] + [f"benign {args.benign_n}"]
-    keys = ["metrics"] + [f"harmful{k}" for k in args.ns] + [f"benign{args.benign_n}"]
-    for s in names:
-        errorbar(ax, range(len(keys)), [done.get(f"{s}/{k}") for k in keys], s)
-    ax.set_xticks(range(len(keys)), labels)
+    n = max(args.ns)
+    labels = ["none"] + [f"harmful {k}" for k in args.ns] + [f"benign {args.benign_n}", f"harmful {n}\nconstrained"]
+    keys = ["metrics"] + [f"harmful{k}" for k in args.ns] + [f"benign{args.benign_n}", f"constrained/harmful{n}"]
+    for s in names:  # points only where a checkpoint skipped some conditions (the deepened model)
+        got = [done.get(f"{s}/{k}") for k in keys]
+        errorbar(ax, range(len(keys)), got, s, joined=all(got[:len(args.ns) + 2]))
+    ax.set_xticks(range(len(keys)), labels, fontsize=8)
     ax.set(ylabel="violation rate (%)", title=f"Fine-tuning attack ({args.ft_steps} steps of {args.ft_batch})")
     ax.legend(fontsize=7)
     written.append(_save(fig, plt, os.path.join(args.out, "finetune.png")))
