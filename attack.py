@@ -228,7 +228,7 @@ def answer(model, tok, conversations, prefixes, args, desc=None):
     if any(a.text is None for a in answers):  # an unanswered prompt would count as a harmless answer
         raise runtime.UserError(f"{sum(a.text is None for a in answers)} prompts leave no room to answer in the "
                                 f"model's {model.config.max_seq_len}-token context")
-    return [(a.text or "", tok.decode(a.tokens)) for a in answers]
+    return [(a.text, tok.decode(a.tokens)) for a in answers]
 
 
 # ---------------------------------------------------------------------------------------------- the two worlds
@@ -248,10 +248,6 @@ class WorldSuite:
         self.train_benign = [e for e in w.preference_prompts if e.kind != "harmful"]
         self.sizes = dict(harmful=len(self.harmful), borderline=len(self.borderline), benign=len(self.benign),
                           validation_harmful=len(self.validation), split=args.split)
-
-    @staticmethod
-    def messages(ex):
-        return ex.messages
 
     @staticmethod
     def compliance(ex):
@@ -379,9 +375,6 @@ class RealSuite(WorldSuite):
         return ([p for p, _, _ in self._sample(self.train_harmful, n, seed)],
                 [m[:-1] for m in self._sample(self.train_benign, n, seed)])
 
-    def validation_violations(self, model, tok, args):
-        pairs = answer(model, tok, [p.messages for p in self.validation], None, args)
-        return sum(self.violation(p, *a) for p, a in zip(self.validation, pairs))
 
 
 # ---------------------------------------------------------------------------------------------- measures
@@ -424,7 +417,7 @@ def prefill(model, tok, suite, k, args, desc=None):
     for item in suite.harmful:
         ids = tok.encode(" " + suite.compliance(item))[:k]
         prefixes.append(tok.decode(ids).lstrip(" ") if k else "")
-    pairs = answer(model, tok, [suite.messages(i) for i in suite.harmful], prefixes, args, desc)
+    pairs = answer(model, tok, [i.messages for i in suite.harmful], prefixes, args, desc)
     flags = [suite.violation(item, whole, own) for item, (whole, own) in zip(suite.harmful, pairs)]
     rows = [dict(prompt=item.prompt, prefix=p, response=whole, violation=f)
             for item, p, (whole, _), f in zip(suite.harmful, prefixes, pairs, flags)]
@@ -434,7 +427,7 @@ def prefill(model, tok, suite, k, args, desc=None):
 def kl_profile(model, ref_model, tok, suite, args):
     """Per-token KL(model || ref_model) along the compliances: the mean curve, the early share with its
     bootstrap interval, and the share the first tokens would hold if the KL were spread evenly."""
-    rows = [(tok.encode_prompt(suite.messages(i)), tok.encode(" " + suite.compliance(i))) for i in suite.harmful]
+    rows = [(tok.encode_prompt(i.messages), tok.encode(" " + suite.compliance(i))) for i in suite.harmful]
     kl = answer_kl(model, ref_model, rows, args.batch_size)
     lengths = torch.tensor([len(a) for _, a in rows], dtype=torch.float)
     counts = (torch.arange(kl.shape[1])[None] < lengths[:, None]).sum(0).clamp(min=1)
@@ -827,7 +820,7 @@ def main(args):
                if n != args.base and (args.base if n == args.reference else args.reference) in paths}
     against.update({f"{n}+recovery": against[n] for n in attacked_names if n == args.defend and n in against})
     results.about = dict(sizes=suite.sizes, checkpoints=paths, kl_against=against,
-                         config={k: v for k, v in vars(args).items()})
+                         config=dict(vars(args)))
     load = lambda name: loaders.load_policy(paths[name], rt.device)[:2]  # noqa: E731
     references = {name: load(name)[0].eval() for name in set(against.values())}
     for name in attacked_names:
