@@ -92,10 +92,22 @@ def bench_config(preset, vocab_size=None, seq_len=None):
 
 
 # ---------------------------------------------------------------------------------------------- training
-def train_step(forward, model, optimizer, tokens, loss_mask):
-    """One full optimizer step on tokens (B, T + 1): forward(inputs) -> logits, masked next-token loss, backward,
-    gradient clipping at 1, the optimizer's step; returns the loss."""
-    loss = masked_nll(forward(tokens[:, :-1]), tokens[:, 1:], loss_mask)
+LOSSES = ("full", "chunked")
+
+
+def model_loss(model, tokens, loss_mask, loss="full", attention_mask=None):
+    """Mean next-token loss of this project's model on tokens (B, T + 1): masked_nll on the (B, T, V) logits
+    ("full") or the same mean through chunked_nll without them ("chunked")."""
+    if loss == "chunked":
+        return model(tokens[:, :-1], attention_mask=attention_mask, targets=tokens[:, 1:],
+                     loss_weights=loss_mask / loss_mask.sum())
+    return masked_nll(model(tokens[:, :-1], attention_mask=attention_mask), tokens[:, 1:], loss_mask)
+
+
+def train_step(loss_fn, model, optimizer):
+    """One full optimizer step: loss_fn() -> the next-token loss (forward), backward, gradient clipping at 1, the
+    optimizer's step; returns the loss."""
+    loss = loss_fn()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -104,15 +116,18 @@ def train_step(forward, model, optimizer, tokens, loss_mask):
 
 
 def bench_train(config, batch_size, seq_len, steps, device, attention="causal", bf16=True, compile=False,
-                warmup_steps=2, peak=None, seed=0):
+                warmup_steps=2, peak=None, seed=0, loss="full"):
     """Training throughput of full optimizer steps on random tokens (B = batch_size, T = seq_len).
 
     attention="causal" passes no mask (SDPA's is_causal path); "masked" passes an all-ones attention mask, which
-    the model turns into the explicit (B, 1, T, T) mask that padded batches need. Returns tokens/s, seconds per
-    step, FLOPs per token, achieved FLOP/s, and MFU when the peak is known.
+    the model turns into the explicit (B, 1, T, T) mask that padded batches need. loss="full" is masked_nll on the
+    logits, "chunked" the model's chunked_nll (--chunked-loss). Returns tokens/s, seconds per step, FLOPs per
+    token, achieved FLOP/s, and MFU when the peak is known.
     """
     if attention not in ("causal", "masked"):
         raise ValueError(f"attention must be 'causal' or 'masked', got {attention!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if seq_len > config.max_seq_len:
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
     torch.manual_seed(seed)
@@ -125,11 +140,11 @@ def bench_train(config, batch_size, seq_len, steps, device, attention="causal", 
     attention_mask = loss_mask if attention == "masked" else None
     amp = runtime.autocast(runtime.Runtime(device)) if bf16 else nullcontext()
 
-    def forward(inputs):
+    def next_token_loss():
         with amp:
-            return train_model(inputs, attention_mask=attention_mask)   # (B, T, V)
+            return model_loss(train_model, tokens, loss_mask, loss, attention_mask)
 
-    step = lambda: train_step(forward, model, optimizer, tokens, loss_mask)
+    step = lambda: train_step(next_token_loss, model, optimizer)
 
     for _ in range(warmup_steps):  # allocator, kernel selection and, with --compile, compilation
         step()
@@ -138,15 +153,15 @@ def bench_train(config, batch_size, seq_len, steps, device, attention="causal", 
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(steps):
-        loss = step()
+        last = step()
     synchronize(device)
     seconds = time.perf_counter() - start
-    if not torch.isfinite(loss):
-        raise RuntimeError(f"benchmark loss is {loss.item()}: the timed steps computed garbage")
+    if not torch.isfinite(last):
+        raise RuntimeError(f"benchmark loss is {last.item()}: the timed steps computed garbage")
     tokens_per_s = batch_size * seq_len * steps / seconds
     fpt = flops_per_token(config, seq_len)
     result = dict(params=num_params(model), batch_size=batch_size, seq_len=seq_len, steps=steps,
-                  attention=attention, bf16=bool(bf16 and device.type == "cuda"), compile=compile,
+                  attention=attention, loss=loss, bf16=bool(bf16 and device.type == "cuda"), compile=compile,
                   fused_adamw=bool(optimizer.defaults.get("fused")),
                   step_s=seconds / steps, tokens_per_s=tokens_per_s, flops_per_token=fpt,
                   achieved_tflops=tokens_per_s * fpt / 1e12, mfu=tokens_per_s * fpt / peak if peak else None)
@@ -343,11 +358,16 @@ def hf_twin(config, seed=0):
     return LlamaForCausalLM(hf_config).eval()
 
 
-def timed_train_step(model, tokens, optimizer, hf):
-    """Seconds of one optimizer step (forward, masked next-token loss, backward, clipping, AdamW) on tokens."""
-    forward = (lambda inputs: model(inputs).logits) if hf else model
+def timed_train_step(model, tokens, optimizer, hf, loss="full"):
+    """Seconds of one optimizer step (forward, masked next-token loss, backward, clipping, AdamW) on tokens;
+    transformers' model always takes its logits through masked_nll, this project's model as `loss` says."""
+    mask = torch.ones_like(tokens[:, 1:])
+    if hf:
+        loss_fn = lambda: masked_nll(model(tokens[:, :-1]).logits, tokens[:, 1:], mask)
+    else:
+        loss_fn = lambda: model_loss(model, tokens, mask, loss)
     start = time.perf_counter()
-    train_step(forward, model, optimizer, tokens, torch.ones_like(tokens[:, 1:]))
+    train_step(loss_fn, model, optimizer)
     return time.perf_counter() - start
 
 
@@ -377,10 +397,12 @@ def compare_hf(rounds=5, seed=0, configs=("tiny", "smollm2-135m")):
     None without transformers."""
     tiny = bench_config("tiny")
     smol = ModelConfig(**SMOLLM2_135M)
-    cases = [("train", "tiny", tiny, dict(batch=32, seq_len=192)),
+    cases = [("train", "tiny", tiny, dict(batch=32, seq_len=192, loss="full")),
+             ("train", "tiny", tiny, dict(batch=32, seq_len=192, loss="chunked")),
              ("generate", "tiny", tiny, dict(batch=1, prompt_len=32, new_tokens=128)),
              ("generate", "tiny", tiny, dict(batch=16, prompt_len=32, new_tokens=128)),
-             ("train", "smollm2-135m", smol, dict(batch=4, seq_len=256)),
+             ("train", "smollm2-135m", smol, dict(batch=4, seq_len=256, loss="full")),
+             ("train", "smollm2-135m", smol, dict(batch=4, seq_len=256, loss="chunked")),
              ("generate", "smollm2-135m", smol, dict(batch=4, prompt_len=32, new_tokens=64))]
     if hf_twin(tiny) is None:
         return None
@@ -392,7 +414,7 @@ def compare_hf(rounds=5, seed=0, configs=("tiny", "smollm2-135m")):
         if kind == "train":
             tokens = torch.randint(0, config.vocab_size, (shape["batch"], shape["seq_len"] + 1), generator=generator)
             optimizers = {hf: runtime.make_optimizer(m.train(), lr=1e-4, weight_decay=0.1) for hf, m in models.items()}
-            work = lambda hf: timed_train_step(models[hf], tokens, optimizers[hf], hf)
+            work = lambda hf: timed_train_step(models[hf], tokens, optimizers[hf], hf, shape["loss"])
             n_tokens = shape["batch"] * shape["seq_len"]
         else:
             prompts = torch.randint(1, config.vocab_size, (shape["batch"], shape["prompt_len"]), generator=generator)
@@ -448,6 +470,9 @@ def get_args(argv=None):
                    help="comma-separated train_sft.MODEL_PRESETS to time training on")
     p.add_argument("--attention", type=comma_list(str), default="causal,masked",
                    help="comma-separated attention paths to time: causal, masked")
+    p.add_argument("--losses", type=comma_list(str), default="full,chunked",
+                   help="comma-separated next-token losses to time: full (masked_nll on the logits), chunked "
+                   "(chunked_nll, --chunked-loss of train_sft and distill)")
     p.add_argument("--train-batch", type=runtime.positive_int, default=None, help="sequences per step (default: per "
                    "preset and device)")
     p.add_argument("--seq-len", type=runtime.positive_int, default=None, help="tokens per sequence (default: per "
@@ -494,9 +519,11 @@ def get_args(argv=None):
         unknown = [n for n in names or [] if n not in known]
         if unknown:
             p.error(f"{flag}: unknown preset {unknown[0]!r}; choose from {sorted(known)}")
-    unknown = [a for a in args.attention if a not in ("causal", "masked")]
-    if unknown:
-        p.error(f"--attention: unknown path {unknown[0]!r}; choose from causal, masked")
+    for flag, what, names, known in (("--attention", "path", args.attention, ("causal", "masked")),
+                                     ("--losses", "loss", args.losses, LOSSES)):
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            p.error(f"{flag}: unknown {what} {unknown[0]!r}; choose from {', '.join(known)}")
     return args
 
 
@@ -537,12 +564,12 @@ def main(args):
     for name in args.presets:
         config = bench_config(name, args.vocab_size, args.seq_len)
         report["train"][name] = []
-        for attention in args.attention:
+        for attention, loss in [(a, l) for a in args.attention for l in args.losses]:
             r = bench_train(config, args.train_batch or sizes["train_batch"].get(name, 1),
                             args.seq_len or sizes["seq_len"].get(name, 256), args.steps or sizes["steps"].get(name, 1),
-                            device, attention, bf16, args.compile, args.warmup_steps, peak, args.seed)
+                            device, attention, bf16, args.compile, args.warmup_steps, peak, args.seed, loss)
             report["train"][name].append(r)
-            print(f"train {name:6s} {r['params'] / 1e6:7.1f}M  {attention:6s}  batch {r['batch_size']:3d} x "
+            print(f"train {name:6s} {r['params'] / 1e6:7.1f}M  {attention:6s} {loss:7s} batch {r['batch_size']:3d} x "
                   f"{r['seq_len']:4d}  {fmt(r['tokens_per_s'])} tokens/s  {r['step_s'] * 1e3:,.0f} ms/step  "
                   f"{r['achieved_tflops']:.3f} TFLOP/s  MFU {fmt(r['mfu'] and 100 * r['mfu'], 1)}%", flush=True)
 

@@ -15,7 +15,8 @@ r"""Fine-tuning on the model's own selected answers: rejection sampling, safety 
     every user turn of a multi-turn dialogue while the model answers it; the training dialogue keeps the
     instruction in the first turn only and trains on one turn, the loss zeroed on every earlier turn. Adherence
     by turn is measured with the instruction given in the first turn only.
-Every mode fine-tunes with the SFT loss (runtime.next_token_step: model.masked_nll on answer tokens only).
+Every mode fine-tunes with the SFT loss (runtime.next_token_step: model.masked_nll on answer tokens only, or
+model.chunked_nll with --chunked-loss).
 After each phase (--eval) the gold judge grades greedy answers to the world's validation prompts (gatt: adherence on
 validation dialogues); the test split is evaluate.py's alone.
 
@@ -340,6 +341,7 @@ def get_args(argv=None):
     runtime.add_run_arguments(p, outputs="model.pt, config.json, metrics.jsonl, samples.jsonl, eval.json, and "
                               "best_of_k.json for rejection sampling; --resume continues the phase with its "
                               "training dialogues", seed_help="random seed (world, prompt draws, sampling, batches)")
+    runtime.add_chunked_loss_argument(p)
     # prompts and sampling
     p.add_argument("--prompts", default="world", help="'world' (the RL prompts, never a held-out one) or a JSONL "
                    "file of {'prompt'} or {'messages'} rows, optional 'safety' (bool) and 'category'")
@@ -591,7 +593,7 @@ def main(args):
                                         rt.world_size)
                 loss_value, grad_norm = runtime.next_token_step(
                     train_model, policy, optimizer, [train_rows[i] for i in idx], tok.pad_id, micro, rt,
-                    args.grad_clip, f"{name} step {state['step']}", ckpt_path)
+                    args.grad_clip, f"{name} step {state['step']}", ckpt_path, args.chunked_loss)
                 state["step"] += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")

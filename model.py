@@ -192,10 +192,15 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, tokens, attention_mask=None, cache=None, last_only=False):
+    def forward(self, tokens, attention_mask=None, cache=None, last_only=False, targets=None, loss_weights=None):
         """tokens (B, T) -> logits (B, T, V) float32 for head "lm", values (B, T) float32 for head "scalar";
-        last_only: the head reads the last position only (T = 1 out), all generation needs of a prompt."""
+        last_only: the head reads the last position only (T = 1 out), all generation needs of a prompt.
+
+        targets (B, T) and loss_weights (B, T) instead return the scalar sum_t w_t * -log p(targets_t) through
+        chunked_nll, which never holds the (B, T, V) logits (a speed option, --chunked-loss)."""
         B, T = tokens.shape
+        if targets is not None and self.config.head != "lm":
+            raise ValueError("targets need the lm head")
         start = 0 if cache is None else cache.pos
         if start + T > self.config.max_seq_len or (cache is not None and start + T > cache.max_len):
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len} "
@@ -229,6 +234,8 @@ class Transformer(nn.Module):
         h = self.norm(h[:, -1:] if last_only else h)
         # the head runs in float32 even under bf16 autocast: log-probs and rewards need the precision
         with torch.autocast(device_type=h.device.type, enabled=False):
+            if targets is not None:
+                return chunked_nll(h.flatten(0, 1), self.output.weight, targets.flatten(), loss_weights.flatten())
             if self.config.head == "lm":
                 return F.linear(h.float(), self.output.weight.float())   # (B, T, V)
             return F.linear(h.float(), self.score.weight.float(), self.score.bias.float()).squeeze(-1)  # (B, T)
@@ -388,6 +395,57 @@ def masked_nll(logits, targets, loss_mask):
     nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")  # (B*T,)
     mask = loss_mask.flatten().to(nll.dtype)
     return (nll * mask).sum() / mask.sum().clamp(min=1)
+
+
+class ChunkedNLL(torch.autograd.Function):
+    """sum_n w_n * -log softmax(W h_n)[y_n] and its gradient, computed block by block of rows so that the (N, V)
+    logits never exist whole. The value is masked_nll's numerator; the gradient is written out (the derivative of
+    cross-entropy by its logits is the softmax minus the one-hot target):
+
+        dL/dz_n = w_n (softmax(z_n) - onehot(y_n)),   dL/dh_n = W^T dL/dz_n,   dL/dW = sum_n dL/dz_n h_n^T
+
+    Both gradients are made in the forward, while a block's logits are at hand, and the backward scales them by
+    the incoming gradient (the loss is linear in it). Against logits -> F.cross_entropy this skips the zero-filled
+    (N, V) gradient, a log-softmax backward pass and the allocation of four (N, V) tensors; on the CPU small
+    blocks also stay in cache. Not in Llama 2: a speed option (--chunked-loss); tests check it against masked_nll.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, weights, with_grad):
+        rows = 128 if h.device.type == "cpu" else 4096   # CPU: blocks that fit the cache; GPU: fewer, larger ones
+        need_h, need_weight = (with_grad and need for need in ctx.needs_input_grad[:2])
+        loss = h.new_zeros(())
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        for start in range(0, h.shape[0], rows):
+            h_n, y_n, w_n = h[start:start + rows], targets[start:start + rows, None], weights[start:start + rows]
+            logp = (h_n @ weight.T).log_softmax(-1)                                  # (rows, V)
+            loss -= (logp.gather(1, y_n).squeeze(1) * w_n).sum()
+            if need_h or need_weight:
+                grad_z = logp.exp_()                                                 # softmax, in place
+                grad_z.scatter_add_(1, y_n, torch.full_like(y_n, -1, dtype=grad_z.dtype))  # - onehot(y)
+                grad_z.mul_(w_n[:, None])
+                if need_h:
+                    torch.mm(grad_z, weight, out=grad_h[start:start + rows])
+                if need_weight:
+                    grad_weight.addmm_(grad_z.T, h_n)
+        ctx.save_for_backward(grad_h, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_weight = ctx.saved_tensors
+        scaled = [None if g is None else g * grad_loss for g in (grad_h, grad_weight)]
+        return *scaled, None, None, None
+
+
+def chunked_nll(h, weight, targets, weights):
+    """sum_n w_n * -log softmax(weight @ h_n)[targets_n] for h (N, D), weight (V, D), targets and weights (N,),
+    without the (N, V) logits (ChunkedNLL). Rows of weight 0 (prompt tokens in SFT) are dropped first."""
+    keep = weights != 0
+    h, targets, weights = h[keep].float(), targets[keep], weights[keep].float()
+    with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return ChunkedNLL.apply(h, weight.float(), targets, weights, with_grad)
 
 
 def last_token_values(values, attention_mask):

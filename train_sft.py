@@ -10,6 +10,7 @@
 Held-out loss: every 20th corpus document (base); the world's validation prompts with their gold responses (sft,
 also the source of the printed samples). The test split is evaluate.py's alone.
 Both losses are runtime.next_token_loss: the loss mask is all ones for the base stage, the answer tokens for SFT.
+--chunked-loss computes the same loss block by block without the whole logits (model.chunked_nll): a faster step.
 
 Deviation from the paper: Llama 2 packs SFT examples into 4096-token sequences; here each dialogue is its own
 padded row (the tiny preset's dialogues are short, so packing would save little and cost readability).
@@ -61,6 +62,7 @@ def get_args(argv=None):
                    "Meta folder, or a .gguf file); required for --stage sft, not taken by --stage base")
     runtime.add_run_arguments(p, outputs="model.pt, config.json, metrics.jsonl",
                               seed_help="random seed (model init, world, batch order)")
+    runtime.add_chunked_loss_argument(p)
     # data
     p.add_argument("--data", default="world", help="'world' (embedded) or a JSONL file: base {'text'}, "
                    "sft {'messages': [{role, content}, ...]} or {'prompt', 'response'}")
@@ -150,7 +152,7 @@ def load_text_data(args, tok):
 
 
 @torch.no_grad()
-def eval_loss(model, rows, tok, rt, batch_size=64):
+def eval_loss(model, rows, tok, rt, chunked=False, batch_size=64):
     """Mean next-token loss per target token over held-out rows (this rank's)."""
     model.eval()
     total, count = 0.0, 0
@@ -159,7 +161,7 @@ def eval_loss(model, rows, tok, rt, batch_size=64):
         batch = {k: v.to(rt.device)
                  for k, v in data.collate([r[0] for r in chunk], tok.pad_id, [r[1] for r in chunk]).items()}
         n = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).sum()
-        total += runtime.next_token_loss(model, batch, rt, n).item() / rt.world_size * n.item()
+        total += runtime.next_token_loss(model, batch, rt, n, chunked).item() / rt.world_size * n.item()
         count += n.item()
     model.train()
     return total / max(count, 1)
@@ -209,7 +211,7 @@ def main(args):
             idx = data.step_indices(len(train_rows), args.batch_size, step, args.seed, rt.rank, rt.world_size)
             loss_value, grad_norm = runtime.next_token_step(train_model, model, optimizer, [train_rows[i] for i in idx],
                                                             tok.pad_id, micro, rt, args.grad_clip, f"step {step}",
-                                                            ckpt_path)
+                                                            ckpt_path, args.chunked_loss)
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")
@@ -217,7 +219,7 @@ def main(args):
 
             # ---------------------------------------------------------- eval, samples, checkpoint
             if step % args.eval_every == 0 or step == args.steps:
-                metrics["val_loss"] = eval_loss(model, val_rows, tok, rt)
+                metrics["val_loss"] = eval_loss(model, val_rows, tok, rt, args.chunked_loss)
                 if rt.is_main and args.stage == "sft":  # greedy: draws no random number
                     for messages, answer in zip(sample_prompts, model_lib.respond(model, tok, sample_prompts, 40)):
                         runtime.print0(rt, f"  > {messages[-1]['content']}\n    {answer.text}")

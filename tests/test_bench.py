@@ -14,17 +14,27 @@ MICRO = ModelConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, 
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("attention", ["causal", "masked"])
-def test_bench_train_counts(attention):
+@pytest.mark.parametrize("attention, loss", [("causal", "full"), ("masked", "full"), ("causal", "chunked")])
+def test_bench_train_counts(attention, loss):
     r = bench.bench_train(MICRO, batch_size=2, seq_len=8, steps=2, device=CPU, attention=attention, warmup_steps=1,
-                          peak=1e12)
-    assert (r["batch_size"], r["seq_len"], r["steps"], r["attention"]) == (2, 8, 2, attention)
+                          peak=1e12, loss=loss)
+    assert (r["batch_size"], r["seq_len"], r["steps"], r["attention"], r["loss"]) == (2, 8, 2, attention, loss)
     assert r["step_s"] > 0 and r["tokens_per_s"] == pytest.approx(2 * 8 / r["step_s"])
     assert r["flops_per_token"] == flops_per_token(MICRO, 8)
     assert r["achieved_tflops"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / 1e12)
     assert r["mfu"] == pytest.approx(r["achieved_tflops"])   # a peak of 1 TFLOP/s: MFU equals TFLOP/s
     assert r["bf16"] is False and r["fused_adamw"] is False    # autocast and fused AdamW are CUDA only
     assert r["params"] == sum(p.numel() for p in bench.Transformer(MICRO).parameters())
+
+
+def test_model_loss_is_the_same_mean_either_way():
+    model = bench.Transformer(MICRO)
+    tokens = torch.randint(0, MICRO.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1] * 8, [0] * 3 + [1] * 5, [1] * 6 + [0] * 2])
+    full, chunked = (bench.model_loss(model, tokens, mask, loss) for loss in bench.LOSSES)
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        bench.bench_train(MICRO, 1, 4, 1, CPU, loss="fused")
 
 
 def test_bench_train_without_a_known_peak_has_no_mfu():
@@ -89,7 +99,8 @@ def test_main_writes_json(tmp_path, restore_threads):
     assert out.read_text() == before
     with pytest.raises(runtime.UserError, match="is a folder"):
         bench.main(bench.get_args(argv[:-1] + [str(tmp_path)]))
-    assert [r["attention"] for r in report["train"]["tiny"]] == ["causal", "masked"]
+    assert [(r["attention"], r["loss"]) for r in report["train"]["tiny"]] == \
+        [("causal", "full"), ("causal", "chunked"), ("masked", "full"), ("masked", "chunked")]
     assert all(r["tokens_per_s"] > 0 for r in report["train"]["tiny"])
     assert [r["batch_size"] for r in report["generate"]["tiny"]] == [1, 2]
     assert report["machine"]["device"] == "cpu" and report["peak_flops"] is None
@@ -100,6 +111,7 @@ def test_main_writes_json(tmp_path, restore_threads):
     (["--presets", "tiny,huge"], "--presets: unknown preset 'huge'"),
     (["--ppo-presets", "nano"], "--ppo-presets: unknown preset 'nano'"),
     (["--attention", "sparse"], "--attention: unknown path 'sparse'"),
+    (["--losses", "full,fused"], "--losses: unknown loss 'fused'"),
     (["--gen-batch-sizes", "1,0"], "must be > 0"),
     (["--steps", "-5"], "--steps: must be > 0"),
     (["--threads", "two"], "expected a whole number"),
@@ -167,7 +179,8 @@ def test_compare_hf_times_both_sides_on_the_same_work(restore_threads):
     pytest.importorskip("transformers")
     torch.set_num_threads(1)
     rows = bench.compare_hf(rounds=2, configs=("tiny",))
-    assert [(r["kind"], r["batch"]) for r in rows] == [("train", 32), ("generate", 1), ("generate", 16)]
+    assert [(r["kind"], r["batch"], r.get("loss")) for r in rows] == \
+        [("train", 32, "full"), ("train", 32, "chunked"), ("generate", 1, None), ("generate", 16, None)]
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["hf_tokens_per_s"] > 0
         assert r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"]

@@ -283,6 +283,14 @@ def test_gatt_end_to_end(micro, tmp_path):
     assert log[3]["loss"] < log[0]["loss"]  # the warm-up learns the instruction's style
 
 
+def test_chunked_loss_trains_as_the_full_loss(micro, tmp_path):
+    full = distill.main(micro_args(micro, tmp_path / "full", "context"))
+    chunked = distill.main(micro_args(micro, tmp_path / "chunked", "context", "--chunked-loss"))
+    losses = [[r["loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl")] for name in ("full", "chunked")]
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert chunked["history"][-1].keys() == full["history"][-1].keys()
+
+
 def test_a_folder_holding_a_run_needs_resume_or_overwrite(micro, tmp_path):
     out = tmp_path / "run"
     distill.main(micro_args(micro, out, "context", "--no-eval", "--steps", "1"))

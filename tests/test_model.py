@@ -6,8 +6,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import (KVCache, ModelConfig, Transformer, apply_rope, flops_per_token, generate,  # noqa: E402
-                   last_token_values, load_checkpoint, load_model, masked_nll, num_params, rope_tables,
+from model import (KVCache, ModelConfig, Transformer, apply_rope, chunked_nll, flops_per_token,  # noqa: E402
+                   generate, last_token_values, load_checkpoint, load_model, masked_nll, num_params, rope_tables,
                    sample_next, save_checkpoint, token_logprobs)
 
 V = 64
@@ -223,6 +223,54 @@ def test_masked_nll_by_hand():
     expected = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(-2))) / 2
     assert masked_nll(logits, targets, loss_mask).item() == pytest.approx(expected, rel=1e-6)
     assert masked_nll(logits, targets, torch.zeros_like(loss_mask)).item() == 0.0
+
+
+def test_chunked_nll_and_its_gradient_by_hand():
+    # weight = identity, so the logits are the rows of h: the example above, weights 0, 1/2, 1/2
+    h = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    weight = torch.eye(2, requires_grad=True)
+    loss = chunked_nll(h, weight, torch.tensor([0, 0, 1]), torch.tensor([0.0, 0.5, 0.5]))
+    assert loss.item() == pytest.approx((math.log(1 + math.exp(-1)) + math.log(1 + math.exp(-2))) / 2, rel=1e-6)
+    (3 * loss).backward()
+    # dL/dz = w (softmax(z) - onehot(y)): row 1 [e/(e+1) - 1, 1/(e+1)] / 2, row 2 [1/(1+e^2), e^2/(1+e^2) - 1] / 2
+    e, e2 = math.exp(1), math.exp(2)
+    grad_z = torch.tensor([[0.0, 0.0], [-1 / (e + 1), 1 / (e + 1)], [1 / (1 + e2), -1 / (1 + e2)]]) / 2
+    assert torch.allclose(h.grad, 3 * grad_z, atol=1e-6)                  # dL/dh = W^T dL/dz, W = I
+    assert torch.allclose(weight.grad, 3 * grad_z.T @ h.detach(), atol=1e-6)  # dL/dW = sum_n dL/dz_n h_n^T
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_chunked_loss_equals_masked_nll_in_value_and_gradient(tie):
+    model = tiny(tie_embeddings=tie).train()
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, V, (3, 61), generator=gen)                   # 180 positions: two blocks of rows
+    mask = (torch.rand(3, 60, generator=gen) < 0.7).long()
+
+    def loss_and_grads(chunked):
+        model.zero_grad(set_to_none=True)
+        if chunked:
+            loss = model(tokens[:, :-1], targets=tokens[:, 1:], loss_weights=mask / mask.sum())
+        else:
+            loss = masked_nll(model(tokens[:, :-1]), tokens[:, 1:], mask)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (full, full_grads), (chunked, chunked_grads) = loss_and_grads(False), loss_and_grads(True)
+    assert chunked == pytest.approx(full, rel=1e-6) and full_grads.keys() == chunked_grads.keys()
+    for name, grad in full_grads.items():
+        assert torch.allclose(chunked_grads[name], grad, rtol=1e-4, atol=1e-7), name
+    model.output.weight.requires_grad_(False)                              # a frozen head (tied: the embedding too)
+    (_, frozen_full), (_, frozen_chunked) = loss_and_grads(False), loss_and_grads(True)
+    assert "output.weight" not in frozen_chunked and frozen_chunked.keys() == frozen_full.keys()
+    with torch.no_grad():
+        value = model(tokens[:, :-1], targets=tokens[:, 1:], loss_weights=mask / mask.sum())
+    assert value.item() == pytest.approx(full, rel=1e-6) and value.grad_fn is None
+    model.zero_grad(set_to_none=True)
+    zero = model(tokens[:, :-1], targets=tokens[:, 1:], loss_weights=torch.zeros(3, 60))   # no trained token
+    zero.backward()
+    assert zero.item() == 0.0 and all(not p.grad.any() for p in model.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="targets need the lm head"):
+        tiny(head="scalar")(tokens[:, :-1], targets=tokens[:, 1:], loss_weights=mask.float())
 
 
 @torch.no_grad()

@@ -304,8 +304,8 @@ def inject(monkeypatch, at_call, poison):
     """Make runtime.next_token_loss return poison(loss, model) on its at_call-th call (0-based)."""
     real, calls = runtime.next_token_loss, []
 
-    def next_token_loss(model, batch, rt, n_tokens):
-        loss = real(model, batch, rt, n_tokens)
+    def next_token_loss(model, batch, rt, n_tokens, chunked=False):
+        loss = real(model, batch, rt, n_tokens, chunked)
         calls.append(1)
         return poison(loss, model) if len(calls) - 1 == at_call else loss
     monkeypatch.setattr(runtime, "next_token_loss", next_token_loss)
