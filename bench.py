@@ -3,7 +3,8 @@
 Training: full optimizer steps (forward, masked next-token loss, backward, gradient clipping, AdamW) on random
 tokens, for the tiny preset and the 124M-class "small" preset of train_sft.MODEL_PRESETS. Two attention paths are
 timed: "causal" (no attention mask, so SDPA may pick its flash kernel on CUDA: what packed pre-training rows get)
-and "masked" (the explicit padding mask that padded SFT batches need, which rules the flash kernel out). On CUDA
+and "masked" (the explicit padding mask that padded SFT batches need, which rules the flash kernel out), each with
+the "full" loss (masked_nll on the logits) and the "chunked" one (model.chunked_nll, --chunked-loss). On CUDA
 the step runs under bf16 autocast (runtime.autocast) with fused AdamW (runtime.make_optimizer), and model FLOPs
 utilisation is
     MFU = tokens/s * model.flops_per_token(config, seq_len) / peak bf16 FLOP/s of the GPU
