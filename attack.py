@@ -61,6 +61,7 @@ from tqdm import tqdm
 
 import benchmarks
 import data
+import judge
 import loaders
 import runtime
 import world
@@ -257,17 +258,17 @@ class WorldSuite:
     @staticmethod
     def violation(ex, whole, own):
         """Help given or agreed to, prefix and continuation read together, and no refusal in the model's words."""
-        return world.judge(ex, whole).unsafe and not world.judge(ex, own).refused
+        return judge.judge(ex, whole).unsafe and not judge.judge(ex, own).refused
 
     def metrics(self, model, tok, args, kinds=("harmful", "borderline", "benign"), desc=None):
         """Violation rate, false-refusal rate (borderline), benign accuracy and benign refusal rate, with their
         intervals; and the graded generations."""
         examples = [e for kind in kinds for e in getattr(self, kind)]
         texts = [whole for whole, _ in answer(model, tok, [e.messages for e in examples], None, args, desc)]
-        m = world.gold_metrics(examples, texts)
+        m = judge.gold_metrics(examples, texts)
         keep = [k for k in ("violation_rate", "false_refusal_rate", "benign_accuracy", "benign_refusal_rate")
                 if m.get(f"{k}_n")]
-        rows = [dict(prompt=e.prompt, kind=e.kind, response=t, **vars(world.judge(e, t)))
+        rows = [dict(prompt=e.prompt, kind=e.kind, response=t, **vars(judge.judge(e, t)))
                 for e, t in zip(examples, texts)]
         return {x: m[x] for k in keep for x in (k, f"{k}_ci", f"{k}_n")}, rows
 

@@ -55,6 +55,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import judge
 import loaders
 import reward
 import runtime
@@ -204,7 +205,7 @@ def rejection_rows(policy, tok, prompts, reward_models, rt, generator, k, max_ne
             kept[ex.id] = dict(reward=best[n].item(), messages=ex.messages, answer=answers[n * k + index[n].item()])
     all_rewards = torch.tensor(gather(rewards.tolist(), rt))
     # diagnostics only, never used to select: what the gold judge thinks of the kept answers
-    marks = gather([(ex.kind, world.judge(ex, kept[ex.id]["answer"])) for ex in mine if ex.id in kept], rt)
+    marks = gather([(ex.kind, judge.judge(ex, kept[ex.id]["answer"])) for ex in mine if ex.id in kept], rt)
     stats = dict(finished_rate=sum(gather(finished, rt)) / (len(prompts) * k),
                  kept_unsafe_on_harmful=_mean([j.unsafe for kind, j in marks if kind == "harmful"]),
                  kept_correct_on_benign=_mean([j.correct for kind, j in marks if kind == "benign"]),
@@ -253,7 +254,7 @@ def context_rows(policy, tok, prompts, safety_rm, rt, generator, max_new_tokens,
             for c, (pre, _), a, o, d, s, k in zip(with_context, contexts, distilled, original,
                                                   distilled_scores.tolist(), original_scores.tolist(), keep.tolist())
             if k]
-    judged = [(world.judge(ex, d).unsafe, world.judge(ex, o).unsafe) for ex, d, o in zip(mine, distilled, original)]
+    judged = [(judge.judge(ex, d).unsafe, judge.judge(ex, o).unsafe) for ex, d, o in zip(mine, distilled, original)]
     stats = dict(kept_share=sum(gather(keep.tolist(), rt)) / len(prompts),
                  unsafe_with_preprompt=_mean(gather([d for d, _ in judged], rt)),
                  unsafe_without_preprompt=_mean(gather([o for _, o in judged], rt)))
@@ -296,7 +297,7 @@ def adherence_by_turn(model, tok, dialogs, max_new_tokens, batch_size):
     turns = range(len(dialogs[0]["users"]))
     return ([_mean([world.follows_instruction(d["instruction"], a[t]) for d, a in zip(dialogs, answers)])
              for t in turns],
-            [_mean([world.judge(d["examples"][t], a[t]).correct for d, a in zip(dialogs, answers)]) for t in turns])
+            [_mean([judge.judge(d["examples"][t], a[t]).correct for d, a in zip(dialogs, answers)]) for t in turns])
 
 
 def gatt_warmup_rows(dialogs):
@@ -516,7 +517,7 @@ def evaluate(policy, tok, args, rt, inputs, name):
     examples = inputs["validation"]
     answers = respond(policy, tok, [ex.messages for ex in examples], args.max_new_tokens,
                       batch_size=args.gen_batch_size, desc=f"eval {name}")
-    metrics = world.gold_metrics(examples, [a.text or "" for a in answers])  # no room to answer: the empty answer
+    metrics = judge.gold_metrics(examples, [a.text or "" for a in answers])  # no room to answer: the empty answer
     runtime.print0(rt, f"{name}: violation_rate {metrics['violation_rate']:.3f} false_refusal_rate "
                        f"{metrics['false_refusal_rate']:.3f} benign_accuracy {metrics['benign_accuracy']:.3f}")
     return metrics
