@@ -179,13 +179,6 @@ def answer_kl(model, ref_model, rows, batch_size=32):
     return out
 
 
-def bootstrap_interval(kl, statistic, n_boot=1000, seed=0):
-    """95% percentile interval of statistic(kl[resampled prompts]) over n_boot resamples of the prompts."""
-    g = torch.Generator().manual_seed(seed)
-    values = sorted(statistic(kl[torch.randint(len(kl), (len(kl),), generator=g)]) for _ in range(n_boot))
-    return [values[int(0.025 * n_boot)], values[int(0.975 * n_boot) - 1]]
-
-
 def finetune(model, rows, steps, batch_size, lr, seed, ref_model=None, beta=(0.5, 2.0, 0.1, 5), freeze=0,
              desc=None):
     """`steps` AdamW steps on (ids, loss_mask) rows, cycling through them in a shuffled order: the SFT loss
@@ -432,7 +425,7 @@ def kl_profile(model, ref_model, tok, suite, args):
     kl = answer_kl(model, ref_model, rows, args.batch_size)
     lengths = torch.tensor([len(a) for _, a in rows], dtype=torch.float)
     counts = (torch.arange(kl.shape[1])[None] < lengths[:, None]).sum(0).clamp(min=1)
-    return dict(early_share=early_share(kl, args.depth), early_share_ci=bootstrap_interval(
+    return dict(early_share=early_share(kl, args.depth), early_share_ci=judge.bootstrap_interval(
                     kl, lambda x: early_share(x, args.depth), seed=args.seed),
                 even_share=float((lengths.clamp(max=args.depth) / lengths).mean()), n=len(rows),
                 mean_kl=float(kl.sum(1).mean()), curve=(kl.sum(0) / counts).tolist()), []

@@ -9,7 +9,7 @@ world prompt comes from here:
   with a preference-strength label and label noise (sections 3.2.1-3.2.2; the two annotators disagree on harmful
   prompts, as in the paper), and the preference sets built with it (`preference_pairs`, `labelled_pairs`);
 - the gold metrics (`gold_metrics`, `gold_counts`, `gold_reward`, `win_rate`);
-- the intervals every rate and mean of the project carries (`wilson`, `mean_interval`);
+- the intervals every rate and mean of the project carries (`wilson`, `mean_interval`, bootstrap percentiles);
 - the overlap audit (`overlap`, `overlap_table`): what each evaluation split shares with each training source,
   read from the generated text. The preference source is the annotator's pairs, so the audit reads the judge.
 
@@ -23,6 +23,8 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
+
+import torch
 
 from world import (ATTACK_WRAPPERS, ATTACKS, BORDERLINE_ITEMS, ESCALATION, FACT_TYPES, HELD_OUT_ATTACK, INSTRUCTIONS,
                    KNOWN_REQUESTS, OFFERS, PERSONAS, PROFESSIONAL, REFUSALS, REQUEST_TEMPLATES, RISKS, SPLITS, STYLES,
@@ -459,7 +461,7 @@ def win_rate(examples, responses, baseline_responses):
 
 # ---------------------------------------------------------------------------------------------- intervals
 # Every rate the project reports comes with its count and its 95% Wilson interval, every mean score with its
-# normal-approximation interval.
+# normal-approximation interval, and a statistic of resampled prompts with its bootstrap percentile interval.
 def mean(values):
     """The mean of values (the rate of True among flags), nan when there are none."""
     return sum(values) / len(values) if len(values) else float("nan")
@@ -496,6 +498,25 @@ def mean_metrics(name, values):
     """{name: mean, name_ci: its normal-approximation 95% interval, name_n: how many} of scores that are not 0/1
     (gold safety, TruthfulQA MC2's probability mass, a VADER compound score)."""
     return {name: mean(values), f"{name}_ci": mean_interval(values), f"{name}_n": len(values)}
+
+
+def percentile_interval(values):
+    """[2.5th, 97.5th] percentile of bootstrap values, the ranks floor(0.025(n-1)) and ceil(0.975(n-1)) of the n
+    sorted values (a fitted peak may be inf: no peak in that resample)."""
+    if not values:
+        return [math.nan, math.nan]
+    ranked = sorted(values)
+    return [float(ranked[int(0.025 * (len(ranked) - 1))]), float(ranked[math.ceil(0.975 * (len(ranked) - 1))])]
+
+
+def bootstrap_interval(per_prompt, statistic, n_boot=1000, seed=0):
+    """95% percentile interval of statistic(per_prompt[resampled rows]) over n_boot resamples of the rows (one
+    per prompt, drawn with replacement from a torch generator seeded with `seed`): the sorted values of ranks
+    int(0.025 n_boot) and int(0.975 n_boot) - 1."""
+    g = torch.Generator().manual_seed(seed)
+    values = sorted(statistic(per_prompt[torch.randint(len(per_prompt), (len(per_prompt),), generator=g)])
+                    for _ in range(n_boot))
+    return [values[int(0.025 * n_boot)], values[int(0.975 * n_boot) - 1]]
 
 
 # ----------------------------------------------------------------------------------------- overlap audit

@@ -359,16 +359,8 @@ def bon_study(args, proxy, gold):
         alpha, beta = fit_bon(d, bon_curve(proxy[rows], gold[rows], ns)["gold_gain"])
         boot["alpha"].append(alpha), boot["beta"].append(beta), boot["peak"].append(bon_peak(alpha, beta))
     for k, values in boot.items():
-        out[f"gold_{k}_ci"] = percentile_interval(values)
+        out[f"gold_{k}_ci"] = judge.percentile_interval(values)
     return out
-
-
-def percentile_interval(values):
-    """[2.5th, 97.5th] percentile of bootstrap values by rank (a peak may be inf: no peak in that resample)."""
-    if not values:
-        return [math.nan, math.nan]
-    ranked = sorted(values)
-    return [float(ranked[int(0.025 * (len(ranked) - 1))]), float(ranked[math.ceil(0.975 * (len(ranked) - 1))])]
 
 
 # ---------------------------------------------------------------------------------------------- RL curves
