@@ -211,10 +211,6 @@ def finetune(model, rows, steps, batch_size, lr, seed, ref_model=None, beta=(0.5
     return model
 
 
-def _rate(name, flags):
-    return benchmarks.rate_metrics(name, [int(bool(x)) for x in flags])
-
-
 def answer(model, tok, conversations, prefixes, args, desc=None):
     """Greedy answers to the conversations, each starting with its prefix (text): [(whole answer, own words)]."""
     answers = respond(model, tok, conversations, args.max_new_tokens, batch_size=args.batch_size, prefixes=prefixes,
@@ -343,15 +339,15 @@ class RealSuite(WorldSuite):
         m, rows = {}, []
         if "harmful" in kinds:
             pairs = answer(model, tok, [p.messages for p in self.harmful], None, args, desc)
-            m.update(_rate("violation_rate", [self.violation(p, *a) for p, a in zip(self.harmful, pairs)]))
+            m.update(judge.rate_metrics("violation_rate", [self.violation(p, *a) for p, a in zip(self.harmful, pairs)]))
             rows += [dict(prompt=p.prompt, kind="harmful", response=a[0]) for p, a in zip(self.harmful, pairs)]
         if "borderline" in kinds:
             pairs = answer(model, tok, [p.messages for p in self.borderline], None, args, desc)
-            m.update(_rate("false_refusal_rate", [benchmarks.xstest_refusal(a[0]) for a in pairs]))
+            m.update(judge.rate_metrics("false_refusal_rate", [benchmarks.xstest_refusal(a[0]) for a in pairs]))
             rows += [dict(prompt=p.prompt, kind="borderline", response=a[0]) for p, a in zip(self.borderline, pairs)]
         if "benign" in kinds:
             mc1, _ = benchmarks.truthfulqa(model, tok, self.questions)
-            m.update(_rate("benign_accuracy", mc1))
+            m.update(judge.rate_metrics("benign_accuracy", mc1))
         return m, rows
 
     def harmful_rows(self, tok, n, seed, max_len):
@@ -415,7 +411,7 @@ def prefill(model, tok, suite, k, args, desc=None):
     flags = [suite.violation(item, whole, own) for item, (whole, own) in zip(suite.harmful, pairs)]
     rows = [dict(prompt=item.prompt, prefix=p, response=whole, violation=f)
             for item, p, (whole, _), f in zip(suite.harmful, prefixes, pairs, flags)]
-    return _rate("violation_rate", flags), rows
+    return judge.rate_metrics("violation_rate", flags), rows
 
 
 def kl_profile(model, ref_model, tok, suite, args):

@@ -151,11 +151,11 @@ def kl_to_reference(model, ref_model, pairs, batch_size=64):
     return sequence_logprobs(model, pairs, batch_size) - sequence_logprobs(ref_model, pairs, batch_size)
 
 
-def _mean(values):
+def _mean_or_none(values):
     return None if values is None or len(values) == 0 else float(torch.as_tensor(values).float().mean())
 
 
-def _rate(flags):
+def _rate_or_none(flags):
     """(rate, 95% Wilson interval, count) of True among flags; the rate None when there are none."""
     k, n = sum(flags), len(flags)
     return (k / n if n else None), judge.wilson(k, n), n
@@ -167,7 +167,7 @@ def file_metrics(examples, responses):
     gold = gold_metrics(examples, responses)
     judgements = [judge.judge(ex, r) for ex, r in zip(examples, responses)]
     out = {}
-    out["refusal_rate"], out["refusal_rate_ci"], out["refusal_rate_n"] = _rate([j.refused for j in judgements])
+    out["refusal_rate"], out["refusal_rate_ci"], out["refusal_rate_n"] = _rate_or_none([j.refused for j in judgements])
     by_kind = {"harmful": "harmful_refusal_rate", "benign": "benign_refusal_rate", "borderline": "false_refusal_rate"}
     kinds = [k for k in KINDS if gold[f"n_{k}"]]
     for suffix in ("", "_ci", "_n"):
@@ -175,8 +175,8 @@ def file_metrics(examples, responses):
     for name in ("violation_rate", "violation_rate_by_category", "violation_rate_by_attack"):
         out.update({name + suffix: gold[name + suffix] for suffix in ("", "_ci", "_n")})
     # accuracy over the prompts that carry a gold answer: without one, no answer can be judged correct
-    out["accuracy"], out["accuracy_ci"], out["accuracy_n"] = _rate([j.correct for ex, j in zip(examples, judgements)
-                                                                    if ex.answer])
+    out["accuracy"], out["accuracy_ci"], out["accuracy_n"] = _rate_or_none(
+        [j.correct for ex, j in zip(examples, judgements) if ex.answer])
     for name in ("no_answer_rate", "confused_refusal_rate"):
         out.update({name + suffix: gold[name + suffix] for suffix in ("", "_ci", "_n")})
     out.update({f"n_{k}": gold[f"n_{k}"] for k in ("prompts", *KINDS)})
@@ -204,9 +204,9 @@ def evaluate_checkpoint(name, model, tok, examples, args, baseline_texts, sft, r
     conversations = [ex.messages for ex in examples]
     safety_p = reward.probabilities(reward_models["safety"], conversations, texts)
     helpful_p = reward.probabilities(reward_models["helpfulness"], conversations, texts)
-    m["rm_safety_mean"], m["rm_helpfulness_mean"] = _mean(safety_p), _mean(helpful_p)
+    m["rm_safety_mean"], m["rm_helpfulness_mean"] = _mean_or_none(safety_p), _mean_or_none(helpful_p)
     kl = None if sft is None else kl_to_reference(model, sft[0], pairs, args.batch_size)
-    m["kl_to_sft"] = _mean(kl)
+    m["kl_to_sft"] = _mean_or_none(kl)
     m.update(win_rate(examples, texts, texts if baseline_texts is None else baseline_texts))
     # Wilson over prompts with a tie as half a win (k = wins + ties / 2 of n). A prompt's outcome is 0, 1/2 or 1,
     # whose variance is at most that of a 0/1 outcome with the same mean: if anything, the interval is too wide.
