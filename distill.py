@@ -55,6 +55,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import judge
 import loaders
 import reward
 import runtime
@@ -163,11 +164,6 @@ def gather(items, rt):
     return [x for part in parts for x in part]
 
 
-def _mean(xs):
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
 # ---------------------------------------------------------------------------------------------- the three modes
 def load_prompts(path, seed, kind=None):
     """Training prompts as world.Examples: the world's RL prompts (path "world"), or data.read_prompts' rows of a
@@ -204,11 +200,11 @@ def rejection_rows(policy, tok, prompts, reward_models, rt, generator, k, max_ne
             kept[ex.id] = dict(reward=best[n].item(), messages=ex.messages, answer=answers[n * k + index[n].item()])
     all_rewards = torch.tensor(gather(rewards.tolist(), rt))
     # diagnostics only, never used to select: what the gold judge thinks of the kept answers
-    marks = gather([(ex.kind, world.judge(ex, kept[ex.id]["answer"])) for ex in mine if ex.id in kept], rt)
+    marks = gather([(ex.kind, judge.judge(ex, kept[ex.id]["answer"])) for ex in mine if ex.id in kept], rt)
     stats = dict(finished_rate=sum(gather(finished, rt)) / (len(prompts) * k),
-                 kept_unsafe_on_harmful=_mean([j.unsafe for kind, j in marks if kind == "harmful"]),
-                 kept_correct_on_benign=_mean([j.correct for kind, j in marks if kind == "benign"]),
-                 kept_refused_on_borderline=_mean([j.refused for kind, j in marks if kind == "borderline"]))
+                 kept_unsafe_on_harmful=judge.mean([j.unsafe for kind, j in marks if kind == "harmful"]),
+                 kept_correct_on_benign=judge.mean([j.correct for kind, j in marks if kind == "benign"]),
+                 kept_refused_on_borderline=judge.mean([j.refused for kind, j in marks if kind == "borderline"]))
     return dict(gather(list(kept.items()), rt)), all_rewards, stats
 
 
@@ -253,10 +249,10 @@ def context_rows(policy, tok, prompts, safety_rm, rt, generator, max_new_tokens,
             for c, (pre, _), a, o, d, s, k in zip(with_context, contexts, distilled, original,
                                                   distilled_scores.tolist(), original_scores.tolist(), keep.tolist())
             if k]
-    judged = [(world.judge(ex, d).unsafe, world.judge(ex, o).unsafe) for ex, d, o in zip(mine, distilled, original)]
+    judged = [(judge.judge(ex, d).unsafe, judge.judge(ex, o).unsafe) for ex, d, o in zip(mine, distilled, original)]
     stats = dict(kept_share=sum(gather(keep.tolist(), rt)) / len(prompts),
-                 unsafe_with_preprompt=_mean(gather([d for d, _ in judged], rt)),
-                 unsafe_without_preprompt=_mean(gather([o for _, o in judged], rt)))
+                 unsafe_with_preprompt=judge.mean(gather([d for d, _ in judged], rt)),
+                 unsafe_without_preprompt=judge.mean(gather([o for _, o in judged], rt)))
     return gather(rows, rt), stats
 
 
@@ -278,7 +274,7 @@ def gatt_samples(policy, tok, dialogs, rt, generator, max_new_tokens, temperatur
             continue
         rows += [dict(messages=gatt_training_dialog(d["system"], d["users"], a, turn)) for turn in range(1, len(a))]
     all_follows = gather(follows, rt)
-    adherence = [_mean([f[t] for f in all_follows]) for t in range(len(all_follows[0]))] if all_follows else []
+    adherence = [judge.mean([f[t] for f in all_follows]) for t in range(len(all_follows[0]))] if all_follows else []
     return gather(rows, rt), dict(sample_adherence_by_turn=adherence)
 
 
@@ -294,9 +290,10 @@ def adherence_by_turn(model, tok, dialogs, max_new_tokens, batch_size):
         for a, t in zip(answers, texts):
             a.append(t)
     turns = range(len(dialogs[0]["users"]))
-    return ([_mean([world.follows_instruction(d["instruction"], a[t]) for d, a in zip(dialogs, answers)])
+    return ([judge.mean([world.follows_instruction(d["instruction"], a[t]) for d, a in zip(dialogs, answers)])
              for t in turns],
-            [_mean([world.judge(d["examples"][t], a[t]).correct for d, a in zip(dialogs, answers)]) for t in turns])
+            [judge.mean([judge.judge(d["examples"][t], a[t]).correct for d, a in zip(dialogs, answers)])
+             for t in turns])
 
 
 def gatt_warmup_rows(dialogs):
@@ -516,7 +513,7 @@ def evaluate(policy, tok, args, rt, inputs, name):
     examples = inputs["validation"]
     answers = respond(policy, tok, [ex.messages for ex in examples], args.max_new_tokens,
                       batch_size=args.gen_batch_size, desc=f"eval {name}")
-    metrics = world.gold_metrics(examples, [a.text or "" for a in answers])  # no room to answer: the empty answer
+    metrics = judge.gold_metrics(examples, [a.text or "" for a in answers])  # no room to answer: the empty answer
     runtime.print0(rt, f"{name}: violation_rate {metrics['violation_rate']:.3f} false_refusal_rate "
                        f"{metrics['false_refusal_rate']:.3f} benign_accuracy {metrics['benign_accuracy']:.3f}")
     return metrics

@@ -45,6 +45,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import judge
 import loaders
 import runtime
 import world
@@ -220,9 +221,9 @@ def held_out_examples(world_seed, n):
 
 
 def gold_eval(policy, tok, examples):
-    """world.gold_metrics of the policy's greedy answers to examples."""
+    """judge.gold_metrics of the policy's greedy answers to examples."""
     answers = respond(policy, tok, [ex.messages for ex in examples], desc="eval")
-    return world.gold_metrics(examples, [a.text for a in answers])
+    return judge.gold_metrics(examples, [a.text for a in answers])
 
 
 def key_rates(metrics):
@@ -352,7 +353,7 @@ def rollout_stats(batch):
         entropy=((batch["entropy"].sum() / mask.sum()).item() * n, n),
         explained_variance=(explained_variance(batch["old_values"], batch["returns"], mask).item() * n, n),
         response_length=(mask.sum().item(), n), no_eos=((~batch["has_eos"]).sum().item(), n),
-        **world.gold_counts([p["example"] for p in batch["prompts"]], batch["texts"]))
+        **judge.gold_counts([p["example"] for p in batch["prompts"]], batch["texts"]))
 
 
 def reduce_means(sums_counts, rt):
