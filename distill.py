@@ -501,7 +501,7 @@ def numbers(stats):
     return {k: v for k, v in stats.items() if isinstance(v, (int, float))}
 
 
-def evaluate(policy, tok, args, rt, inputs, name):
+def phase_eval(policy, tok, args, rt, inputs, name):
     """Gold metrics of greedy answers to held-out prompts, or for gatt adherence by turn on held-out dialogues
     (rank 0 only; nothing without --eval)."""
     if not (args.eval and rt.is_main):
@@ -559,12 +559,12 @@ def main(args):
     log, samples = runtime.begin(args, rt, step, "metrics.jsonl", "samples.jsonl")
 
     def save():  # the distill state: phase, step within it, its training dialogues, the rejection pool, history
-        runtime.save_checkpoint(rt, ckpt_path, runtime.checkpoint(
+        runtime.save_on_rank0(rt, ckpt_path, runtime.checkpoint(
             policy, tok, offsets[state["phase"]] + state["step"], args, f"distill-{args.mode}",
             {"optimizer": optimizer}, distill=state))
 
     if args.mode == "gatt" and state["phase"] == 0 and state["step"] == 0 and not state["history"]:
-        state["history"].append(dict(phase="init", **evaluate(policy, tok, args, rt, inputs, "init")))
+        state["history"].append(dict(phase="init", **phase_eval(policy, tok, args, rt, inputs, "init")))
         runtime.print0(rt, f"init: {state['history'][-1]}")   # the SFT model's adherence by turn
 
     # ------------------------------------------------------------------ phases: collect dialogues, fine-tune
@@ -601,7 +601,7 @@ def main(args):
             bar.close()
 
             # -------------------------------------------------------------- evaluate, checkpoint the finished phase
-            result = evaluate(policy, tok, args, rt, inputs, name)
+            result = phase_eval(policy, tok, args, rt, inputs, name)
             state["history"].append(dict(phase=name, loss=loss_value, **state["stats"], **result))
             state.update(phase=phase + 1, step=0, rows=None)
             save()

@@ -488,7 +488,7 @@ def load_checkpoint(path, map_location="cpu"):
 def load_model(path_or_ckpt, device="cpu", head=None):
     """(Transformer, checkpoint dict) from this project's checkpoint file or its dict. head="scalar" on an lm
     checkpoint swaps the lm head for a fresh scalar head: the reward and value models start from the SFT model
-    (Llama 2, section 3.2.2). Real models (HF or Meta folders, GGUF files) come through loaders.load_model."""
+    (Llama 2, section 3.2.2). Real models (HF or Meta folders, GGUF files) come through loaders.load_any_model."""
     is_path = isinstance(path_or_ckpt, (str, os.PathLike))
     ckpt = load_checkpoint(path_or_ckpt) if is_path else path_or_ckpt
     where = path_or_ckpt if is_path else "checkpoint"

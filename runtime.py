@@ -9,7 +9,7 @@ A training script's main(), in order:
     with StopOnSignal() as stop:                    # Ctrl-C or SIGTERM: checkpoint at this step, then exit
         while step < args.steps:
             stop.save_and_exit_if_requested(rt, save, ckpt_path, f"step {step}")
-            ... optimizer_step(...) ... save_checkpoint(rt, ckpt_path, checkpoint(...))
+            ... optimizer_step(...) ... save_on_rank0(rt, ckpt_path, checkpoint(...))
 A script runs main through command(main, get_args): bad input (UserError, ValueError, FileNotFoundError) is one
 line on stderr and exit status 2 (TRACEBACK=1 shows the traceback instead). Only rank 0 prints and writes files.
 """
@@ -483,7 +483,7 @@ def checkpoint(model, tok, step, args, stage, optimizers, **extra):
                 stage=stage, **extra)
 
 
-def save_checkpoint(rt, path, state):
+def save_on_rank0(rt, path, state):
     """model.save_checkpoint on rank 0 only (atomic: a temporary file, then a rename)."""
     if rt.is_main:
         model_lib.save_checkpoint(path, state)

@@ -365,7 +365,7 @@ def main(args):
 
     # ------------------------------------------------------------------ models: policy and frozen reference
     policy, tok, ckpt = loaders.load_policy(resume if resume is not None else args.init, rt.device)
-    ref_model, ref_ckpt = loaders.load_model(args.init, rt.device)
+    ref_model, ref_ckpt = loaders.load_any_model(args.init, rt.device)
     ref_model.eval().requires_grad_(False)
     if ckpt["tokenizer"] != ref_ckpt["tokenizer"]:
         raise runtime.UserError(f"{ckpt_path} and {args.init} use different tokenizers")
@@ -396,8 +396,8 @@ def main(args):
     log = runtime.begin(args, rt, step)
 
     def save():
-        runtime.save_checkpoint(rt, ckpt_path, runtime.checkpoint(policy, tok, step, args, "dpo",
-                                                                  {"optimizer": optimizer}))
+        runtime.save_on_rank0(rt, ckpt_path, runtime.checkpoint(policy, tok, step, args, "dpo",
+                                                                {"optimizer": optimizer}))
 
     # ------------------------------------------------------------------ training loop
     metrics = {}

@@ -237,7 +237,7 @@ def load_models(args, rt, resume):
     model (a scalar-head network reading the policy's tokens, trained); checks that --max-new-tokens leaves room
     for a prompt. Built in this order: each Transformer draws its initial weights from the global RNG."""
     policy, tok, policy_ckpt = loaders.load_policy(resume if resume is not None else args.init, rt.device)
-    ref_model, _ = loaders.load_model(args.init, rt.device)
+    ref_model, _ = loaders.load_any_model(args.init, rt.device)
     ref_model.eval().requires_grad_(False)
     # the two frozen reward models score text, so each reads it with its own tokenizer
     # (a list of several paths is an ensemble, combined by --ensemble)
@@ -245,13 +245,13 @@ def load_models(args, rt, resume):
                      else load_reward_model(paths[0], rt.device)
                      for name, paths in (("safety", args.rm_safety), ("helpfulness", args.rm_helpful))}
     if resume is not None:
-        value_model, _ = loaders.load_model(dict(model=resume["value_model"],
+        value_model, _ = loaders.load_any_model(dict(model=resume["value_model"],
                                                  model_config=resume["value_model_config"]), rt.device)
     elif args.value_init == "policy":
-        value_model, _ = loaders.load_model(args.init, rt.device, head="scalar")
+        value_model, _ = loaders.load_any_model(args.init, rt.device, head="scalar")
     else:
         value_path = (args.rm_safety if args.value_init == "safety" else args.rm_helpful)[0]
-        value_model, value_ckpt = loaders.load_model(value_path, rt.device, head="scalar")
+        value_model, value_ckpt = loaders.load_any_model(value_path, rt.device, head="scalar")
         if value_ckpt["tokenizer"] != policy_ckpt["tokenizer"]:
             raise runtime.UserError(f"--value-init {args.value_init}: {value_path} has another tokenizer than "
                                     f"{args.init}; use --value-init policy")
@@ -265,8 +265,8 @@ def load_models(args, rt, resume):
 def keep_policy(rt, policy, tok, iteration, args):
     """--keep-every: the policy's weights at this iteration as OUT/policy_<iteration>.pt, a language-model
     checkpoint that evaluate.py reads, for studies of the policy along training (overopt.py)."""
-    runtime.save_checkpoint(rt, os.path.join(args.out, f"policy_{iteration:04d}.pt"),
-                            runtime.checkpoint(policy, tok, iteration, args, "ppo", optimizers={}))
+    runtime.save_on_rank0(rt, os.path.join(args.out, f"policy_{iteration:04d}.pt"),
+                          runtime.checkpoint(policy, tok, iteration, args, "ppo", optimizers={}))
 
 
 # ---------------------------------------------------------------------------------------------- one iteration
@@ -511,7 +511,7 @@ def main(args):
     train_value = runtime.wrap_ddp(value_model, rt, args.compile)
 
     def save():
-        runtime.save_checkpoint(rt, ckpt_path, runtime.checkpoint(
+        runtime.save_on_rank0(rt, ckpt_path, runtime.checkpoint(
             policy, tok, iteration, args, "ppo", optimizers, value_model=value_model.state_dict(),
             value_model_config=vars(value_model.config), beta=beta, log_lambda=log_lambda))
 

@@ -198,8 +198,8 @@ def main(args):
     log = runtime.begin(args, rt, step)
 
     def save():
-        runtime.save_checkpoint(rt, ckpt_path, runtime.checkpoint(model, tok, step, args, args.stage,
-                                                                  {"optimizer": optimizer}))
+        runtime.save_on_rank0(rt, ckpt_path, runtime.checkpoint(model, tok, step, args, args.stage,
+                                                                {"optimizer": optimizer}))
 
     # ------------------------------------------------------------------ training loop
     loss_value, metrics = None, {}
