@@ -15,8 +15,8 @@ r"""Fine-tuning on the model's own selected answers: rejection sampling, safety 
     every user turn of a multi-turn dialogue while the model answers it; the training dialogue keeps the
     instruction in the first turn only and trains on one turn, the loss zeroed on every earlier turn. Adherence
     by turn is measured with the instruction given in the first turn only.
-Every mode fine-tunes with the SFT loss (runtime.next_token_step: model.masked_nll on answer tokens only, or
-model.chunked_nll with --chunked-loss).
+Every mode fine-tunes with the SFT loss (model.next_token_loss: model.masked_nll on answer tokens only, or
+model.chunked_nll with --chunked-loss), one runtime.next_token_step per optimizer step.
 After each phase (--eval) the gold judge grades greedy answers to the world's validation prompts (gatt: adherence on
 validation dialogues); the test split is evaluate.py's alone.
 

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import data
 import model as model_lib
-from model import load_checkpoint, masked_nll
+from model import load_checkpoint
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -227,31 +227,11 @@ def optimizer_step(models, optimizers, loss_value, grad_clip, where, ckpt_path):
 
 
 # ---------------------------------------------------------------------------------------------- next-token steps
-def next_token_loss(model, batch, rt, n_tokens, chunked=False):
-    """Sum of the masked next-token loss over this micro-batch, divided by the global token count.
-
-    Dividing by the token count of the whole global batch (all micro-batches, all ranks) makes the gradient
-    the same whatever the split into micro-batches and processes; DDP averages over ranks, hence * world_size.
-    chunked: the same sum through model.chunked_nll, which never holds the logits whole (--chunked-loss).
-    """
-    tokens, attn, mask = batch["tokens"], batch["attention_mask"], batch["loss_mask"]
-    targets_mask = mask[:, 1:] * attn[:, 1:]
-    # packed rows (pre-training) hold no padding: without a mask SDPA may take its causal (flash) kernel
-    inputs = dict(attention_mask=None if bool(attn.all()) else attn[:, :-1])
-    with autocast(rt):
-        if chunked:
-            return model(tokens[:, :-1], targets=tokens[:, 1:],
-                         loss_weights=targets_mask * (rt.world_size / n_tokens), **inputs)
-        logits = model(tokens[:, :-1], **inputs)
-    n_here = targets_mask.sum()
-    return masked_nll(logits.float(), tokens[:, 1:], targets_mask) * n_here / n_tokens * rt.world_size
-
-
 def next_token_step(train_model, model, optimizer, rows, pad_id, micro, rt, grad_clip, where, ckpt_path,
                     chunked=False):
-    """One optimizer step of the next-token loss (SFT: answer tokens only, Llama 2 section 3.1) on this rank's rows
+    """One optimizer step of model.next_token_loss (SFT: answer tokens only, Llama 2 section 3.1) on this rank's rows
     [(ids, loss_mask)], in micro-batches of `micro` rows, DDP syncing the gradient on the last. Returns the global
-    batch's mean loss and the gradient norm. chunked: see next_token_loss."""
+    batch's mean loss and the gradient norm. chunked: the loss through model.chunked_nll (--chunked-loss)."""
     batches = [{k: v.to(rt.device) for k, v in data.collate([r[0] for r in rows[j:j + micro]], pad_id,
                                                              [r[1] for r in rows[j:j + micro]]).items()}
                for j in range(0, len(rows), micro)]
@@ -260,7 +240,9 @@ def next_token_step(train_model, model, optimizer, rows, pad_id, micro, rt, grad
     loss_sum = 0.0
     for j, batch in enumerate(batches):
         with no_sync(train_model, last=j == len(batches) - 1):
-            loss = next_token_loss(train_model, batch, rt, n_tokens, chunked)
+            with autocast(rt):
+                loss = model_lib.next_token_loss(train_model, batch["tokens"], batch["attention_mask"],
+                                                 batch["loss_mask"], n_tokens, rt.world_size, chunked)
             loss.backward()
         loss_sum += loss.item() / rt.world_size
     loss_value = all_reduce_sum(torch.tensor(loss_sum, device=rt.device), rt).item()
