@@ -653,9 +653,10 @@ def format_audit(audit):
 
 
 # ---------------------------------------------------------------------------------------------- plots
-# The first of these keys that a training log's rows hold is plotted: PPO logs its reward (the RM score on the
-# logit scale) and the per-sequence KL; DPO logs the implicit reward margin beta * (h_chosen - h_rejected).
-REWARD_KEYS = ("reward", "rm_score", "margin")
+# The first of these keys that a training log's rows hold is plotted: PPO logs the RMs' reward on their logit scale
+# (logit_R_c; "reward" in logs that predate it) and the per-sequence KL; DPO logs the implicit reward margin
+# beta * (h_chosen - h_rejected).
+REWARD_KEYS = ("logit_R_c", "reward", "rm_score", "margin")
 KL_KEYS = ("kl", "kl_to_ref")
 PLOTS = ("tradeoff.png", "reward_kl.png", "rm_scores.png")
 BENCH_PLOTS = ("benchmark_tradeoff.png",)  # with --benchmarks
