@@ -292,11 +292,11 @@ def ppo_epochs(train_policy, train_value, policy, value_model, optimizers, batch
 # ---------------------------------------------------------------------------------------------- variants
 # Off the Llama 2 path: each variant is called from one place (main's steps 2 and 6, load_models).
 
-# Safe RLHF (Dai et al. 2023, section 3.3): maximise E[R_h] subject to E[C] <= d through the Lagrangian
-# min_lambda>=0 max_theta E[R_h] - lambda (E[C] - d), solved by alternating PPO steps on theta and dual steps on lambda.
+# Safe RLHF (Dai et al. 2023, section 3.3): maximise E[r_h] subject to E[C] <= d through the Lagrangian
+# min_lambda>=0 max_theta E[r_h] - lambda (E[C] - d), solved by alternating PPO steps on theta and dual steps on lambda.
 def lagrangian_reward(helpful, cost, lagrange_lambda):
-    """Safe RLHF's per-sequence reward for a fixed multiplier: R = (R_h - lambda C) / (1 + lambda), the 1 / (1 + lambda)
-    keeping its scale as lambda grows (Dai et al. 2023, section 3.3). helpful, cost (B,); lagrange_lambda >= 0."""
+    """Safe RLHF's per-sequence reward for a fixed multiplier: (r_h - lambda C) / (1 + lambda), the 1 / (1 + lambda)
+    keeping its scale as lambda grows (Dai et al. 2023, section 3.3). helpful r_h, cost C (B,); lagrange_lambda >= 0."""
     return (helpful - lagrange_lambda * cost) / (1 + lagrange_lambda)
 
 
