@@ -520,7 +520,7 @@ def get_args(argv=None):
                    "mean per-sequence KL (nats) approaches this (none: beta stays fixed)")
     p.add_argument("--kl-gain", type=runtime.nonnegative_float, default=0.1,
                    help="adaptive KL: K_beta (Ziegler et al.: 0.1)")
-    p.add_argument("--missing-eos-score", type=optional_float, default=-1.0, help="whitened score given to "
+    p.add_argument("--missing-eos-score", type=optional_float, default=-1.0, help="R~ (whitened units) given to "
                    "responses cut at the length cap (--max-new-tokens) without </s>; 'none' keeps the RM's")
     # data and sampling
     p.add_argument("--prompts", default="world", help="'world' (its RL prompts) or a JSONL file of {'messages'} or "
