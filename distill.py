@@ -20,7 +20,7 @@ model.chunked_nll with --chunked-loss), one runtime.next_token_step per optimize
 After each phase (--eval) the gold judge grades greedy answers to the world's validation prompts (gatt: adherence on
 validation dialogues); the test split is evaluate.py's alone.
 
-Deliberate deviations, measured on the tiny preset (numbers in the issue note):
+Deliberate deviations, measured on the tiny preset on the validation split:
 - The tiny SFT model cannot read instructions: the world's SFT data pair every extra sentence around a request
   with compliance, so any preprompt (system slot, before or after the request, or as example turns) raises its
   violation rate (0.51 -> 0.90 on training harmful prompts). --prefill therefore also writes the answer template's
