@@ -36,7 +36,7 @@
 #
 # Seeds: with N > 1, seed k runs every stage into OUT/seed<k>/<stage> and its evaluation into OUT/seed<k>/eval,
 # every script (evaluate.py too) with --seed k, train_ppo.py also with --world-seed k: its own world draw,
-# initialisation and batch order. Then evaluate.py --aggregate writes the mean and spread over the seeds into
+# initialisation and batch order. Then report.py --aggregate writes the mean and spread over the seeds into
 # OUT/eval, and the last lines say, seed by seed, where each one's results are. With N = 1, seed 0 runs into
 # OUT/<stage> as above.
 # Sweep (Llama 2, section 4.2.3, safety data scaling): after the seeds, SFT from seed 0's base model keeping the
@@ -224,7 +224,7 @@ evaluate_into() {  # evaluate_into KEY DIR N CHECKPOINT... ARG...: evaluate.py A
   else
     echo "== $key: reusing $dir/metrics.json (no checkpoint is newer)"
     evaluation[$key]="reused (no checkpoint is newer than metrics.json)"
-    $PYTHON -c "import json, sys, evaluate; print(evaluate.format_table(json.load(open(sys.argv[1]))))" \
+    $PYTHON -c "import json, sys, report; print(report.format_table(json.load(open(sys.argv[1]))))" \
       "$dir/metrics.json"
   fi
 }
@@ -489,7 +489,7 @@ else
   for ((k = 0; k < SEEDS; k++)); do
     evals+=("$OUT/seed$k/eval")
   done
-  $PYTHON evaluate.py --aggregate "${evals[@]}" --out "$OUT/eval" --overwrite
+  $PYTHON report.py --aggregate "${evals[@]}" --out "$OUT/eval" --overwrite
   evaluation[eval]="aggregated now over seeds 0 to $((SEEDS - 1))"
 fi
 

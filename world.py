@@ -32,6 +32,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 
+KINDS = ("harmful", "benign", "borderline")  # harmful requests; benign ones; benign ones that sound unsafe
 CATEGORIES = ("illicit", "hateful", "advice")  # Llama 2's three risk categories (section 4.2.1)
 ATTACKS = ("direct", "authority", "false_premise", "misspelling", "metaphor", "roleplay", "multi_turn")
 HELD_OUT_ATTACK = "metaphor"  # in no training source: only in the test split

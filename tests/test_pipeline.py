@@ -23,7 +23,9 @@ for a in "$@"; do
 done
 case "$1" in
   evaluate.py)
-    if [[ $2 == --checkpoints || $2 == --aggregate ]]; then mkdir -p "$out" && echo '{}' > "$out/metrics.json"; fi ;;
+    if [[ $2 == --checkpoints ]]; then mkdir -p "$out" && echo '{}' > "$out/metrics.json"; fi ;;
+  report.py)
+    if [[ $2 == --aggregate ]]; then mkdir -p "$out" && echo '{}' > "$out/metrics.json"; fi ;;
   -c) ;;
   loaders.py) ;;
   benchmarks.py) mkdir -p "$out" && echo '{}' > "$out/sources.json" ;;
@@ -142,7 +144,7 @@ def test_seeds_run_every_stage_once_per_seed_then_aggregate(tmp_path):
         assert f"sft={run}/sft/model.pt" in mine[-1] and flag(mine[-1], "--sft") == f"{run}/sft/model.pt"
         assert all((run / stage / "model.pt").exists() for stage in STAGES)
         assert (run / "eval" / "metrics.json").exists()
-    assert calls[-1] == ["evaluate.py", "--aggregate", f"{out}/seed0/eval", f"{out}/seed1/eval", "--out",
+    assert calls[-1] == ["report.py", "--aggregate", f"{out}/seed0/eval", f"{out}/seed1/eval", "--out",
                          f"{out}/eval", "--overwrite"]
     assert not any((out / stage).exists() for stage in STAGES)           # nothing in the one-seed places
     lines = summary(result).splitlines()
@@ -158,8 +160,8 @@ def test_seeds_run_every_stage_once_per_seed_then_aggregate(tmp_path):
     calls, result = run_pipeline(tmp_path, jobs=2, SEEDS="2")
     trained = [c for c in calls if c[0].startswith("train") or c[0] == "distill.py"]
     assert len(trained) == 1 and flag(trained[0], "--out") == f"{out}/seed1/dpo" and trained[0][-1] == "--resume"
-    assert [c[:2] for c in calls if c[0] == "evaluate.py"] == \
-        [["evaluate.py", "--audit"], ["evaluate.py", "--checkpoints"], ["evaluate.py", "--aggregate"]]
+    assert [c[:2] for c in calls if c[0] in ("evaluate.py", "report.py")] == \
+        [["evaluate.py", "--audit"], ["evaluate.py", "--checkpoints"], ["report.py", "--aggregate"]]
     assert flag(calls[-2], "--out") == f"{out}/seed1/eval" and calls[-2][-1] == "--overwrite"
     assert "== seed0/eval: reusing" in result.stdout and "== seed1/dpo: an earlier run was interrupted" in \
         (out / "seed1" / "logs" / "dpo.log").read_text()
@@ -225,7 +227,7 @@ def test_help_prints_the_headers_usage(tmp_path):
     assert calls == [] and not (tmp_path / "out").exists()
     for form in ("--out DIR", "OUT=DIR", "--preset NAME", "PRESET=NAME", "--jobs N", "JOBS=N", "--seeds N",
                  "SEEDS=N", "--sweep", "SWEEP=1", "--python CMD", "PYTHON=CMD", "PROGRESS=S", "-h, --help",
-                 "OUT/seed<k>/<stage>", "evaluate.py --aggregate", "OUT/sweep/share_<S>", "--safety-share"):
+                 "OUT/seed<k>/<stage>", "report.py --aggregate", "OUT/sweep/share_<S>", "--safety-share"):
         assert form in result.stdout, form
     assert not result.stdout.startswith("#!") and "set -euo" not in result.stdout
 
