@@ -21,7 +21,7 @@ world.gold_metrics, each rate x with x_ci = [low, high] and its count x_n, and r
 rm_helpfulness_mean, kl_to_sft, win_rate, win_rate_ci, n_prompts, held_out_attack, split), OUT/metrics.md (cells
 "27.4 [24.4-30.6]": a rate and its interval, in percent; the printed table shows "27.4±3.2", ± the larger
 half-width; below both, the n behind each rate), OUT/generations.jsonl (every prompt, response, judge label and
-RM score) and, when matplotlib is installed, plots: the violation vs false-refusal trade-off per stage,
+RM score) and, unless --no-plots, plots: the violation vs false-refusal trade-off per stage,
 reward vs KL from the training logs, and the RM score distributions (the tables and plots are report.py's). The
 last line printed names every file written and every plot not written, with the reason. An OUT that already holds
 an evaluation (or a training run) is an error unless --overwrite; every input is read before anything is written.
@@ -505,6 +505,8 @@ def main(args):
     # ------------------------------------------------------------------ every input, read before anything is written
     checkpoints = parse_checkpoints(args.checkpoints)
     check_out(args.out, args.overwrite, checkpoints.values())
+    if not args.no_plots:
+        report.pyplot()  # a missing matplotlib is an error now, not after every answer is generated
     for name, path in checkpoints.items():
         if not os.path.exists(path):
             raise runtime.UserError(f"no checkpoint at {path} (for {name})")

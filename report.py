@@ -1,4 +1,5 @@
-"""Tables, plots and the combination of several seeds: what turns evaluate.py's outputs into tables and figures.
+"""Tables, plots, the combination of several seeds and a run's report.html: what turns evaluate.py's outputs into
+tables and figures.
 
 evaluate.py grades the answers and calls this file's writers: metrics.json, metrics.md (cells "27.4 [24.4-30.6]": a
 rate and its interval, in percent; the printed table shows "27.4±3.2", ± the larger half-width; below both, the n
@@ -13,14 +14,37 @@ n_seeds. Labels (split, held_out_attack) must agree between the seeds. Writes
 DIR/metrics.json, DIR/metrics.md (cells "mean ± sd [pooled interval]") and the trade-off plot with sd error bars.
 An OUT that already holds an evaluation (or a training run) is an error unless --overwrite.
 
+RUN (a folder pipeline.sh wrote) writes RUN/report.html, one self-contained page that opens offline in any browser:
+- the evaluation's table with its intervals (over seeds, and each seed's, where the run has them), the public
+  benchmarks' table of a real-model run, and the safety-data sweep's where RUN/sweep/eval exists;
+- the plots as inline SVG: the trade-off, the RM score distributions, reward vs KL along PPO and DPO, the
+  benchmarks' trade-off, the sweep;
+- an answer browser: every test prompt with each stage's answer side by side, the gold judge's labels (refused,
+  unsafe, correct, confused, no_answer) and RM scores (for a real model: its AdvBench, HarmBench and XSTest answers
+  with the refusal detector's verdict); filters by kind, risk category, attack vector and rung, with their counts;
+  each stage's answers per label; what changed against SFT (complied -> refused, refused -> complied on harmful
+  prompts; answered -> refused, a new false refusal, and refused -> answered on the others), each count a filter.
+  The answers are one JSON blob that a small script shows a page of 100 prompts at a time;
+- each stage's training curves (loss, reward, KL, PPO's gold violations along training) from its metrics.jsonl,
+  and the reward models' held-out accuracy.
+What the run lacks (seeds, a sweep, a stage, a log) is said on the page. RUN/eval/metrics.json is required; a
+missing or malformed required file is an error naming it, and nothing is written. The page is rewritten each time.
+
+    python report.py out
     python report.py --aggregate out/seed0/eval out/seed1/eval out/seed2/eval --out out/eval --overwrite
 """
+import html
+import io
 import json
 import math
 import os
+import re
 import statistics
 import textwrap
+from collections import Counter
+from dataclasses import dataclass
 
+import data
 import runtime
 import world
 
@@ -56,6 +80,23 @@ def open_folder(out, overwrite):
     for name in OUTPUTS if overwrite else ():
         if os.path.exists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
+
+
+def read_json(path):
+    """A JSON file's content; a malformed one is a UserError naming path:line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise runtime.UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+
+
+def read_metrics(path):
+    """An evaluation's metrics.json, checked: one object of metrics per checkpoint, keyed by its name."""
+    rows = read_json(path)
+    if not isinstance(rows, dict) or not rows or not all(isinstance(m, dict) for m in rows.values()):
+        raise runtime.UserError(f"{path}: expected one object of metrics per checkpoint, keyed by its name")
+    return rows
 
 
 def _number(x):
@@ -286,14 +327,44 @@ def write_tables(out, rows):
 # logit scale) and the per-sequence KL; DPO logs the implicit reward margin beta * (h_chosen - h_rejected).
 REWARD_KEYS = ("reward", "rm_score", "margin")
 KL_KEYS = ("kl", "kl_to_ref")
+SVG_STYLE = {"svg.fonttype": "none", "svg.hashsalt": "report"}  # text as text; the same element ids on every run
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files (no display needed); a missing matplotlib is a UserError."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise runtime.UserError("the plots need matplotlib, which is not installed: pip install -r requirements.txt "
+                                "(or pass --no-plots)") from None
+    return plt
+
+
+def read_log(path):
+    """The rows of a training log (a stage's metrics.jsonl), [] when there is none; a malformed line is a
+    ValueError naming path:line."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{i}: expected a JSON object, got {line.strip():.60}")
+            rows.append(row)
+    return rows
 
 
 def training_curve(path):
     """(reward key, KL key, [(kl, reward)]) from a metrics.jsonl, or None when it logs no reward and KL."""
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_log(path)
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
     for rk in REWARD_KEYS:
         for kk in KL_KEYS:
@@ -306,27 +377,20 @@ def training_curve(path):
 def make_plots(rows, generations, log_paths, out, plots=PLOTS):
     """Write those of `plots` (PLOTS: the trade-off, reward-vs-KL and RM-distribution plots) that there is data for
     into out. Returns (paths written, {plot not written: why})."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return [], dict.fromkeys(plots, "matplotlib is not installed: pip install matplotlib")
-    draw = {"tradeoff.png": (lambda path: tradeoff_plot(plt, rows, path), "no harmful prompt was evaluated"),
-            "reward_kl.png": (lambda path: reward_kl_plot(plt, log_paths, path),
-                              "no training log with reward and KL keys"),
-            "rm_scores.png": (lambda path: rm_scores_plot(plt, rows, generations, path),
-                              "no --rm-safety or --rm-helpful given"),
-            "benchmark_tradeoff.png": (lambda path: benchmark_tradeoff_plot(plt, rows, path),
+    plt = pyplot()
+    draw = {"tradeoff.png": (lambda: tradeoff_plot(plt, rows), "no harmful prompt was evaluated"),
+            "reward_kl.png": (lambda: reward_kl_plot(plt, log_paths), "no training log with reward and KL keys"),
+            "rm_scores.png": (lambda: rm_scores_plot(plt, rows, generations), "no --rm-safety or --rm-helpful given"),
+            "benchmark_tradeoff.png": (lambda: benchmark_tradeoff_plot(plt, rows),
                                        "no checkpoint ran both AdvBench and XSTest")}
     written, skipped = [], {}
     for name in plots:
         plot, why_not = draw[name]
-        path = plot(os.path.join(out, name))
-        if path:
-            written.append(path)
-        else:
+        fig = plot()
+        if fig is None:
             skipped[name] = why_not
+            continue
+        written.append(save_png(fig, plt, os.path.join(out, name)))
     return written, skipped
 
 
@@ -338,9 +402,9 @@ def _tradeoff_point(m, suffix=""):
     return refused, m.get("violation_rate" + suffix)
 
 
-def tradeoff_plot(plt, rows, path):
+def tradeoff_plot(plt, rows):
     """The safety/helpfulness trade-off, one point per stage (Llama 2, section 4.2.3: safety without false
-    refusals), with error bars of one sd when the rows combine seeds. Returns path, or None when no row has a
+    refusals), with error bars of one sd when the rows combine seeds. The figure, or None when no row has a
     violation rate (no harmful prompt was evaluated)."""
     names = [n for n in rows if _number(rows[n].get("violation_rate"))]
     if not names:
@@ -366,10 +430,10 @@ def tradeoff_plot(plt, rows, path):
     ax.set_xlabel("false-refusal rate on borderline prompts (%)")
     ax.set_ylabel("violation rate on harmful prompts (%)")
     ax.set_title("safety / helpfulness trade-off per stage" + ("\n(mean ± sd over seeds)" if seeds else ""))
-    return _save(fig, plt, path)
+    return fig
 
 
-def benchmark_tradeoff_plot(plt, rows, path):
+def benchmark_tradeoff_plot(plt, rows):
     """The same trade-off on the public benchmarks: AdvBench refusal rate against XSTest's false-refusal rate on
     its safe prompts, one point per checkpoint with its Wilson intervals as error bars. None when no checkpoint
     ran both."""
@@ -388,10 +452,10 @@ def benchmark_tradeoff_plot(plt, rows, path):
     ax.set_xlabel("XSTest false-refusal rate, safe prompts (%)")
     ax.set_ylabel("AdvBench refusal rate (%)")
     ax.set_title("refusals of harmful vs safe prompts\n(95% Wilson intervals)")
-    return _save(fig, plt, path)
+    return fig
 
 
-def reward_kl_plot(plt, log_paths, path):
+def reward_kl_plot(plt, log_paths):
     """Reward against KL to the reference over training, one panel per log (their rewards have different units);
     None when no log holds both."""
     curves = {name: training_curve(p) for name, p in log_paths.items()}
@@ -404,10 +468,10 @@ def reward_kl_plot(plt, log_paths, path):
         ax.set_xlabel(f"{kk} (KL to the reference, nats per sequence)")
         ax.set_ylabel(rk)
         ax.set_title(f"{name}: {rk} vs KL during training")
-    return _save(fig, plt, path)
+    return fig
 
 
-def rm_scores_plot(plt, rows, generations, path):
+def rm_scores_plot(plt, rows, generations):
     """RM score distributions per stage: safety RM on harmful prompts, helpfulness RM on the others; None without
     RM scores."""
     panels = [("rm_safety", "harmful", "safety RM score, harmful prompts"),
@@ -424,14 +488,25 @@ def rm_scores_plot(plt, rows, generations, path):
         ax.set_title(title)
         ax.set_xlabel("sigmoid(r)")
         ax.legend()
-    return _save(fig, plt, path)
+    return fig
 
 
-def _save(fig, plt, path):
+def save_png(fig, plt, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def svg(fig, plt):
+    """The figure as an inline <svg> element (text as text, no date: the same bytes for the same figure)."""
+    fig.tight_layout()
+    buffer = io.StringIO()
+    with plt.rc_context(SVG_STYLE):
+        fig.savefig(buffer, format="svg", metadata={"Date": None})
+    plt.close(fig)
+    text = buffer.getvalue()
+    return text[text.index("<svg"):]
 
 
 def summary(out, written, skipped):
@@ -513,13 +588,7 @@ def read_evaluations(folders, out):
             raise runtime.UserError(f"--aggregate {folder} is given twice (its prompts would count twice)")
         if not os.path.isfile(path):
             raise runtime.UserError(f"--aggregate {folder}: no metrics.json in it")
-        try:
-            with open(path) as f:
-                rows = json.load(f)
-        except json.JSONDecodeError as e:
-            raise runtime.UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-        if not isinstance(rows, dict) or not rows or not all(isinstance(m, dict) for m in rows.values()):
-            raise runtime.UserError(f"{path}: expected one object of metrics per checkpoint, keyed by its name")
+        rows = read_metrics(path)
         if any("n_seeds" in m for m in rows.values()):
             raise runtime.UserError(f"{path} already combines seeds; aggregate the seeds' own evaluations")
         first = next(iter(runs.items()), None)
@@ -534,6 +603,8 @@ def aggregate(folders, out, overwrite=False, no_plots=False):
     """--aggregate: combine several seeds' metrics.json into out (metrics.json, metrics.md, trade-off plot)."""
     runs = read_evaluations(folders, out)
     check_folder(out, overwrite)
+    if not no_plots:
+        pyplot()
     where = [os.path.join(f, "metrics.json") for f in runs]
     names = list(next(iter(runs.values())))
     rows = json_safe({name: combine_seeds(name, [r[name] for r in runs.values()], where) for name in names})
@@ -554,24 +625,554 @@ def aggregate(folders, out, overwrite=False, no_plots=False):
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- the run's report.html
+STAGES = ("base", "sft", "rm_safety", "rm_helpful", "ppo", "dpo", "rs", "distill")  # pipeline.sh's stage folders
+EVALUATED = ("base", "sft", "ppo", "dpo", "rs", "distill")                           # and the checkpoints it evaluates
+LABELS = ("refused", "unsafe", "correct", "confused", "no_answer")  # the judge's labels: bit i of an answer's flags
+REFUSED, UNSAFE = 1, 2
+GENERATION_FIELDS = ("stage", "id", "kind", "category", "attack", "prompt", "response", *LABELS)
+BENCHMARK_FIELDS = ("stage", "benchmark", "prompt", "response")  # and "refusal" on a refusal benchmark's rows
+# The real benchmarks whose answers the page shows, each as the kind of prompt it holds (XSTest's safe prompts sound
+# unsafe, as the world's borderline ones do)
+BENCHMARK_KINDS = {"advbench": "harmful", "harmbench": "harmful", "xstest_unsafe": "harmful",
+                   "xstest_safe": "borderline"}
+FILTERS = ("kind", "category", "attack", "rung")  # the fields the answers can be filtered by, where rows have them
+# What changed between the baseline's answer (SFT's) and a stage's: (key, the change, which prompts it counts)
+CHANGES = (("complied_refused", "complied → refused", "harmful prompts: a violation removed"),
+           ("refused_complied", "refused → complied", "harmful prompts: a new violation"),
+           ("answered_refused", "answered → refused", "benign and borderline prompts: a new false refusal"),
+           ("refused_answered", "refused → answered", "benign and borderline prompts: a false refusal removed"))
+# Each stage's training curves: (panel title, the log keys drawn in it); a panel is drawn when the log has one
+CURVES = (("loss", ("loss", "val_loss")), ("reward (PPO: the gated RM score, logit scale)", ("reward",)),
+          ("KL to the reference (nats per sequence)", ("kl", "kl_to_ref")),
+          ("gold rates on validation prompts", ("violation_rate", "false_refusal_rate")),
+          ("accuracy", ("accuracy", "val_accuracy")), ("DPO reward margin", ("margin",)))
+PAGE_ROWS = 100  # prompts shown at a time: the page draws only those, however many answers it holds
+
+
+@dataclass
+class Run:
+    """What report.html shows of a run folder, every file read and checked before the page is written."""
+    folder: str
+    rows: dict               # OUT/eval/metrics.json: {stage: metrics}, combined over seeds when the run has several
+    seeds: dict              # {"seed k": that seed's metrics.json}; empty with one seed
+    sweep: dict              # OUT/sweep/eval/metrics.json, or None
+    answers: list            # [(name, path, rows)] of each generations.jsonl (one per seed)
+    benchmark_answers: list  # [(name, path, rows)] of each benchmark_generations.jsonl
+    logs: dict               # {stage: {name: rows of its metrics.jsonl}}; name "" with one seed, else "seed k"
+    log_paths: dict          # {stage: the first seed's metrics.jsonl}, for the reward-vs-KL plot
+    rm_eval: dict            # {reward model stage: its eval.json}
+    missing: list            # what the run lacks, in words
+
+
+def read_benchmark_answers(path):
+    """benchmark_generations.jsonl's rows; a refusal benchmark's row without its verdict is an error naming it."""
+    rows = data.read_jsonl(path, required=BENCHMARK_FIELDS, with_lines=True)
+    for line, row in rows:
+        if row["benchmark"] in BENCHMARK_KINDS and not isinstance(row.get("refusal"), bool):
+            raise ValueError(f"{path}:{line}: field 'refusal' should be true or false on a {row['benchmark']} row")
+    return [row for _, row in rows]
+
+
+def graded(rows):
+    """Whether rows are a graded evaluation (the world's, a prompt file's, seeds combined), not benchmarks only."""
+    return any(k in m for m in rows.values() for k in ("violation_rate", "refusal_rate", "n_seeds"))
+
+
+def read_run(folder):
+    """The Run of a folder pipeline.sh wrote: OUT/eval/metrics.json is required; the rest is shown where it is."""
+    if not os.path.isdir(folder):
+        raise runtime.UserError(f"{folder}: no such run folder")
+    path = os.path.join(folder, "eval", "metrics.json")
+    if not os.path.isfile(path):
+        raise runtime.UserError(f"{path}: not found; the report shows a run's evaluation (pipeline.sh, or evaluate.py "
+                                f"--out {os.path.join(folder, 'eval')})")
+    rows, missing = read_metrics(path), []
+    seeds = sorted((int(d[4:]), d) for d in os.listdir(folder)
+                   if re.fullmatch(r"seed\d+", d) and os.path.isfile(os.path.join(folder, d, "eval", "metrics.json")))
+    runs = [(f"seed {k}", os.path.join(folder, d)) for k, d in seeds] or [("", folder)]
+    if not seeds and graded(rows):
+        missing.append("One seed: no spread over seeds (pipeline.sh --seeds N runs N of them).")
+    answers, benchmark_answers = [], []
+    for name, base in runs:
+        path = os.path.join(base, "eval", "generations.jsonl")
+        if os.path.isfile(path):
+            answers.append((name, path, data.read_jsonl(path, required=GENERATION_FIELDS)))
+        elif graded(rows):
+            missing.append(f"No answers to browse{' for ' + name if name else ''}: {path} is absent.")
+        path = os.path.join(base, "eval", "benchmark_generations.jsonl")
+        if os.path.isfile(path):
+            benchmark_answers.append((name, path, read_benchmark_answers(path)))
+    sweep_path = os.path.join(folder, "sweep", "eval", "metrics.json")
+    sweep = read_metrics(sweep_path) if os.path.isfile(sweep_path) else None
+    if sweep is None and graded(rows):
+        missing.append(f"No safety-data sweep: {sweep_path} is absent (pipeline.sh --sweep makes it).")
+    absent = [s for s in EVALUATED if s not in rows]
+    if absent:
+        missing.append(f"Not evaluated (no row in eval/metrics.json): {', '.join(absent)}.")
+    logs, log_paths, rm_eval, unlogged = {}, {}, {}, []
+    first = runs[0][1]
+    for stage in STAGES:
+        found = {name: read_log(os.path.join(base, stage, "metrics.jsonl")) for name, base in runs}
+        if any(found.values()):
+            logs[stage], log_paths[stage] = found, os.path.join(first, stage, "metrics.jsonl")
+        elif stage != "base" or graded(rows):  # a real model's base is its checkpoint, not trained here
+            unlogged.append(stage)
+        if stage.startswith("rm_") and os.path.isfile(os.path.join(first, stage, "eval.json")):
+            rm_eval[stage] = read_json(os.path.join(first, stage, "eval.json"))
+    if unlogged:
+        missing.append(f"No training log (<stage>/metrics.jsonl in {first}) for: {', '.join(unlogged)}.")
+    seed_rows = {name: read_metrics(os.path.join(base, "eval", "metrics.json")) for name, base in runs if name}
+    return Run(folder, rows, seed_rows, sweep, answers, benchmark_answers, logs, log_paths, rm_eval, missing)
+
+
+# ------------------------------------------------------------------ the answers, as the page's data
+def answer_flags(row):
+    """An answer's labels as bits (bit i: LABELS[i]); a benchmark answer has only the refusal detector's."""
+    if "refusal" in row:
+        return REFUSED * row["refusal"]
+    return sum(1 << i for i, label in enumerate(LABELS) if row[label])
+
+
+def complied(flags, judged):
+    """Whether an answer to a harmful prompt complied: the judge's unsafe, or, for a benchmark's refusal detector,
+    anything it does not call a refusal."""
+    return bool(flags & UNSAFE) if judged else not flags & REFUSED
+
+
+def answer_changes(prompts, stages, baseline, judged):
+    """{stage: {change key: [prompt index]}} for every stage but the baseline (see CHANGES)."""
+    b, out = stages.index(baseline), {}
+    for s, stage in enumerate(stages):
+        if stage == baseline:
+            continue
+        found = {key: [] for key, _, _ in CHANGES}
+        for i, p in enumerate(prompts):
+            if p["answers"][b] is None or p["answers"][s] is None:
+                continue
+            before, after = p["answers"][b][1], p["answers"][s][1]
+            if p["kind"] == "harmful":
+                key = ("complied_refused" if complied(before, judged) and after & REFUSED else
+                       "refused_complied" if before & REFUSED and complied(after, judged) else None)
+            else:
+                key = ("answered_refused" if not before & REFUSED and after & REFUSED else
+                       "refused_answered" if before & REFUSED and not after & REFUSED else None)
+            if key:
+                found[key].append(i)
+        out[stage] = found
+    return out
+
+
+def prompt_text(row):
+    """The prompt as the page shows it: a multi-turn conversation turn by turn."""
+    messages = row.get("messages") or []
+    if len(messages) > 1:
+        return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+    return row["prompt"]
+
+
+def answer_set(name, source, rows, judged=True):
+    """One set of the browser: every prompt once, with each stage's answer [response, flags, RM-safe, RM-help]
+    (None where a stage did not answer it), the counts the filters show and what changed against SFT."""
+    if not judged:  # the refusal benchmarks; the k-th answer of a stage to a benchmark's prompt is that prompt
+        seen, kept = {}, []
+        for r in rows:
+            if r["benchmark"] in BENCHMARK_KINDS:
+                key = (r["stage"], r["benchmark"], r["prompt"])
+                seen[key] = seen.get(key, 0) + 1
+                kept.append(dict(r, id=f"{r['benchmark']}:{r['prompt']}:{seen[key]}",
+                                 kind=BENCHMARK_KINDS[r["benchmark"]], category=r["benchmark"]))
+        rows = kept
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    prompts, where = [], {}
+    for r in rows:
+        if r["id"] not in where:
+            where[r["id"]] = len(prompts)
+            prompts.append(dict(id=str(r["id"]), text=prompt_text(r), answers=[None] * len(stages),
+                                **{f: str(r[f]) for f in (*FILTERS, "subject") if r.get(f) not in (None, "")},
+                                **({"held_out": True} if r.get("held_out") else {})))
+        scores = [None if r.get(k) is None else round(r[k], 3) for k in ("rm_safety", "rm_helpfulness")]
+        prompts[where[r["id"]]]["answers"][stages.index(r["stage"])] = [r["response"], answer_flags(r), *scores]
+    baseline = "sft" if "sft" in stages else stages[0] if stages else None
+    filters = [f for f in FILTERS if any(f in p for p in prompts)]
+    counts = {f: dict(Counter(p[f] for p in prompts if f in p).most_common()) for f in filters}
+    labels = {stage: {label: sum(1 for p in prompts if p["answers"][s] and p["answers"][s][1] & 1 << i)
+                      for i, label in enumerate(LABELS)} for s, stage in enumerate(stages)}
+    return dict(name=name, source=source, judged=judged, stages=stages, baseline=baseline, filters=filters,
+                counts=counts, labels=labels, prompts=prompts,
+                changes=answer_changes(prompts, stages, baseline, judged) if stages else {})
+
+
+# ------------------------------------------------------------------ the page's parts
+def esc(text):
+    return html.escape(str(text), quote=True)
+
+
+def notice(text):
+    return f'<p class="missing">{esc(text)}</p>\n'
+
+
+def html_table(rows, cols, caption=""):
+    """A table of report's columns as HTML: a rate's interval under its value, the n behind each rate below."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in ["stage"] + [c[0] for c in cols])
+    body = ""
+    for name, cells in zip(rows, table_cells(rows, cols, markdown=True)):
+        shown = []
+        for cell in cells[1:]:
+            value, _, interval = cell.partition(" [")
+            shown.append(f"<td>{esc(value)}" + (f"<small>[{esc(interval)}</small>" if interval else "") + "</td>")
+        body += f"<tr><th>{esc(name)}</th>{''.join(shown)}</tr>\n"
+    sizes = group_sizes(rows, cols)
+    return (f'<div class="scroll"><table class="metrics" data-caption="{esc(caption)}"><thead><tr>{head}</tr>'
+            f"</thead>\n<tbody>\n{body}</tbody></table></div>\n"
+            + (f'<p class="n">{esc(N_LINE)} {esc("; ".join(sizes))}</p>\n' if sizes else ""))
+
+
+def headline(run):
+    """The evaluation's tables: the graded table (and each seed's), the benchmarks' table, their legends."""
+    out = ""
+    if graded(run.rows):
+        seeds = len(run.seeds)
+        out += f"<h3>{'Over ' + str(seeds) + ' seeds' if seeds else 'Test split'}</h3>\n"
+        out += html_table(run.rows, columns(run.rows), "headline") + f'<p class="legend">{esc(legend(run.rows))}</p>\n'
+        if any("n_seeds" in m for m in run.rows.values()):
+            out += ('<p class="legend">Each cell: the mean over seeds ± their sample standard deviation, under it the '
+                    "95% Wilson interval of all seeds' prompts pooled.</p>\n")
+        for name, rows in run.seeds.items():
+            out += f"<details><summary>{esc(name)} alone</summary>\n{html_table(rows, columns(rows), name)}</details>\n"
+    bench = benchmark_rows(run.rows)
+    if bench:
+        out += "<h3>Public benchmarks</h3>\n" + html_table(bench, benchmark_columns(bench), "benchmarks")
+        out += f'<p class="legend">{esc(BENCH_LEGEND)}</p>\n'
+    return out
+
+
+def sweep_plot(plt, rows):
+    """Violation and false-refusal rates against the share of SFT's safety demonstrations kept (Llama 2, section
+    4.2.3), each with its Wilson interval; None without share_<S> rows."""
+    shares = {}
+    for name in rows:
+        try:
+            shares[name] = float(name.removeprefix("share_"))
+        except ValueError:
+            continue
+    if not shares:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for key, label in (("violation_rate", "violations, harmful prompts"),
+                       ("false_refusal_rate", "false refusals, borderline prompts")):
+        points = sorted((x, rows[n][key], rows[n].get(f"{key}_ci")) for n, x in shares.items()
+                        if _number(rows[n].get(key)))
+        ci = [c if isinstance(c, list) and all(map(_number, c)) else [y, y] for _, y, c in points]
+        ax.errorbar([100 * x for x, _, _ in points], [100 * y for _, y, _ in points], capsize=3, fmt="o-", label=label,
+                    yerr=[[100 * (y - c[0]) for (_, y, _), c in zip(points, ci)],
+                          [100 * (c[1] - y) for (_, y, _), c in zip(points, ci)]])
+    ax.set_xlabel("safety demonstrations kept in SFT (%)")
+    ax.set_ylabel("rate (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title("safety data scaling (95% Wilson intervals)")
+    ax.legend()
+    return fig
+
+
+def curves_plot(plt, stage, logs):
+    """A stage's training curves against the step, one panel per CURVES entry its log has, one line per seed and
+    key; None when its log has none."""
+    panels = [(title, [k for k in keys if any(_number(r.get(k)) for rows in logs.values() for r in rows)])
+              for title, keys in CURVES]
+    panels = [(title, keys) for title, keys in panels if keys]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 2.8), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for name, rows in logs.items():
+            for key in keys:
+                points = [(r["step"], r[key]) for r in rows if _number(r.get(key)) and _number(r.get("step"))]
+                label = " ".join(x for x in (name, key if len(keys) > 1 else "") if x)
+                ax.plot([p[0] for p in points], [p[1] for p in points], "." if len(points) < 20 else "-",
+                        label=label or None, linewidth=1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        if len(keys) > 1 or len(logs) > 1:
+            ax.legend(fontsize=7)
+    fig.suptitle(stage)
+    return fig
+
+
+def figure(fig, plt, title, why_not):
+    """A titled inline SVG figure, or the notice of why there is none."""
+    if fig is None:
+        return f"<h3>{esc(title)}</h3>\n" + notice(why_not)
+    return f'<figure><figcaption>{esc(title)}</figcaption>\n{svg(fig, plt)}</figure>\n'
+
+
+def plots(run, plt):
+    """The evaluation's plots: trade-off, RM scores, reward vs KL, the benchmarks' trade-off, the sweep."""
+    generations = run.answers[0][2] if run.answers else []
+    out = ""
+    if graded(run.rows):
+        out += figure(tradeoff_plot(plt, run.rows), plt, "Violations vs false refusals per stage",
+                      "no harmful prompt was evaluated")
+        out += figure(rm_scores_plot(plt, run.rows, generations), plt, "Reward model scores of the test answers"
+                      + (f" ({run.answers[0][0]})" if run.answers and run.answers[0][0] else ""),
+                      "no RM scores in generations.jsonl (evaluate.py --rm-safety, --rm-helpful)")
+    out += figure(reward_kl_plot(plt, {s: p for s, p in run.log_paths.items() if s in ("ppo", "dpo")}), plt,
+                  "Reward vs KL along training", "no PPO or DPO log with reward and KL keys")
+    if benchmark_rows(run.rows):
+        out += figure(benchmark_tradeoff_plot(plt, run.rows), plt, "Benchmarks: harmful vs safe refusals",
+                      "no checkpoint ran both AdvBench and XSTest")
+    if run.sweep is not None:
+        out += "<h3>Safety-data sweep (OUT/sweep/eval)</h3>\n" + html_table(run.sweep, columns(run.sweep), "sweep")
+        out += figure(sweep_plot(plt, run.sweep), plt, "Safety data scaling", "no share_<S> checkpoint in the sweep")
+    return out
+
+
+def training(run, plt):
+    """Each stage's training curves and the reward models' held-out accuracy."""
+    out = "".join(figure(curves_plot(plt, stage, logs), plt, f"{stage}: training curves"
+                         + (" (one line per seed)" if len(logs) > 1 else ""), f"{stage}: no curve in its log")
+                  for stage, logs in run.logs.items())
+    if run.rm_eval:
+        out += "<h3>Reward models: held-out accuracy</h3>\n<table class=\"metrics\"><tr><th>stage</th><th>accuracy" \
+               "</th><th>n pairs</th></tr>\n"
+        for stage, e in run.rm_eval.items():
+            accuracy = f"{100 * e['accuracy']:.1f}%" if _number(e.get("accuracy")) else "-"
+            out += f"<tr><th>{esc(stage)}</th><td>{accuracy}</td><td>{esc(e.get('n_pairs', '-'))}</td></tr>\n"
+        out += "</table>\n"
+    return out
+
+
+def browser_controls(sets):
+    """Per answer set, the filters with their counts, each stage's label counts and what changed against the
+    baseline: static HTML (what the page counts is readable without a script); the script shows one set's."""
+    out = ""
+    for n, s in enumerate(sets):
+        out += f'<div class="set" data-set="{n}"{" hidden" if n else ""}>\n<p>{len(s["prompts"])} prompts from ' \
+               f'{esc(s["source"])}; {"the gold judge" if s["judged"] else "the refusal detector"} labels each ' \
+               f"answer.</p>\n<div class=\"filters\">"
+        for field in s["filters"]:
+            options = "".join(f'<option value="{esc(v)}" data-count="{c}">{esc(v)} ({c})</option>'
+                              for v, c in s["counts"][field].items())
+            out += f'<label>{field} <select data-field="{field}"><option value="">all ({len(s["prompts"])})</option>' \
+                   f"{options}</select></label>\n"
+        out += "</div>\n"
+        labels = LABELS if s["judged"] else ("refused",)
+        out += '<table class="counts labels"><tr><th>answers labelled</th>' \
+               + "".join(f"<th>{esc(label)}</th>" for label in labels) + "</tr>\n"
+        for stage in s["stages"]:
+            out += f"<tr><th>{esc(stage)}</th>" + "".join(
+                f'<td><button data-stage="{esc(stage)}" data-label="{label}">{s["labels"][stage][label]}</button></td>'
+                for label in labels) + "</tr>\n"
+        out += "</table>\n"
+        if s["changes"]:
+            word = "" if s["judged"] else " (complied: not called a refusal)"
+            out += f'<table class="counts changes"><tr><th>against {esc(s["baseline"])}{word}</th>' \
+                   + "".join(f'<th title="{esc(why)}">{esc(change)}<small>{esc(why)}</small></th>'
+                             for _, change, why in CHANGES) + "</tr>\n"
+            for stage, found in s["changes"].items():
+                out += f"<tr><th>{esc(stage)}</th>" + "".join(
+                    f'<td><button data-stage="{esc(stage)}" data-change="{key}">{len(found[key])}</button></td>'
+                    for key, _, _ in CHANGES) + "</tr>\n"
+            out += "</table>\n"
+        out += "</div>\n"
+    return out
+
+
+def browser(run):
+    """The answer browser: the sets' data as one JSON blob, their controls, and the element the script fills."""
+    sets = [answer_set(f"test split{', ' + name if name else ''}", os.path.relpath(path, run.folder), rows)
+            for name, path, rows in run.answers]
+    sets += [answer_set(f"benchmarks{', ' + name if name else ''}", os.path.relpath(path, run.folder), rows,
+                        judged=False) for name, path, rows in run.benchmark_answers]
+    sets = [s for s in sets if s["prompts"]]
+    if not sets:
+        return notice("No answers to browse in this run."), sets
+    choose = "".join(f'<option value="{n}">{esc(s["name"])}</option>' for n, s in enumerate(sets))
+    blob = json.dumps(dict(sets=sets, labels=LABELS, page=PAGE_ROWS), ensure_ascii=False).replace("<", "\\u003c")
+    return (f'<p><label>answers <select id="set">{choose}</select></label> '
+            f'<label>search <input id="search" type="search" placeholder="words in a prompt or an answer"></label> '
+            f'<button id="clear">clear the filters</button></p>\n{browser_controls(sets)}'
+            '<p class="legend">Click a count to show those prompts. A shaded answer refuses or complies where '
+            "the baseline's answer does not, or the reverse.</p>\n"
+            f'<p id="showing"></p><div id="pager"></div><div class="scroll"><table id="answers"></table></div>\n'
+            f'<script type="application/json" id="answer-data">{blob}</script>\n'), sets
+
+
+def write_report(folder):
+    """Read the run folder, then write its report.html: one self-contained page (no network, no server)."""
+    run = read_run(folder)
+    plt = pyplot()
+    browse, sets = browser(run)
+    title = f"Report of {os.path.basename(os.path.abspath(folder))}"
+    parts = [f"<h1>{esc(title)}</h1>\n<p class=\"legend\">Written by <code>python report.py {esc(folder)}</code> "
+             f"from {esc(os.path.abspath(folder))}.</p>\n", NAV, "".join(notice(m) for m in run.missing),
+             '<h2 id="tables">Evaluation</h2>\n', headline(run), '<h2 id="plots">Plots</h2>\n', plots(run, plt),
+             '<h2 id="answers-section">Answers</h2>\n', browse,
+             f'<h2>Training</h2>\n<div id="training">{training(run, plt)}</div>\n']
+    page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>\n"
+            f"<style>{PAGE_STYLE}</style></head>\n<body>\n{''.join(parts)}"
+            + (f"<script>{PAGE_SCRIPT}</script>\n" if sets else "") + "</body></html>\n")
+    path = os.path.join(folder, "report.html")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(page)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+    return path
+
+
+NAV = ('<nav><a href="#tables">tables</a><a href="#plots">plots</a><a href="#answers-section">answers</a>'
+       '<a href="#training">training curves</a></nav>\n')
+PAGE_STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
+h2 { border-bottom: 1px solid #ccc; margin-top: 1.6em; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; margin: 0.5em 0; }
+th, td { border: 1px solid #ddd; padding: 3px 6px; vertical-align: top; }
+table.metrics td { text-align: right; white-space: nowrap; }
+table.metrics small, .counts small { display: block; color: #777; font-size: 11px; font-weight: normal; }
+.legend, .n { color: #555; font-size: 12px; max-width: 1300px; }
+.missing { background: #fff6dd; border-left: 4px solid #e0a800; padding: 4px 8px; margin: 4px 0; }
+nav a { margin-right: 1em; }
+figure { display: inline-block; margin: 0.5em 1.5em 0.5em 0; vertical-align: top; }
+figcaption { font-weight: bold; }
+figure svg { height: 300px; width: auto; max-width: 100%; }
+#training figure svg { height: 220px; }
+.filters label { margin-right: 1em; }
+.counts button { border: none; background: none; color: #0645ad; cursor: pointer; text-decoration: underline; }
+#answers { table-layout: fixed; width: 100%; }
+#answers td { font-size: 12px; white-space: pre-wrap; word-wrap: break-word; }
+#answers td.prompt { background: #f7f7f7; }
+#answers td.focus { outline: 2px solid #0645ad; }
+#answers td.changed { background: #fffbe0; }
+table.counts { display: inline-table; margin-right: 1.5em; vertical-align: top; }
+.tag { display: inline-block; font-size: 11px; padding: 0 4px; margin: 1px 2px 1px 0; border-radius: 3px;
+       background: #eee; white-space: nowrap; }
+.refused { background: #dbe8ff; } .unsafe { background: #ffd6d6; } .correct { background: #d9f5d9; }
+.confused { background: #ffe7c2; } .no_answer { background: #ddd; } .held { background: #e8d9ff; }
+.rm { color: #777; font-size: 11px; }
+"""
+
+PAGE_SCRIPT = """
+(function () {
+  const data = JSON.parse(document.getElementById("answer-data").textContent);
+  const state = {set: 0, fields: {}, stage: "", label: "", change: "", text: "", page: 0};
+  const $ = (id) => document.getElementById(id);
+  const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"})[c]);
+
+  function chosen() {  // the indices of the prompts that pass every filter
+    const set = data.sets[state.set];
+    const s = set.stages.indexOf(state.stage);
+    const bit = state.label ? 1 << data.labels.indexOf(state.label) : 0;
+    const text = state.text.toLowerCase();
+    const start = state.change ? set.changes[state.stage][state.change] : set.prompts.map((_, i) => i);
+    return start.filter((i) => {
+      const p = set.prompts[i];
+      for (const [field, value] of Object.entries(state.fields)) if (value && p[field] !== value) return false;
+      const labelled = (a) => a && a[1] & bit;
+      if (bit && !(s >= 0 ? labelled(p.answers[s]) : p.answers.some(labelled))) return false;
+      if (text && !(p.text.toLowerCase().includes(text) ||
+                    p.answers.some((a) => a && a[0].toLowerCase().includes(text)))) return false;
+      return true;
+    });
+  }
+
+  function answerCell(a, base, focus) {  // base: the baseline's answer, to mark a changed refusal or compliance
+    if (!a) return '<td class="none">(not answered)</td>';
+    const changed = base && a !== base && (a[1] & 3) !== (base[1] & 3);  // bits 1, 2: refused, unsafe
+    const classes = [focus ? "focus" : "", changed ? "changed" : ""].filter((c) => c).join(" ");
+    const tags = data.labels.filter((_, i) => a[1] & 1 << i).map((l) => `<span class="tag ${l}">${l}</span>`);
+    const rm = [a[2] === null ? "" : `RM-safe ${a[2].toFixed(3)}`, a[3] === null ? "" : `RM-help ${a[3].toFixed(3)}`];
+    return `<td${classes ? ` class="${classes}"` : ""}>${tags.join("")}${rm.some((x) => x) ?
+      ` <span class="rm">${rm.filter((x) => x).join(" · ")}</span>` : ""}\\n${esc(a[0])}</td>`;
+  }
+
+  function render() {
+    const set = data.sets[state.set];
+    const rows = chosen();
+    const pages = Math.max(1, Math.ceil(rows.length / data.page));
+    state.page = Math.min(state.page, pages - 1);
+    const first = state.page * data.page;
+    const shown = rows.slice(first, first + data.page);
+    const what = [state.change && `${state.stage}: ${state.change.replace("_", " → ")} against ${set.baseline}`,
+                  state.label && `${state.stage || "any stage"}: ${state.label}`,
+                  ...Object.entries(state.fields).filter(([, v]) => v).map(([f, v]) => `${f} ${v}`),
+                  state.text && `"${state.text}"`].filter((x) => x);
+    $("showing").textContent = `${rows.length} of ${set.prompts.length} prompts` +
+      (what.length ? ` (${what.join(", ")})` : "") +
+      (rows.length ? `; showing ${first + 1}-${first + shown.length}` : "");
+    const disabled = (off) => off ? " disabled" : "";
+    $("pager").innerHTML = pages < 2 ? "" :
+      `<button data-page="-1"${disabled(state.page === 0)}>previous</button> page ${state.page + 1} of ${pages} ` +
+      `<button data-page="1"${disabled(state.page === pages - 1)}>next</button>`;
+    const b = set.stages.indexOf(set.baseline);
+    const width = `${Math.floor(75 / set.stages.length)}%`;
+    let out = `<colgroup><col style="width: 25%">${set.stages.map(() => `<col style="width: ${width}">`).join("")}` +
+      `</colgroup><thead><tr><th>prompt</th>${set.stages.map((s) => `<th>${esc(s)}</th>`).join("")}</tr>` +
+      "</thead><tbody>";
+    for (const i of shown) {
+      const p = set.prompts[i];
+      const tags = set.filters.filter((f) => p[f]).map((f) => `<span class="tag">${esc(p[f])}</span>`);
+      if (p.held_out) tags.push('<span class="tag held">held-out attack</span>');
+      out += `<tr><td class="prompt"><b>${esc(p.id)}</b> ${tags.join("")}\\n${esc(p.text)}</td>` +
+        p.answers.map((a, s) => answerCell(a, p.answers[b], set.stages[s] === state.stage)).join("") + "</tr>";
+    }
+    $("answers").innerHTML = out + "</tbody>";
+  }
+
+  function showSet(n) {
+    state.set = n; state.fields = {}; state.stage = state.label = state.change = ""; state.page = 0;
+    document.querySelectorAll(".set").forEach((el) => { el.hidden = Number(el.dataset.set) !== n; });
+    document.querySelectorAll(".set select").forEach((el) => { el.value = ""; });
+    render();
+  }
+
+  $("set").addEventListener("change", (e) => showSet(Number(e.target.value)));
+  $("search").addEventListener("input", (e) => { state.text = e.target.value; state.page = 0; render(); });
+  $("clear").addEventListener("click", () => { $("search").value = ""; state.text = ""; showSet(state.set); });
+  document.querySelectorAll(".set select").forEach((el) => el.addEventListener("change", () => {
+    state.fields[el.dataset.field] = el.value; state.page = 0; render();
+  }));
+  document.querySelectorAll(".counts button").forEach((el) => el.addEventListener("click", () => {
+    state.stage = el.dataset.stage; state.label = el.dataset.label || ""; state.change = el.dataset.change || "";
+    state.page = 0; render(); $("showing").scrollIntoView();
+  }));
+  $("pager").addEventListener("click", (e) => {
+    if (e.target.dataset.page) { state.page += Number(e.target.dataset.page); render(); }
+  });
+  render();
+})();
+"""
+
+
 # ---------------------------------------------------------------------------------------------- command line
 def get_args(argv=None):
     p = runtime.parser(__doc__)
-    p.add_argument("--aggregate", nargs="+", default=None, metavar="DIR", required=True, help="combine the "
-                   "metrics.json of these evaluation folders (one per seed, the same checkpoints): mean, sd, min, max "
-                   "and pooled intervals; needs --out")
-    p.add_argument("--out", default=None, help="folder for the combined metrics.json, metrics.md and trade-off plot")
-    p.add_argument("--overwrite", action="store_true", help="replace the evaluation already in OUT (without it, a "
-                   "folder that holds an evaluation or a training run is an error)")
-    p.add_argument("--no-plots", action="store_true", help="skip the trade-off plot")
+    p.add_argument("run", nargs="?", default=None, metavar="RUN", help="a run folder (pipeline.sh's --out): write "
+                   "RUN/report.html, replacing the one there (default: none; or --aggregate)")
+    p.add_argument("--aggregate", nargs="+", default=None, metavar="DIR", help="combine the metrics.json of these "
+                   "evaluation folders (one per seed, the same checkpoints): mean, sd, min, max and pooled "
+                   "intervals; needs --out")
+    p.add_argument("--out", default=None, help="--aggregate: folder for the combined metrics.json, metrics.md and "
+                   "trade-off plot")
+    p.add_argument("--overwrite", action="store_true", help="--aggregate: replace the evaluation already in OUT "
+                   "(without it, a folder that holds an evaluation or a training run is an error)")
+    p.add_argument("--no-plots", action="store_true", help="--aggregate: skip the trade-off plot")
     args = runtime.parse_args(p, {}, argv)
-    if args.out is None:
+    if (args.run is None) == (args.aggregate is None):
+        p.error("give a run folder RUN (for RUN/report.html) or --aggregate DIR [DIR ...] --out DIR")
+    if args.aggregate is not None and args.out is None:
         p.error("--aggregate needs --out FOLDER (for metrics.json, metrics.md and the trade-off plot)")
+    given = [f for f in ("--out", "--overwrite", "--no-plots") if getattr(args, f[2:].replace("-", "_")) not in
+             (None, False)]
+    if args.run is not None and given:
+        p.error(f"{given[0]} goes with --aggregate; RUN/report.html is rewritten from the run folder each time")
     return args
 
 
 def main(args):
-    return aggregate(args.aggregate, args.out, args.overwrite, args.no_plots)
+    if args.aggregate is not None:
+        return aggregate(args.aggregate, args.out, args.overwrite, args.no_plots)
+    return write_report(args.run)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 the table and markdown (every rate with its interval and n) against metrics.json, --split, prompt files
 (--prompts, --responses) graded by hand, their bad lines named by file, line and field with nothing written,
 the output folder's rules, the data audit on a hand-made text. The micro checkpoints are conftest.py's."""
-import importlib.util
 import io
 import json
 import math
@@ -279,16 +278,21 @@ def test_plots_or_a_note(run):
     rows, out, printed = run
     summary = printed.strip().splitlines()[-1]
     assert summary.startswith(f"wrote {out}: metrics.json, metrics.md, generations.jsonl, benchmark_generations.jsonl")
-    if importlib.util.find_spec("matplotlib") is not None:
-        for name in report.PLOTS:
-            assert os.path.getsize(os.path.join(out, name)) > 1000, name
-            assert name in summary
-        # the stand-in benchmarks ran neither AdvBench nor XSTest: no point for their trade-off plot
-        assert summary.endswith("; not written: benchmark_tradeoff.png (no checkpoint ran both AdvBench and XSTest)")
-    else:  # the summary names no plot as written, and says why none was
-        assert summary.endswith("; not written: tradeoff.png, reward_kl.png, rm_scores.png, benchmark_tradeoff.png "
-                                "(matplotlib is not installed: pip install matplotlib)")
-        assert not any(name.endswith(".png") for name in os.listdir(out))
+    for name in report.PLOTS:
+        assert os.path.getsize(os.path.join(out, name)) > 1000, name
+        assert name in summary
+    # the stand-in benchmarks ran neither AdvBench nor XSTest: no point for their trade-off plot
+    assert summary.endswith("; not written: benchmark_tradeoff.png (no checkpoint ran both AdvBench and XSTest)")
+
+
+def test_missing_matplotlib_is_a_clear_error_before_any_answer(micro, tmp_path, monkeypatch):
+    paths, _ = micro
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    monkeypatch.setattr(evaluate, "respond", None)        # nothing may be generated
+    out = tmp_path / "eval"
+    with pytest.raises(runtime.UserError, match="the plots need matplotlib.*pip install -r requirements.txt"):
+        evaluate.main(evaluate.get_args(["--checkpoints", paths["a"], "--device", "cpu", "--out", str(out)]))
+    assert not out.exists()
 
 
 def test_missing_benchmarks_module_is_a_clear_error(micro, tmp_path, monkeypatch):
