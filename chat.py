@@ -1,6 +1,7 @@
-"""Chat with a checkpoint in the terminal: its answer streams token by token in the model's chat template, and
-after each answer the safety reward model gives its score sigmoid(R_s) of it (Llama 2, section 3.2.2), a live gauge
-of what the safety RM, and so PPO's reward, makes of each answer.
+"""Chat with a checkpoint in the terminal, its answers streamed token by token, each scored by the safety RM.
+
+The conversation is in the model's chat template; after each answer the safety reward model gives its score
+sigmoid(R_s) of it (Llama 2, section 3.2.2): a live gauge of what the safety RM, and so PPO's reward, makes of it.
 
 /reset starts the conversation over; /quit or the end of input ends it. The context keeps room for an answer of
 min(--max-new-tokens, half the context) tokens: the oldest exchanges are forgotten first, then a message too long on

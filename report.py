@@ -1,5 +1,4 @@
-"""Tables, plots, the combination of several seeds and a run's report.html: what turns evaluate.py's outputs into
-tables and figures.
+"""Tables, plots, the combination of seeds and a run's report.html: what turns evaluations into tables and figures.
 
 evaluate.py grades the answers and calls this file's writers: metrics.json, metrics.md (cells "27.4 [24.4-30.6]": a
 rate and its interval, in percent; the printed table shows "27.4±3.2", ± the larger half-width; below both, the n
@@ -1113,6 +1112,7 @@ PAGE_SCRIPT = """
       const p = set.prompts[i];
       const tags = set.filters.filter((f) => p[f]).map((f) => `<span class="tag">${esc(p[f])}</span>`);
       if (p.held_out) tags.push('<span class="tag held">held-out attack</span>');
+      if (p.subject) tags.push(`<span class="tag">about: ${esc(p.subject)}</span>`);
       out += `<tr><td class="prompt"><b>${esc(p.id)}</b> ${tags.join("")}\\n${esc(p.text)}</td>` +
         p.answers.map((a, s) => answerCell(a, p.answers[b], set.stages[s] === state.stage)).join("") + "</tr>";
     }
@@ -1148,7 +1148,7 @@ PAGE_SCRIPT = """
 def get_args(argv=None):
     p = runtime.parser(__doc__)
     p.add_argument("run", nargs="?", default=None, metavar="RUN", help="a run folder (pipeline.sh's --out): write "
-                   "RUN/report.html, replacing the one there (default: none; or --aggregate)")
+                   "RUN/report.html, replacing the one there (or give --aggregate instead)")
     p.add_argument("--aggregate", nargs="+", default=None, metavar="DIR", help="combine the metrics.json of these "
                    "evaluation folders (one per seed, the same checkpoints): mean, sd, min, max and pooled "
                    "intervals; needs --out")

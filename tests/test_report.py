@@ -457,3 +457,13 @@ def test_a_missing_or_malformed_file_is_one_line_naming_it(one_seed, tmp_path, b
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"report.py: error: {where}"), err
     assert not (folder / "report.html").exists()
+
+
+def test_the_rung_filter_appears_where_the_rows_name_a_rung(one_seed):
+    rows = data.read_jsonl(str(one_seed / "eval" / "generations.jsonl"))
+    rungs = ("seen", "known", "unknown")
+    rows = [dict(r, rung=rungs[int(r["id"].split("-")[1]) % 3]) for r in rows]
+    answers = report.answer_set("test split", "eval/generations.jsonl", rows)
+    assert answers["filters"] == ["kind", "category", "attack", "rung"]
+    assert answers["counts"]["rung"] == Counter(r["rung"] for r in rows if r["stage"] == "sft")
+    assert all(p["rung"] == rungs[int(p["id"].split("-")[1]) % 3] for p in answers["prompts"])
