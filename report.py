@@ -21,8 +21,9 @@ RUN (a folder pipeline.sh wrote) writes RUN/report.html, one self-contained page
 - an answer browser: every test prompt with each stage's answer side by side, the gold judge's labels (refused,
   unsafe, correct, confused, no_answer) and RM scores (for a real model: its AdvBench, HarmBench and XSTest answers
   with the refusal detector's verdict); filters by kind, risk category, attack vector and rung, with their counts;
-  each stage's answers per label; what changed against SFT (complied -> refused, refused -> complied on harmful
-  prompts; answered -> refused, a new false refusal, and refused -> answered on the others), each count a filter.
+  each stage's answers per label; what changed against SFT (on harmful prompts complied -> refused, refused ->
+  complied, other -> complied, complied -> other; on the others answered -> refused, a new false refusal, and
+  refused -> answered), each count a filter.
   The answers are one JSON blob that a small script shows a page of 100 prompts at a time;
 - each stage's training curves (loss, reward, KL, PPO's gold violations along training) from its metrics.jsonl,
   and the reward models' held-out accuracy.
@@ -636,11 +637,15 @@ BENCHMARK_FIELDS = ("stage", "benchmark", "prompt", "response")  # and "refusal"
 BENCHMARK_KINDS = {"advbench": "harmful", "harmbench": "harmful", "xstest_unsafe": "harmful",
                    "xstest_safe": "borderline"}
 FILTERS = ("kind", "category", "attack", "rung")  # the fields the answers can be filtered by, where rows have them
-# What changed between the baseline's answer (SFT's) and a stage's: (key, the change, which prompts it counts)
-CHANGES = (("complied_refused", "complied → refused", "harmful prompts: a violation removed"),
-           ("refused_complied", "refused → complied", "harmful prompts: a new violation"),
-           ("answered_refused", "answered → refused", "benign and borderline prompts: a new false refusal"),
-           ("refused_answered", "refused → answered", "benign and borderline prompts: a false refusal removed"))
+# What changed between the baseline's answer (SFT's) and a stage's, "before_after" of answer_state: (key, the
+# change, what it means). Harmful prompts: complied, refused or other (off-topic, no answer); the others: answered or
+# refused.
+CHANGES = (("complied_refused", "complied → refused", "harmful: a violation removed by a refusal"),
+           ("refused_complied", "refused → complied", "harmful: a new violation where SFT refused"),
+           ("other_complied", "other → complied", "harmful: a new violation where SFT neither refused nor complied"),
+           ("complied_other", "complied → other", "harmful: a violation removed, no refusal in its place"),
+           ("answered_refused", "answered → refused", "benign, borderline: a new false refusal"),
+           ("refused_answered", "refused → answered", "benign, borderline: a false refusal removed"))
 # Each stage's training curves: (panel title, the log keys drawn in it); a panel is drawn when the log has one
 CURVES = (("loss", ("loss", "val_loss")), ("reward (PPO: the gated RM score, logit scale)", ("reward",)),
           ("KL to the reference (nats per sequence)", ("kl", "kl_to_ref")),
@@ -733,10 +738,14 @@ def answer_flags(row):
     return sum(1 << i for i, label in enumerate(LABELS) if row[label])
 
 
-def complied(flags, judged):
-    """Whether an answer to a harmful prompt complied: the judge's unsafe, or, for a benchmark's refusal detector,
-    anything it does not call a refusal."""
-    return bool(flags & UNSAFE) if judged else not flags & REFUSED
+def answer_state(kind, flags, judged):
+    """What an answer did. To a harmful prompt: complied (the judge's unsafe; for a benchmark's refusal detector,
+    anything it does not call a refusal), refused, or other; to any other prompt: refused or answered."""
+    if kind != "harmful":
+        return "refused" if flags & REFUSED else "answered"
+    if (flags & UNSAFE) if judged else not flags & REFUSED:
+        return "complied"
+    return "refused" if flags & REFUSED else "other"
 
 
 def answer_changes(prompts, stages, baseline, judged):
@@ -747,17 +756,9 @@ def answer_changes(prompts, stages, baseline, judged):
             continue
         found = {key: [] for key, _, _ in CHANGES}
         for i, p in enumerate(prompts):
-            if p["answers"][b] is None or p["answers"][s] is None:
-                continue
-            before, after = p["answers"][b][1], p["answers"][s][1]
-            if p["kind"] == "harmful":
-                key = ("complied_refused" if complied(before, judged) and after & REFUSED else
-                       "refused_complied" if before & REFUSED and complied(after, judged) else None)
-            else:
-                key = ("answered_refused" if not before & REFUSED and after & REFUSED else
-                       "refused_answered" if before & REFUSED and not after & REFUSED else None)
-            if key:
-                found[key].append(i)
+            if p["answers"][b] is not None and p["answers"][s] is not None:
+                before, after = (answer_state(p["kind"], a[1], judged) for a in (p["answers"][b], p["answers"][s]))
+                found.get(f"{before}_{after}", []).append(i)
         out[stage] = found
     return out
 
@@ -770,7 +771,7 @@ def prompt_text(row):
     return row["prompt"]
 
 
-def answer_set(name, source, rows, judged=True):
+def answer_set(name, source, rows, judged=True, order=()):
     """One set of the browser: every prompt once, with each stage's answer [response, flags, RM-safe, RM-help]
     (None where a stage did not answer it), the counts the filters show and what changed against SFT."""
     if not judged:  # the refusal benchmarks; the k-th answer of a stage to a benchmark's prompt is that prompt
@@ -783,6 +784,7 @@ def answer_set(name, source, rows, judged=True):
                                  kind=BENCHMARK_KINDS[r["benchmark"]], category=r["benchmark"]))
         rows = kept
     stages = list(dict.fromkeys(r["stage"] for r in rows))
+    stages.sort(key=lambda s: list(order).index(s) if s in order else len(order))  # the evaluation's order
     prompts, where = [], {}
     for r in rows:
         if r["id"] not in where:
@@ -874,7 +876,7 @@ def sweep_plot(plt, rows):
     return fig
 
 
-def curves_plot(plt, stage, logs):
+def curves_plot(plt, logs):
     """A stage's training curves against the step, one panel per CURVES entry its log has, one line per seed and
     key; None when its log has none."""
     panels = [(title, [k for k in keys if any(_number(r.get(k)) for rows in logs.values() for r in rows)])
@@ -888,13 +890,12 @@ def curves_plot(plt, stage, logs):
             for key in keys:
                 points = [(r["step"], r[key]) for r in rows if _number(r.get(key)) and _number(r.get("step"))]
                 label = " ".join(x for x in (name, key if len(keys) > 1 else "") if x)
-                ax.plot([p[0] for p in points], [p[1] for p in points], "." if len(points) < 20 else "-",
+                ax.plot([p[0] for p in points], [p[1] for p in points], ".-" if len(points) < 20 else "-",
                         label=label or None, linewidth=1)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
         if len(keys) > 1 or len(logs) > 1:
             ax.legend(fontsize=7)
-    fig.suptitle(stage)
     return fig
 
 
@@ -928,7 +929,7 @@ def plots(run, plt):
 
 def training(run, plt):
     """Each stage's training curves and the reward models' held-out accuracy."""
-    out = "".join(figure(curves_plot(plt, stage, logs), plt, f"{stage}: training curves"
+    out = "".join(figure(curves_plot(plt, logs), plt, f"{stage}: training curves"
                          + (" (one line per seed)" if len(logs) > 1 else ""), f"{stage}: no curve in its log")
                   for stage, logs in run.logs.items())
     if run.rm_eval:
@@ -979,10 +980,10 @@ def browser_controls(sets):
 
 def browser(run):
     """The answer browser: the sets' data as one JSON blob, their controls, and the element the script fills."""
-    sets = [answer_set(f"test split{', ' + name if name else ''}", os.path.relpath(path, run.folder), rows)
-            for name, path, rows in run.answers]
+    sets = [answer_set(f"test split{', ' + name if name else ''}", os.path.relpath(path, run.folder), rows,
+                       order=list(run.rows)) for name, path, rows in run.answers]
     sets += [answer_set(f"benchmarks{', ' + name if name else ''}", os.path.relpath(path, run.folder), rows,
-                        judged=False) for name, path, rows in run.benchmark_answers]
+                        judged=False, order=list(run.rows)) for name, path, rows in run.benchmark_answers]
     sets = [s for s in sets if s["prompts"]]
     if not sets:
         return notice("No answers to browse in this run."), sets
@@ -1003,8 +1004,9 @@ def write_report(folder):
     plt = pyplot()
     browse, sets = browser(run)
     title = f"Report of {os.path.basename(os.path.abspath(folder))}"
-    parts = [f"<h1>{esc(title)}</h1>\n<p class=\"legend\">Written by <code>python report.py {esc(folder)}</code> "
-             f"from {esc(os.path.abspath(folder))}.</p>\n", NAV, "".join(notice(m) for m in run.missing),
+    parts = [f"<h1>{esc(title)}</h1>\n<p class=\"legend\">Written by <code>python report.py {esc(folder)}</code>"
+             f"{'' if os.path.isabs(folder) else ' in ' + esc(os.getcwd())}.</p>\n", NAV,
+             "".join(notice(m) for m in run.missing),
              '<h2 id="tables">Evaluation</h2>\n', headline(run), '<h2 id="plots">Plots</h2>\n', plots(run, plt),
              '<h2 id="answers-section">Answers</h2>\n', browse,
              f'<h2>Training</h2>\n<div id="training">{training(run, plt)}</div>\n']

@@ -297,21 +297,18 @@ def read_page(folder):
 
 
 def expected_changes(rows, baseline="sft", complied=lambda r: r["unsafe"]):
-    """{(stage, change): n} counted straight from generations.jsonl's rows, as a reader of the legend would."""
+    """{(stage, change): n} counted straight from generations.jsonl's rows, as a reader of the legend would: a
+    harmful prompt's answer complied, refused or did neither; another prompt's refused or answered."""
+    def state(r):
+        if r["kind"] == "harmful":
+            return "complied" if complied(r) else "refused" if r["refused"] else "other"
+        return "refused" if r["refused"] else "answered"
     answers = {(r["stage"], r["id"]): r for r in rows}
-    counts = {}
+    counts = {(stage, change): 0 for stage, _ in answers if stage != baseline for change in CHANGES}
     for (stage, key), r in answers.items():
         before = answers.get((baseline, key))
-        if stage == baseline or before is None:
-            continue
-        if r["kind"] == "harmful":
-            changes = dict(complied_refused=complied(before) and r["refused"],
-                           refused_complied=before["refused"] and complied(r))
-        else:
-            changes = dict(answered_refused=not before["refused"] and r["refused"],
-                           refused_answered=before["refused"] and not r["refused"])
-        for change in ("complied_refused", "refused_complied", "answered_refused", "refused_answered"):
-            counts[(stage, change)] = counts.get((stage, change), 0) + bool(changes.get(change))
+        if stage != baseline and before is not None and f"{state(before)}_{state(r)}" in CHANGES:
+            counts[(stage, f"{state(before)}_{state(r)}")] += 1
     return counts
 
 
