@@ -272,7 +272,7 @@ def parser(doc):
                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def _number(kind, low, strict, text):
+def _parse_number(kind, low, strict, text):
     try:
         value = kind(text)
     except ValueError:
@@ -284,19 +284,19 @@ def _number(kind, low, strict, text):
 
 
 def positive_int(text):
-    return _number(int, 0, True, text)
+    return _parse_number(int, 0, True, text)
 
 
 def nonnegative_int(text):
-    return _number(int, 0, False, text)
+    return _parse_number(int, 0, False, text)
 
 
 def positive_float(text):
-    return _number(float, 0.0, True, text)
+    return _parse_number(float, 0.0, True, text)
 
 
 def nonnegative_float(text):
-    return _number(float, 0.0, False, text)
+    return _parse_number(float, 0.0, False, text)
 
 
 def add_run_arguments(p, outputs, seed_help="random seed"):
