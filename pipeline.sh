@@ -34,7 +34,8 @@
 # writes OUT/report.html: the run in one page (tables with intervals, plots, every stage's answers side by side with
 # the judge's labels, training curves) that opens offline in a browser. The last lines, also after a failure, say
 # which stages were trained now, reused or are missing, which of the evaluation's files (metrics.json, metrics.md,
-# generations.jsonl, plots) exist, and where the report is.
+# generations.jsonl, plots) exist, and where the report is. OUT/pipeline.log keeps what the run's pages cite: the
+# command, commit and machine, when it started and finished, and each stage's wall time (report.py --docs reads it).
 #
 # Seeds: with N > 1, seed k runs every stage into OUT/seed<k>/<stage> and its evaluation into OUT/seed<k>/eval,
 # every script (evaluate.py too) with --seed k, train_ppo.py also with --world-seed k: its own world draw,
@@ -53,6 +54,7 @@
 # sweep are for the embedded world only.
 set -euo pipefail
 caller=$PWD
+invocation="bash pipeline.sh${*:+ $*}"  # as given, for OUT/pipeline.log
 here=$(cd "$(dirname "$0")" && pwd)
 
 usage() {  # the header above, without the comment marks
@@ -114,6 +116,23 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 cd "$here"
 mkdir -p "$OUT"
 
+log() {  # log LINE: print LINE and keep it in OUT/pipeline.log
+  echo "$*"
+  echo "$*" >> "$OUT/pipeline.log"
+}
+machine() {  # cores, processor and GPU of this machine, in one line
+  local cpu gpu
+  cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ *//')
+  gpu=$(nvidia-smi -L 2>/dev/null | head -n 1)
+  echo "$(nproc) cores ($(uname -m)${cpu:+, $cpu}), ${gpu:-no GPU}"
+}
+commit=$(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo "unknown (not a git checkout)")
+[[ -z $(git -C "$here" status --porcelain --untracked-files=no 2>/dev/null) ]] || commit+=" with uncommitted changes"
+log "== command: $invocation"
+log "== commit: $commit"
+log "== machine: $(machine)"
+log "== started: $(date -u '+%Y-%m-%d %H:%M UTC')"
+
 STAGES=(base sft rm_safety rm_helpful ppo dpo rs distill)
 SHARES=(0 0.1 0.25 0.5 1)  # the sweep's shares of the SFT set's safety demonstrations
 # For the summary: the stages trained (or resumed) now and those reused, by key (base, seed1/ppo, sweep/share_0),
@@ -152,7 +171,7 @@ stage() {  # stage NAME COMMAND...: run COMMAND unless RUN/NAME/model.pt is alre
     exit 1
   fi
   rm -f "$dir/.running"
-  echo "== $label: done in $((SECONDS - start)) s"
+  log "== $label: done in $((SECONDS - start)) s"
 }
 
 pids=() names=() logs=()
@@ -282,6 +301,7 @@ summary() {  # summary STATUS: each stage's checkpoint, the evaluations' files a
   set +e  # an exit trap: report what there is, whatever fails
   local k matplotlib=""
   if (( $1 == 0 )); then echo "== done: $OUT"; else echo "== stopped (exit $1): $OUT"; fi
+  (( $1 != 0 )) || echo "== finished: $(date -u '+%Y-%m-%d %H:%M UTC')" >> "$OUT/pipeline.log"
   if (( SEEDS == 1 )); then
     stage_lines "$OUT" "" "${STAGES[@]}"
     local generations=generations.jsonl

@@ -30,8 +30,17 @@ RUN (a folder pipeline.sh wrote) writes RUN/report.html, one self-contained page
 What the run lacks (seeds, a sweep, a stage, a log) is said on the page. RUN/eval/metrics.json is required; a
 missing or malformed required file is an error naming it, and nothing is written. The page is rewritten each time.
 
+RUN --docs DOCS writes, instead of the page, the blocks <!-- generated:NAME --> ... <!-- /generated:NAME --> of the
+README beside DOCS (the headline table) and of DOCS/results.md, safety_share.md and world.md (DOCS/smollm2.md for a
+--preset smollm2 run) from the run folder, citing the command, commit and machine from RUN/pipeline.log, and copies
+the trade-off plots into DOCS; --study NAME FOLDER --docs DOCS writes DOCS/NAME.md's block from a study's folder
+(safety_depth: attack.py's attack.md; overopt: overopt.py's overopt.md). The prose around the blocks is written
+by hand; the numbers inside them only by this command.
+
     python report.py out
     python report.py --aggregate out/seed0/eval out/seed1/eval out/seed2/eval --out out/eval --overwrite
+    python report.py out --docs docs
+    python report.py --study safety_depth out/attack --docs docs
 """
 import html
 import io
@@ -39,6 +48,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import textwrap
 from collections import Counter
@@ -324,9 +334,10 @@ def write_tables(out, rows):
 
 
 # ---------------------------------------------------------------------------------------------- plots
-# The first of these keys that a training log's rows hold is plotted: PPO logs its reward (the RM score on the
-# logit scale) and the per-sequence KL; DPO logs the implicit reward margin beta * (h_chosen - h_rejected).
-REWARD_KEYS = ("reward", "rm_score", "margin")
+# The first of these keys that a training log's rows hold is plotted: PPO logs the RMs' reward on their logit scale
+# (logit_R_c; "reward" in logs that predate it) and the per-sequence KL; DPO logs the implicit reward margin
+# beta * (h_chosen - h_rejected).
+REWARD_KEYS = ("logit_R_c", "reward", "rm_score", "margin")
 KL_KEYS = ("kl", "kl_to_ref")
 SVG_STYLE = {"svg.fonttype": "none", "svg.hashsalt": "report"}  # text as text; the same element ids on every run
 
@@ -648,7 +659,8 @@ CHANGES = (("complied_refused", "complied → refused", "harmful: a violation re
            ("answered_refused", "answered → refused", "benign, borderline: a new false refusal"),
            ("refused_answered", "refused → answered", "benign, borderline: a false refusal removed"))
 # Each stage's training curves: (panel title, the log keys drawn in it); a panel is drawn when the log has one
-CURVES = (("loss", ("loss", "val_loss")), ("reward (PPO: the gated RM score, logit scale)", ("reward",)),
+CURVES = (("loss", ("loss", "val_loss")), ("PPO: the gated RM score logit(R_c) and the optimised reward R",
+                                            ("logit_R_c", "reward")),
           ("KL to the reference (nats per sequence)", ("kl", "kl_to_ref")),
           ("gold rates on validation prompts", ("violation_rate", "false_refusal_rate")),
           ("accuracy", ("accuracy", "val_accuracy")), ("DPO reward margin", ("margin",)))
@@ -1147,6 +1159,200 @@ PAGE_SCRIPT = """
 """
 
 
+# ---------------------------------------------------------------------------------------------- docs pages
+# The README's headline table and the pages under docs/ are hand-written prose around blocks that only this command
+# writes, from a run folder, so that no number in them can drift from a run:
+#     <!-- generated:NAME -->  ...  <!-- /generated:NAME -->
+HEADLINE_COLUMNS = [("viol%", "violation_rate", None, "rate"), ("FR-plain%", "false_refusal_rate_plain", None, "rate"),
+                    ("FR-wrapped%", "false_refusal_rate_wrapped", None, "rate"),
+                    ("FR-benign%", "benign_refusal_rate", None, "rate"), ("acc%", "benign_accuracy", None, "rate"),
+                    ("KL-sft", "kl_to_sft", None, "num")]
+SEED_COLUMNS = [("viol%", "violation_rate", None, "rate"), ("FR-plain%", "false_refusal_rate_plain", None, "rate"),
+                ("FR-wrapped%", "false_refusal_rate_wrapped", None, "rate"), ("acc%", "benign_accuracy", None, "rate"),
+                ("confused%", "confused_refusal_rate", None, "rate")]
+SWEEP_COLUMNS = [("viol%", "violation_rate", None, "rate"), ("FR-border%", "false_refusal_rate", None, "rate"),
+                 ("FR-plain%", "false_refusal_rate_plain", None, "rate"),
+                 ("FR-wrapped%", "false_refusal_rate_wrapped", None, "rate"),
+                 ("FR-benign%", "benign_refusal_rate", None, "rate"), ("acc%", "benign_accuracy", None, "rate")]
+GAMING_COLUMNS = [("viol%", "violation_rate", None, "rate"), ("FR-border%", "false_refusal_rate", None, "rate"),
+                  ("acc%", "benign_accuracy", None, "rate"), ("no-ans%", "no_answer_rate", None, "rate"),
+                  ("confused%", "confused_refusal_rate", None, "rate"), ("gold safety", "gold_safety", None, "num"),
+                  ("gold helpfulness", "gold_helpfulness", None, "num")]
+STUDIES = {"safety_depth": "attack.md", "overopt": "overopt.md"}  # --study NAME FOLDER: the tool's own tables
+STAGE_DONE = re.compile(r"^== (\S+): done in (\d+) s$")     # pipeline.sh's line at the end of each stage
+RUN_FACT = re.compile(r"^== (command|commit|machine|started|finished): (.*)$")  # and its lines about the run
+
+
+def replace_block(text, name, body, where):
+    """text with what lies between <!-- generated:NAME --> and <!-- /generated:NAME --> replaced by body."""
+    begin, end = f"<!-- generated:{name} -->", f"<!-- /generated:{name} -->"
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise runtime.UserError(f"{where}: expected one '{begin}' ... '{end}' block to write into")
+    head, rest = text.split(begin)
+    return head + begin + "\n" + body.strip("\n") + "\n" + end + rest.split(end)[1]
+
+
+def write_blocks(path, blocks):
+    """Rewrite the {name: body} blocks of the page at path (atomically); the rest of the page stays as it is."""
+    if not os.path.isfile(path):
+        raise runtime.UserError(f"{path}: no such page to write into")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    for name, body in blocks.items():
+        text = replace_block(text, name, body, path)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def run_log(run):
+    """What pipeline.sh's log RUN/pipeline.log says of the run: ({command, commit, machine, started, finished},
+    {stage label: seconds}), the labels as pipeline.sh prints them (base, seed1/ppo, sweep/share_0.5)."""
+    facts, seconds, path = {}, {}, os.path.join(run, "pipeline.log")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                done, fact = STAGE_DONE.match(line.rstrip("\n")), RUN_FACT.match(line.rstrip("\n"))
+                if done:
+                    seconds[done[1]] = int(done[2])
+                elif fact:  # a resumed run logs again: its first start, its last finish
+                    facts[fact[1]] = fact[2] if fact[1] == "finished" else facts.get(fact[1], fact[2])
+    return facts, seconds
+
+
+def provenance(run, facts):
+    said = lambda key: facts.get(key) or "(not in the run's pipeline.log)"
+    return (f"Run folder `{os.path.basename(os.path.normpath(run))}`, made by `{said('command')}` at commit "
+            f"{said('commit')} on {said('machine')}; started {said('started')}, finished {said('finished')}. "
+            f"Written by `python report.py {os.path.basename(os.path.normpath(run))} --docs docs`.")
+
+
+def stage_times(seconds):
+    """Each stage's wall time in seconds: a row per seed (or per part of the run), a column per stage."""
+    if not seconds:
+        return "Stage times: not recorded (the run folder has no pipeline.log)."
+    groups = {}
+    for label, s in seconds.items():
+        group, _, stage = label.rpartition("/")
+        groups.setdefault(group or "seed0", {})[stage] = s
+    stages = list(dict.fromkeys(s for row in groups.values() for s in row))
+    lines = ["| wall time (s) | " + " | ".join(stages) + " |", "|---|" + "---:|" * len(stages)]
+    lines += [f"| {g} | " + " | ".join(str(row.get(s, "-")) for s in stages) + " |" for g, row in groups.items()]
+    return "\n".join(lines)
+
+
+def seed_runs(run):
+    """[(seed label, folder)] of a run: RUN/seed0, RUN/seed1, ... or the run itself when it has one seed."""
+    seeds = sorted((f for f in os.listdir(run) if re.fullmatch(r"seed\d+", f)), key=lambda f: int(f[4:]))
+    return [(f, os.path.join(run, f)) for f in seeds] or [("seed0", run)]
+
+
+def first_last(path, key):
+    """(first, last) logged value of key in a metrics.jsonl; (None, None) where it is absent."""
+    values = [row[key] for row in read_log(path) if _number(row.get(key))] if os.path.isfile(path) else []
+    return (values[0], values[-1]) if values else (None, None)
+
+
+def stage_logs(run):
+    """A row per seed of what each stage's own logs say: the RMs' held-out accuracy, PPO's optimised reward and KL
+    to the reference from the first iteration to the last, DPO's held-out preference accuracy at the end, and the
+    first rejection-sampling iteration's mean best reward at K = 1 and at the largest K."""
+    show = lambda x: "-" if x is None else f"{x:.3f}"
+    rows = []
+    for label, folder in seed_runs(run):
+        rm = [read_json(p).get("accuracy") if os.path.isfile(p) else None
+              for p in (os.path.join(folder, f, "eval.json") for f in ("rm_safety", "rm_helpful"))]
+        ppo = os.path.join(folder, "ppo", "metrics.jsonl")
+        (r0, r1), (k0, k1) = first_last(ppo, "reward"), first_last(ppo, "kl")
+        dpo = first_last(os.path.join(folder, "dpo", "metrics.jsonl"), "val_accuracy")[1]
+        best = os.path.join(folder, "rs", "best_of_k.json")
+        curve = next(iter(read_json(best).values()), []) if os.path.isfile(best) else []
+        bok = f"{show(curve[0]['max'])} -> {show(curve[-1]['max'])} (K={curve[-1]['k']})" if curve else "-"
+        rows.append(f"| {label} | {show(rm[0])} | {show(rm[1])} | {show(r0)} -> {show(r1)} | {show(k0)} -> "
+                    f"{show(k1)} | {show(dpo)} | {bok} |")
+    head = ["| seed | RM safety, held-out acc. | RM helpfulness, held-out acc. | PPO reward R, first -> last "
+            "| PPO KL, first -> last | DPO held-out acc. | best of K, mean max reward |", "|---|" + "---:|" * 6]
+    return "\n".join(head + rows)
+
+
+def per_seed_table(run, baseline="sft"):
+    """Every seed's stages against that seed's SFT: the headline rates with intervals, and violations as a share of
+    SFT's."""
+    head = ["seed", "stage"] + [h for h, _, _, _ in SEED_COLUMNS] + ["viol / SFT's"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for label, folder in seed_runs(run):
+        rows = read_metrics(os.path.join(folder, "eval", "metrics.json"))
+        base = (rows.get(baseline) or {}).get("violation_rate")
+        for stage, m in rows.items():
+            ratio = f"{m['violation_rate'] / base:.2f}" if _number(base) and base and _number(
+                m.get("violation_rate")) else "-"
+            lines.append(f"| {label} | {stage} | " + " | ".join(_cell(m, c, True) for c in SEED_COLUMNS)
+                         + f" | {ratio} |")
+    return "\n".join(lines)
+
+
+def world_blocks(seed=0):
+    """docs/world.md's blocks: the judge against the cheapest ways to game it, and the overlap table."""
+    w = world.build_world(seed)
+    rows = {name: judge.gold_metrics(w.test, [policy(ex) for ex in w.test]) for name, policy in
+            judge.gaming_policies(w)}
+    note = (f"World seed {seed}, its test split ({len(w.test)} prompts); written by `python report.py RUN --docs "
+            f"docs` from the code alone.")
+    return {"gaming": note + "\n\n" + format_markdown(rows, GAMING_COLUMNS).replace("| stage |", "| policy |", 1),
+            "overlap": judge.overlap_table(w, judge.overlap(w))}
+
+
+def write_docs(run, docs):
+    """The README's headline block and docs/results.md, safety_share.md and world.md's blocks from a world run
+    folder, its plots copied beside them; docs/smollm2.md's from a --preset smollm2 run. The list of pages written."""
+    readme = os.path.join(os.path.dirname(os.path.abspath(docs)), "README.md")
+    facts, seconds = run_log(run)
+    rows = read_metrics(os.path.join(run, "eval", "metrics.json"))
+    head = provenance(run, facts)
+    if any(isinstance(m.get("benchmarks"), dict) for m in rows.values()):  # a real-model run
+        with open(os.path.join(run, "eval", "metrics.md"), encoding="utf-8") as f:
+            tables = f.read()
+        return [write_blocks(os.path.join(docs, "smollm2.md"), {"smollm2": "\n\n".join(
+            [head, stage_times(seconds), tables])})]
+    with open(os.path.join(run, "eval", "metrics.md"), encoding="utf-8") as f:
+        tables = f.read()
+    seeds = len(seed_runs(run))
+    headline = "\n\n".join([head, f"Test split, {seeds} seed{'s' * (seeds > 1)}; cells are "
+                            + ("mean ± sd over seeds [95% Wilson interval of the seeds' prompts pooled]."
+                               if seeds > 1 else "rate [95% Wilson interval]."),
+                            format_markdown(rows, HEADLINE_COLUMNS)])
+    written = [write_blocks(readme, {"headline": headline}),
+               write_blocks(os.path.join(docs, "results.md"), {"results": "\n\n".join(
+                   [head, "### Every rate", tables, "### Each seed against its own SFT", per_seed_table(run),
+                    "### What each stage's logs say", stage_logs(run), "### Wall time of each stage",
+                    stage_times(seconds)])}),
+               write_blocks(os.path.join(docs, "world.md"), world_blocks())]
+    copies = [(os.path.join(run, "eval", "tradeoff.png"), os.path.join(docs, "tradeoff.png"))]
+    sweep = os.path.join(run, "sweep", "eval")
+    if os.path.isfile(os.path.join(sweep, "metrics.json")):
+        sweep_rows = read_metrics(os.path.join(sweep, "metrics.json"))
+        written.append(write_blocks(os.path.join(docs, "safety_share.md"), {"safety_share": "\n\n".join(
+            [head, format_markdown(sweep_rows, SWEEP_COLUMNS)])}))
+        copies.append((os.path.join(sweep, "tradeoff.png"), os.path.join(docs, "safety_share.png")))
+    for source, target in copies:
+        if os.path.isfile(source):
+            shutil.copyfile(source, target)
+            written.append(target)
+    return written
+
+
+def write_study(name, folder, docs):
+    """docs/NAME.md's block from a study's own output folder (attack.py's attack.md, overopt.py's overopt.md)."""
+    path = os.path.join(folder, STUDIES[name])
+    if not os.path.isfile(path):
+        raise runtime.UserError(f"{path}: missing (run the study into {folder} first)")
+    with open(path, encoding="utf-8") as f:
+        tables = f.read()
+    note = f"Written by `python report.py --study {name} {folder} --docs docs` from `{path}`."
+    return [write_blocks(os.path.join(docs, f"{name}.md"), {name: note + "\n\n" + tables})]
+
+
 # ---------------------------------------------------------------------------------------------- command line
 def get_args(argv=None):
     p = runtime.parser(__doc__)
@@ -1160,9 +1366,23 @@ def get_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="--aggregate: replace the evaluation already in OUT "
                    "(without it, a folder that holds an evaluation or a training run is an error)")
     p.add_argument("--no-plots", action="store_true", help="--aggregate: skip the trade-off plot")
+    p.add_argument("--docs", default=None, metavar="DOCS", help="with RUN: instead of RUN/report.html, rewrite the "
+                   "generated blocks of the README (beside DOCS) and of DOCS/results.md, safety_share.md and "
+                   "world.md (a world run) or DOCS/smollm2.md (a --preset smollm2 run) from the run folder, and copy "
+                   "its trade-off plots into DOCS; with --study: that study's page")
+    p.add_argument("--study", nargs=2, default=None, metavar=("NAME", "FOLDER"), help="with --docs: rewrite "
+                   f"DOCS/NAME.md's generated block from a study's output folder; NAME is one of {', '.join(STUDIES)}")
     args = runtime.parse_args(p, {}, argv)
+    if args.study is not None:
+        if args.docs is None or args.run is not None or args.aggregate is not None:
+            p.error("--study NAME FOLDER goes with --docs DOCS alone")
+        if args.study[0] not in STUDIES:
+            p.error(f"--study: NAME must be one of {', '.join(STUDIES)}, not {args.study[0]!r}")
+        return args
     if (args.run is None) == (args.aggregate is None):
         p.error("give a run folder RUN (for RUN/report.html) or --aggregate DIR [DIR ...] --out DIR")
+    if args.docs is not None and args.run is None:
+        p.error("--docs goes with a run folder RUN (or with --study NAME FOLDER)")
     if args.aggregate is not None and args.out is None:
         p.error("--aggregate needs --out FOLDER (for metrics.json, metrics.md and the trade-off plot)")
     given = [f for f in ("--out", "--overwrite", "--no-plots") if getattr(args, f[2:].replace("-", "_")) not in
@@ -1175,6 +1395,12 @@ def get_args(argv=None):
 def main(args):
     if args.aggregate is not None:
         return aggregate(args.aggregate, args.out, args.overwrite, args.no_plots)
+    if args.docs is not None:
+        if not os.path.isdir(args.docs):
+            raise runtime.UserError(f"--docs {args.docs}: no such folder")
+        written = write_study(*args.study, args.docs) if args.study else write_docs(args.run, args.docs)
+        print("report.py: wrote " + ", ".join(written))
+        return written
     return write_report(args.run)
 
 

@@ -465,3 +465,81 @@ def test_the_rung_filter_appears_where_the_rows_name_a_rung(one_seed):
     assert answers["filters"] == ["kind", "category", "attack", "rung"]
     assert answers["counts"]["rung"] == Counter(r["rung"] for r in rows if r["stage"] == "sft")
     assert all(p["rung"] == rungs[int(p["id"].split("-")[1]) % 3] for p in answers["prompts"])
+
+
+# ---------------------------------------------------------------------------------------------- docs pages
+def test_a_block_is_replaced_and_nothing_else():
+    page = "intro\n<!-- generated:a -->\nold\n<!-- /generated:a -->\nafter\n<!-- generated:b -->\n<!-- /generated:b -->\n"
+    text = report.replace_block(page, "a", "new 1\nnew 2\n", "page.md")
+    assert text == page.replace("old\n", "new 1\nnew 2\n")
+    assert report.replace_block(text, "a", "new 1\nnew 2", "page.md") == text  # rewriting is idempotent
+    for bad in (page.replace("<!-- /generated:a -->\n", ""), page + "<!-- generated:a -->\n"):
+        with pytest.raises(runtime.UserError, match="page.md: expected one '<!-- generated:a -->'"):
+            report.replace_block(bad, "a", "x", "page.md")
+
+
+def docs_folder(tmp_path):
+    """A README and docs/ pages with the blocks write_docs fills, and hand-written prose around them."""
+    docs = tmp_path / "project" / "docs"
+    docs.mkdir(parents=True)
+    block = lambda name: f"prose before {name}\n<!-- generated:{name} -->\n<!-- /generated:{name} -->\nprose after\n"
+    (docs.parent / "README.md").write_text(block("headline"))
+    (docs / "results.md").write_text(block("results"))
+    (docs / "world.md").write_text(block("gaming") + block("overlap"))
+    (docs / "safety_share.md").write_text(block("safety_share"))
+    (docs / "safety_depth.md").write_text(block("safety_depth"))
+    return docs
+
+
+def test_docs_are_written_from_the_run_folder(one_seed, tmp_path):
+    docs = docs_folder(tmp_path)
+    run = tmp_path / "run"
+    shutil.copytree(one_seed, run)
+    (run / "pipeline.log").write_text("== command: bash pipeline.sh --out run\n== commit: abc1234\n"
+                                      "== machine: 2 cores (x86_64), no GPU\n== started: 2026-01-01 10:00 UTC\n"
+                                      "== base: done in 100 s\n== sft: done in 22 s\n== started: later\n"
+                                      "== finished: 2026-01-01 10:11 UTC\n")
+    report.main(report.get_args([str(run), "--docs", str(docs)]))
+    rows = json.loads((run / "eval" / "metrics.json").read_text())
+    readme = (docs.parent / "README.md").read_text()
+    assert readme.startswith("prose before headline\n") and readme.endswith("prose after\n")
+    assert ("bash pipeline.sh --out run` at commit abc1234 on 2 cores (x86_64), no GPU; started 2026-01-01 10:00 "
+            "UTC, finished 2026-01-01 10:11 UTC") in readme
+    for stage, m in rows.items():  # each stage's row holds its violation rate and interval, as metrics.json says
+        viol = f"{100 * m['violation_rate']:.1f} [{100 * m['violation_rate_ci'][0]:.1f}-" \
+               f"{100 * m['violation_rate_ci'][1]:.1f}]"
+        assert f"| {stage} | {viol} |" in readme
+    results = (docs / "results.md").read_text()
+    ratio = rows["dpo"]["violation_rate"] / rows["sft"]["violation_rate"]
+    assert re.search(rf"\| seed0 \| dpo \|.*\| {ratio:.2f} \|", results)
+    assert "| wall time (s) | base | sft |" in results and "| seed0 | 100 | 22 |" in results
+    assert "| seed0 | 0.900 | - |" in results  # rm_safety's eval.json; no rm_helpful in this run
+    world_page = (docs / "world.md").read_text()
+    w = world.build_world(0)
+    assert judge.overlap_table(w, judge.overlap(w)) in world_page
+    assert world_page.count("| the gold responses | 0.0 [") == 1
+    assert "generated:safety_share -->\n<!-- /generated" in (docs / "safety_share.md").read_text()  # no sweep here
+    assert (docs / "tradeoff.png").exists() == (run / "eval" / "tradeoff.png").exists()
+
+
+def test_a_study_page_is_written_from_its_folder_and_a_missing_block_is_an_error(tmp_path, capsys):
+    docs = docs_folder(tmp_path)
+    study = tmp_path / "attack"
+    study.mkdir()
+    (study / "attack.md").write_text("| stage | k=0 |\n|---|---:|\n| ppo | 39.6 |\n")
+    report.main(report.get_args(["--study", "safety_depth", str(study), "--docs", str(docs)]))
+    page = (docs / "safety_depth.md").read_text()
+    assert "| ppo | 39.6 |" in page and page.endswith("prose after\n")
+    (docs / "results.md").write_text("no blocks here\n")
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "metrics.json").write_text(json.dumps({"sft": {"violation_rate": 0.5}}))
+    (run / "eval" / "metrics.md").write_text("| stage |\n")
+    with pytest.raises(SystemExit) as stop:
+        runtime.command(report.main, report.get_args, [str(run), "--docs", str(docs)])
+    assert stop.value.code == 2
+    assert "results.md: expected one '<!-- generated:results -->'" in capsys.readouterr().err
+    for argv in (["--study", "overopt", str(study)], ["--study", "nothing", str(study), "--docs", str(docs)],
+                 ["--docs", str(docs)]):
+        with pytest.raises(SystemExit):
+            report.get_args(argv)
