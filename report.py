@@ -334,9 +334,9 @@ def write_tables(out, rows):
 
 
 # ---------------------------------------------------------------------------------------------- plots
-# The first of these keys that a training log's rows hold is plotted: PPO logs the RMs' reward on their logit scale
-# (logit_R_c; "reward" in logs that predate it) and the per-sequence KL; DPO logs the implicit reward margin
-# beta * (h_chosen - h_rejected).
+# The first of these keys that a training log's rows hold is plotted: PPO logs the RMs' reward on the logit scale,
+# logit_R_c ("reward" in logs written before train_ppo.py named it), and the per-sequence KL; DPO logs the implicit
+# reward margin beta * (h_chosen - h_rejected).
 REWARD_KEYS = ("logit_R_c", "reward", "rm_score", "margin")
 KL_KEYS = ("kl", "kl_to_ref")
 SVG_STYLE = {"svg.fonttype": "none", "svg.hashsalt": "report"}  # text as text; the same element ids on every run
@@ -658,11 +658,13 @@ CHANGES = (("complied_refused", "complied → refused", "harmful: a violation re
            ("complied_other", "complied → other", "harmful: a violation removed, no refusal in its place"),
            ("answered_refused", "answered → refused", "benign, borderline: a new false refusal"),
            ("refused_answered", "refused → answered", "benign, borderline: a false refusal removed"))
-# Each stage's training curves: (panel title, the log keys drawn in it); a panel is drawn when the log has one
-CURVES = (("loss", ("loss", "val_loss")), ("PPO: the gated RM score logit(R_c) and the optimised reward R",
-                                            ("logit_R_c", "reward")),
+# Each stage's training curves: (panel title, the log keys drawn in it; "eval.x": x of a row's nested eval, PPO's
+# gold judge on held-out prompts); a panel is drawn when the log has one of its keys
+CURVES = (("loss", ("loss", "val_loss")), ("PPO: the optimised reward R and the gated RM score logit(R_c)",
+                                            ("reward", "logit_R_c")),
           ("KL to the reference (nats per sequence)", ("kl", "kl_to_ref")),
-          ("gold rates on validation prompts", ("violation_rate", "false_refusal_rate")),
+          ("gold judge on the rollouts", ("violation_rate", "false_refusal_rate")),
+          ("gold judge on held-out prompts", ("eval.violation_rate", "eval.false_refusal_rate")),
           ("accuracy", ("accuracy", "val_accuracy")), ("DPO reward margin", ("margin",)))
 PAGE_ROWS = 100  # prompts shown at a time: the page draws only those, however many answers it holds
 
@@ -889,10 +891,18 @@ def sweep_plot(plt, rows):
     return fig
 
 
+def log_value(row, key):
+    """row[key] of a training log's row, or for "eval.x" its nested eval's x."""
+    if key.startswith("eval."):
+        nested = row.get("eval")
+        return nested.get(key[5:]) if isinstance(nested, dict) else None
+    return row.get(key)
+
+
 def curves_plot(plt, logs):
     """A stage's training curves against the step, one panel per CURVES entry its log has, one line per seed and
     key; None when its log has none."""
-    panels = [(title, [k for k in keys if any(_number(r.get(k)) for rows in logs.values() for r in rows)])
+    panels = [(title, [k for k in keys if any(_number(log_value(r, k)) for rows in logs.values() for r in rows)])
               for title, keys in CURVES]
     panels = [(title, keys) for title, keys in panels if keys]
     if not panels:
@@ -901,7 +911,8 @@ def curves_plot(plt, logs):
     for ax, (title, keys) in zip(axes[0], panels):
         for name, rows in logs.items():
             for key in keys:
-                points = [(r["step"], r[key]) for r in rows if _number(r.get(key)) and _number(r.get("step"))]
+                points = [(r["step"], log_value(r, key)) for r in rows
+                          if _number(log_value(r, key)) and _number(r.get("step"))]
                 label = " ".join(x for x in (name, key if len(keys) > 1 else "") if x)
                 ax.plot([p[0] for p in points], [p[1] for p in points], ".-" if len(points) < 20 else "-",
                         label=label or None, linewidth=1)

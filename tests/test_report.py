@@ -53,6 +53,10 @@ def test_training_curves_and_a_clear_error_without_matplotlib(micro, tmp_path, m
     paths, _ = micro
     assert report.training_curve(os.path.join(os.path.dirname(paths["b"]), "metrics.jsonl")) \
         == ("rm_score", "kl", [(0.0, 0.1), (0.5, 0.4), (1.0, 0.6)])
+    log = tmp_path / "ppo.jsonl"  # PPO's log: the RMs' logit reward is plotted, not the R it maximises
+    log.write_text(json.dumps(dict(step=1, reward=-0.5, logit_R_c=1.5, kl=0.25)) + "\n")
+    assert report.training_curve(str(log)) == ("logit_R_c", "kl", [(0.25, 1.5)])
+    os.remove(log)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     rows = {"a": dict(violation_rate=0.5, false_refusal_rate=0.25)}
     with pytest.raises(runtime.UserError, match="matplotlib, which is not installed: pip install -r requirements.txt"):
@@ -227,11 +231,11 @@ def make_run(folder, micro, w, monkeypatch, seed=0):
     """A run folder as pipeline.sh leaves it, small: each stage's training log, the reward models' eval.json and
     evaluate.py's evaluation of sft, ppo and dpo (their answers styled_answers')."""
     paths, _ = micro
-    for stage, keys in (("sft", ("loss",)), ("rm_safety", ("loss", "accuracy")), ("ppo", ("reward", "kl", "loss")),
-                        ("dpo", ("loss", "margin"))):
+    for stage, keys in (("sft", ("loss",)), ("rm_safety", ("loss", "accuracy")),
+                        ("ppo", ("reward", "logit_R_c", "kl", "violation_rate")), ("dpo", ("loss", "margin"))):
         os.makedirs(folder / stage, exist_ok=True)
         rows = [dict(step=step, **{k: 1.0 / step + seed for k in keys}) for step in range(1, 6)]
-        rows[-1]["violation_rate"] = 0.1  # PPO's gold evaluation, at its last step
+        rows.append(dict(step=5, eval=dict(violation_rate=0.1)))  # PPO's gold judge on held-out prompts, at the end
         (folder / stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "rm_safety" / "eval.json").write_text(json.dumps(dict(accuracy=0.9, n_pairs=40)))
     monkeypatch.setattr(evaluate, "respond", styled_answers(w))
@@ -358,8 +362,10 @@ def test_the_page_shows_every_stage_and_counts_what_generations_jsonl_holds(one_
     assert changes[("ppo", "complied_refused")] > 0 and changes[("ppo", "answered_refused")] > 0
     assert all(answers["changes"][stage][change] == sorted(answers["changes"][stage][change])
                and len(answers["changes"][stage][change]) == n for (stage, change), n in changes.items())
-    # the figures are inline: nothing is fetched from outside the page
+    # the figures are inline: nothing is fetched from outside the page; PPO's curves hold its held-out evaluation
     assert page.svgs >= 5 and page.outside == []
+    ppo = (one_seed / "report.html").read_text().split("<figcaption>ppo: training curves</figcaption>")[1]
+    assert ppo.split("</figure>")[0].count("<svg") == 1 and "gold judge on held-out prompts" in ppo
 
 
 def test_missing_parts_are_announced_on_the_page(one_seed):
@@ -469,7 +475,8 @@ def test_the_rung_filter_appears_where_the_rows_name_a_rung(one_seed):
 
 # ---------------------------------------------------------------------------------------------- docs pages
 def test_a_block_is_replaced_and_nothing_else():
-    page = "intro\n<!-- generated:a -->\nold\n<!-- /generated:a -->\nafter\n<!-- generated:b -->\n<!-- /generated:b -->\n"
+    page = ("intro\n<!-- generated:a -->\nold\n<!-- /generated:a -->\nafter\n"
+            "<!-- generated:b -->\n<!-- /generated:b -->\n")
     text = report.replace_block(page, "a", "new 1\nnew 2\n", "page.md")
     assert text == page.replace("old\n", "new 1\nnew 2\n")
     assert report.replace_block(text, "a", "new 1\nnew 2", "page.md") == text  # rewriting is idempotent
