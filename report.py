@@ -34,8 +34,9 @@ RUN --docs DOCS writes, instead of the page, the blocks <!-- generated:NAME --> 
 README beside DOCS (the headline table) and of DOCS/results.md, safety_share.md and world.md (DOCS/smollm2.md for a
 --preset smollm2 run) from the run folder, citing the command, commit and machine from RUN/pipeline.log, and copies
 the trade-off plots into DOCS; --study NAME FOLDER --docs DOCS writes DOCS/NAME.md's block from a study's folder
-(safety_depth: attack.py's attack.md; overopt: overopt.py's overopt.md). The prose around the blocks is written
-by hand; the numbers inside them only by this command.
+(safety_depth and safety_depth_smollm2: attack.py's attack.md; overopt and overopt_constrained: overopt.py's
+overopt.md; speed: bench.py's JSON file). The prose around the blocks is written by hand; the numbers inside them
+only by this command.
 
     python report.py out
     python report.py --aggregate out/seed0/eval out/seed1/eval out/seed2/eval --out out/eval --overwrite
@@ -1189,7 +1190,10 @@ GAMING_COLUMNS = [("viol%", "violation_rate", None, "rate"), ("FR-border%", "fal
                   ("acc%", "benign_accuracy", None, "rate"), ("no-ans%", "no_answer_rate", None, "rate"),
                   ("confused%", "confused_refusal_rate", None, "rate"), ("gold safety", "gold_safety", None, "num"),
                   ("gold helpfulness", "gold_helpfulness", None, "num")]
-STUDIES = {"safety_depth": "attack.md", "overopt": "overopt.md"}  # --study NAME FOLDER: the tool's own tables
+# --study NAME SOURCE: (the page, the file of SOURCE that holds the tool's own tables; None: SOURCE is that file)
+STUDIES = {"safety_depth": ("safety_depth.md", "attack.md"), "safety_depth_smollm2": ("safety_depth.md", "attack.md"),
+           "overopt": ("overopt.md", "overopt.md"), "overopt_constrained": ("overopt.md", "overopt.md"),
+           "speed": ("speed.md", None)}
 STAGE_DONE = re.compile(r"^== (\S+): done in (\d+) s$")     # pipeline.sh's line at the end of each stage
 RUN_FACT = re.compile(r"^== (command|commit|machine|started|finished): (.*)$")  # and its lines about the run
 
@@ -1353,15 +1357,43 @@ def write_docs(run, docs):
     return written
 
 
-def write_study(name, folder, docs):
-    """docs/NAME.md's block from a study's own output folder (attack.py's attack.md, overopt.py's overopt.md)."""
-    path = os.path.join(folder, STUDIES[name])
+def write_study(name, source, docs):
+    """docs/PAGE's block NAME from a study's output: attack.py's attack.md, overopt.py's overopt.md (in the folder
+    `source`), or bench.py's JSON file (`source` itself) as tables."""
+    page, file = STUDIES[name]
+    path = source if file is None else os.path.join(source, file)
     if not os.path.isfile(path):
-        raise runtime.UserError(f"{path}: missing (run the study into {folder} first)")
-    with open(path, encoding="utf-8") as f:
-        tables = f.read()
-    note = f"Written by `python report.py --study {name} {folder} --docs docs` from `{path}`."
-    return [write_blocks(os.path.join(docs, f"{name}.md"), {name: note + "\n\n" + tables})]
+        raise runtime.UserError(f"{path}: missing (run the study into {source} first)")
+    if file is None:
+        tables = bench_tables(read_json(path))
+    else:
+        with open(path, encoding="utf-8") as f:
+            tables = f.read()
+    note = f"Written by `python report.py --study {name} {source} --docs docs` from `{path}`."
+    return [write_blocks(os.path.join(docs, page), {name: note + "\n\n" + tables})]
+
+
+def rows_table(rows):
+    """A list of flat dicts as a markdown table: a column per key that holds a number or a string."""
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, (int, float, str))))
+    show = lambda v: "-" if v is None else str(v) if not isinstance(v, float) else f"{v:,.0f}" if abs(v) >= 100 \
+        else f"{v:.3g}"
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return "\n".join(lines + ["| " + " | ".join(show(r.get(k)) for k in keys) + " |" for r in rows])
+
+
+def bench_tables(bench):
+    """bench.py's JSON (--out) as markdown: the machine, then each part it measured."""
+    machine = ", ".join(f"{k} {v}" for k, v in bench.get("machine", {}).items())
+    parts = [f"Machine: {machine}."]
+    if bench.get("compare_hf"):
+        parts += ["### Against transformers (this project's tokens/s over transformers')", rows_table(bench["compare_hf"])]
+    for part in ("train", "generate"):
+        for name, rows in bench.get(part, {}).items():
+            parts += [f"### {part}: {name}", rows_table(rows)]
+    for name, row in bench.get("ppo", {}).items():
+        parts += [f"### one PPO iteration: {name}", rows_table([row])]
+    return "\n\n".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -1381,8 +1413,9 @@ def get_args(argv=None):
                    "generated blocks of the README (beside DOCS) and of DOCS/results.md, safety_share.md and "
                    "world.md (a world run) or DOCS/smollm2.md (a --preset smollm2 run) from the run folder, and copy "
                    "its trade-off plots into DOCS; with --study: that study's page")
-    p.add_argument("--study", nargs=2, default=None, metavar=("NAME", "FOLDER"), help="with --docs: rewrite "
-                   f"DOCS/NAME.md's generated block from a study's output folder; NAME is one of {', '.join(STUDIES)}")
+    p.add_argument("--study", nargs=2, default=None, metavar=("NAME", "SOURCE"), help="with --docs: rewrite the "
+                   "block NAME of its docs page from a study's output: attack.py's or overopt.py's --out folder, or "
+                   f"bench.py's --out JSON file for speed; NAME is one of {', '.join(STUDIES)}")
     args = runtime.parse_args(p, {}, argv)
     if args.study is not None:
         if args.docs is None or args.run is not None or args.aggregate is not None:

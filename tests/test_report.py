@@ -537,6 +537,13 @@ def test_a_study_page_is_written_from_its_folder_and_a_missing_block_is_an_error
     report.main(report.get_args(["--study", "safety_depth", str(study), "--docs", str(docs)]))
     page = (docs / "safety_depth.md").read_text()
     assert "| ppo | 39.6 |" in page and page.endswith("prose after\n")
+    (docs / "speed.md").write_text("<!-- generated:speed -->\n<!-- /generated:speed -->\n")
+    bench = dict(machine=dict(threads=2), compare_hf=[dict(config="tiny", work="train", ratio_median=1.0612)],
+                 train=dict(tiny=[dict(batch_size=32, tokens_per_s=18241.3)]), generate={}, ppo={})
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    report.main(report.get_args(["--study", "speed", str(tmp_path / "bench.json"), "--docs", str(docs)]))
+    speed = (docs / "speed.md").read_text()
+    assert "Machine: threads 2." in speed and "| tiny | train | 1.06 |" in speed and "| 32 | 18,241 |" in speed
     (docs / "results.md").write_text("no blocks here\n")
     run = tmp_path / "run"
     (run / "eval").mkdir(parents=True)
