@@ -1,8 +1,9 @@
-"""The layout of DESIGN.md: three floors of files (library, stages, tools), imports only downwards, no cycle;
+"""The layout of docs/architecture.md: three floors of files (library, stages, tools), imports only downwards, no cycle;
 each stage's main() short enough to read as its algorithm; no line over 120 characters."""
 import ast
 import glob
 import os
+import re
 
 import pytest
 
@@ -66,3 +67,18 @@ def test_no_line_over_120_characters():
     long = [f"{os.path.relpath(path, ROOT)}:{i}" for path in files
             for i, line in enumerate(open(path, encoding="utf-8"), 1) if len(line.rstrip("\n")) > 120]
     assert not long, long
+
+
+def test_the_readme_reading_map_names_what_each_file_defines():
+    """Every `name` the README's reading map places in a file (a row's "[file.py](file.py): `a`, `b`") is defined
+    there: a function, a class, a method or a module-level constant."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    table = readme[readme.index("## The method, in the order to read it"):readme.index("## The stages")]
+    places = re.findall(r"\[(\w+\.py)\]\(\w+\.py\): ((?:`[\w.]+`(?:, )?)+)", table)
+    assert len(places) >= 12
+    for file, names in places:
+        tree = ast.parse(open(os.path.join(ROOT, file), encoding="utf-8").read())
+        defined = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        defined |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        for name in re.findall(r"`([\w.]+)`", names):
+            assert name.split(".")[-1] in defined, f"the README places {name} in {file}, which does not define it"
