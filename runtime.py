@@ -137,11 +137,9 @@ def wrap_ddp(model, rt, compile=False):
 
 
 def no_sync(model, last):
-    """Skip the gradient reduction across ranks on every micro-batch but the last of an accumulation step (DDP's
-    all-reduce; FSDP's reduce-scatter)."""
-    if sharded(model):
-        model.set_requires_gradient_sync(last)
-        return nullcontext()
+    """Skip DDP's gradient all-reduce on every micro-batch but the last of an accumulation step. A model sharded by
+    --fsdp reduce-scatters every micro-batch: skipping it would hold whole unsharded gradients between micro-batches,
+    the memory FSDP is there to save."""
     return model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext()
 
 
