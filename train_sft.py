@@ -22,8 +22,8 @@ Tiny CPU run (minutes):
 Data parallel:
     torchrun --nproc_per_node=2 train_sft.py --stage sft --preset tiny --init out/base/model.pt --out out/sft
 Sharded (FSDP2), a 7B model on 8 GPUs (docs/memory.md sizes it; MODEL_7B a HF or Meta folder that loaders.py reads):
-    torchrun --nproc_per_node=8 train_sft.py --stage sft --init MODEL_7B --data FILE.jsonl --fsdp \\
-        --activation-checkpointing --max-seq-len 4096 --batch-size 64 --grad-accum 8 --lr 2e-5 --out out/sft_7b
+    torchrun --standalone --nproc_per_node=8 train_sft.py --stage sft --init MODEL_7B --data FILE.jsonl \\
+        --fsdp --max-seq-len 4096 --batch-size 64 --grad-accum 8 --lr 2e-5 --out out/sft_7b
 """
 import math
 import random
