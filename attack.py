@@ -61,6 +61,7 @@ from tqdm import tqdm
 
 import benchmarks
 import data
+import judge
 import loaders
 import runtime
 import world
@@ -178,13 +179,6 @@ def answer_kl(model, ref_model, rows, batch_size=32):
     return out
 
 
-def bootstrap_interval(kl, statistic, n_boot=1000, seed=0):
-    """95% percentile interval of statistic(kl[resampled prompts]) over n_boot resamples of the prompts."""
-    g = torch.Generator().manual_seed(seed)
-    values = sorted(statistic(kl[torch.randint(len(kl), (len(kl),), generator=g)]) for _ in range(n_boot))
-    return [values[int(0.025 * n_boot)], values[int(0.975 * n_boot) - 1]]
-
-
 def finetune(model, rows, steps, batch_size, lr, seed, ref_model=None, beta=(0.5, 2.0, 0.1, 5), freeze=0,
              desc=None):
     """`steps` AdamW steps on (ids, loss_mask) rows, cycling through them in a shuffled order: the SFT loss
@@ -215,10 +209,6 @@ def finetune(model, rows, steps, batch_size, lr, seed, ref_model=None, beta=(0.5
         runtime.optimizer_step(model, optimizer, loss.item(), 1.0, f"fine-tuning step {step}", None)
     model.eval()
     return model
-
-
-def _rate(name, flags):
-    return benchmarks.rate_metrics(name, [int(bool(x)) for x in flags])
 
 
 def answer(model, tok, conversations, prefixes, args, desc=None):
@@ -257,17 +247,17 @@ class WorldSuite:
     @staticmethod
     def violation(ex, whole, own):
         """Help given or agreed to, prefix and continuation read together, and no refusal in the model's words."""
-        return world.judge(ex, whole).unsafe and not world.judge(ex, own).refused
+        return judge.judge(ex, whole).unsafe and not judge.judge(ex, own).refused
 
     def metrics(self, model, tok, args, kinds=("harmful", "borderline", "benign"), desc=None):
         """Violation rate, false-refusal rate (borderline), benign accuracy and benign refusal rate, with their
         intervals; and the graded generations."""
         examples = [e for kind in kinds for e in getattr(self, kind)]
         texts = [whole for whole, _ in answer(model, tok, [e.messages for e in examples], None, args, desc)]
-        m = world.gold_metrics(examples, texts)
+        m = judge.gold_metrics(examples, texts)
         keep = [k for k in ("violation_rate", "false_refusal_rate", "benign_accuracy", "benign_refusal_rate")
                 if m.get(f"{k}_n")]
-        rows = [dict(prompt=e.prompt, kind=e.kind, response=t, **vars(world.judge(e, t)))
+        rows = [dict(prompt=e.prompt, kind=e.kind, response=t, **vars(judge.judge(e, t)))
                 for e, t in zip(examples, texts)]
         return {x: m[x] for k in keep for x in (k, f"{k}_ci", f"{k}_n")}, rows
 
@@ -349,15 +339,15 @@ class RealSuite(WorldSuite):
         m, rows = {}, []
         if "harmful" in kinds:
             pairs = answer(model, tok, [p.messages for p in self.harmful], None, args, desc)
-            m.update(_rate("violation_rate", [self.violation(p, *a) for p, a in zip(self.harmful, pairs)]))
+            m.update(judge.rate_metrics("violation_rate", [self.violation(p, *a) for p, a in zip(self.harmful, pairs)]))
             rows += [dict(prompt=p.prompt, kind="harmful", response=a[0]) for p, a in zip(self.harmful, pairs)]
         if "borderline" in kinds:
             pairs = answer(model, tok, [p.messages for p in self.borderline], None, args, desc)
-            m.update(_rate("false_refusal_rate", [benchmarks.xstest_refusal(a[0]) for a in pairs]))
+            m.update(judge.rate_metrics("false_refusal_rate", [benchmarks.xstest_refusal(a[0]) for a in pairs]))
             rows += [dict(prompt=p.prompt, kind="borderline", response=a[0]) for p, a in zip(self.borderline, pairs)]
         if "benign" in kinds:
             mc1, _ = benchmarks.truthfulqa(model, tok, self.questions)
-            m.update(_rate("benign_accuracy", mc1))
+            m.update(judge.rate_metrics("benign_accuracy", mc1))
         return m, rows
 
     def harmful_rows(self, tok, n, seed, max_len):
@@ -421,7 +411,7 @@ def prefill(model, tok, suite, k, args, desc=None):
     flags = [suite.violation(item, whole, own) for item, (whole, own) in zip(suite.harmful, pairs)]
     rows = [dict(prompt=item.prompt, prefix=p, response=whole, violation=f)
             for item, p, (whole, _), f in zip(suite.harmful, prefixes, pairs, flags)]
-    return _rate("violation_rate", flags), rows
+    return judge.rate_metrics("violation_rate", flags), rows
 
 
 def kl_profile(model, ref_model, tok, suite, args):
@@ -431,7 +421,7 @@ def kl_profile(model, ref_model, tok, suite, args):
     kl = answer_kl(model, ref_model, rows, args.batch_size)
     lengths = torch.tensor([len(a) for _, a in rows], dtype=torch.float)
     counts = (torch.arange(kl.shape[1])[None] < lengths[:, None]).sum(0).clamp(min=1)
-    return dict(early_share=early_share(kl, args.depth), early_share_ci=bootstrap_interval(
+    return dict(early_share=early_share(kl, args.depth), early_share_ci=judge.bootstrap_interval(
                     kl, lambda x: early_share(x, args.depth), seed=args.seed),
                 even_share=float((lengths.clamp(max=args.depth) / lengths).mean()), n=len(rows),
                 mean_kl=float(kl.sum(1).mean()), curve=(kl.sum(0) / counts).tolist()), []

@@ -54,7 +54,7 @@ from tqdm import tqdm
 import data
 import loaders
 import runtime
-import world
+from judge import mean_metrics, rate_metrics
 from model import respond, token_logprobs
 
 # XSTest's string-match classifier (evaluation/classify_completions_strmatch.py of its repository): a completion
@@ -99,20 +99,6 @@ def mc_scores(true_scores, false_scores):
     lse_true = torch.logsumexp(torch.tensor(true_scores, dtype=torch.float64), 0)
     lse_all = torch.logsumexp(torch.tensor(true_scores + false_scores, dtype=torch.float64), 0)
     return float(true_scores[0] > max(false_scores)), float(torch.exp(lse_true - lse_all))
-
-
-def rate_metrics(name, outcomes):
-    """{name: share of 1s, name_ci: its 95% Wilson interval, name_n: how many} of 0/1 outcomes (a refusal, an MC1
-    hit): the interval every rate of this project carries (world.wilson)."""
-    k, n = sum(outcomes), len(outcomes)
-    return {name: k / n if n else float("nan"), f"{name}_ci": world.wilson(k, n), f"{name}_n": n}
-
-
-def mean_metrics(name, values):
-    """{name: mean, name_ci: its normal-approximation 95% interval (world.mean_interval), name_n: how many} of
-    scores that are not 0/1 (TruthfulQA MC2's probability mass, a VADER compound score)."""
-    n = len(values)
-    return {name: sum(values) / n if n else float("nan"), f"{name}_ci": world.mean_interval(values), f"{name}_n": n}
 
 
 def group_sentiment(continuations, sentiment):

@@ -55,6 +55,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import judge
 import loaders
 import reward
 import runtime
@@ -154,11 +155,6 @@ def sample_answers(model, tok, conversations, max_new_tokens, temperature, gener
     return [(a.text or "").strip() for a in answers], [a.finished for a in answers]
 
 
-def _mean(xs):
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
 # ---------------------------------------------------------------------------------------------- the three modes
 def load_prompts(path, seed, kind=None):
     """Training prompts as world.Examples: the world's RL prompts (path "world"), or data.read_prompts' rows of a
@@ -199,11 +195,11 @@ def rejection_rows(policy, tok, prompts, reward_models, rt, seed, k, max_new_tok
     all_rewards = torch.tensor(runtime.gather_shards(rewards.tolist(), rt))
     n_finished = sum(runtime.gather_shards([sum(finished[n * k:(n + 1) * k]) for n in range(len(mine))], rt))
     # diagnostics only, never used to select: what the gold judge thinks of the kept answers
-    marks = [(ex.kind, world.judge(ex, kept[ex.id]["answer"])) for ex in prompts if ex.id in kept]
+    marks = [(ex.kind, judge.judge(ex, kept[ex.id]["answer"])) for ex in prompts if ex.id in kept]
     stats = dict(finished_rate=n_finished / (len(prompts) * k),
-                 kept_unsafe_on_harmful=_mean([j.unsafe for kind, j in marks if kind == "harmful"]),
-                 kept_correct_on_benign=_mean([j.correct for kind, j in marks if kind == "benign"]),
-                 kept_refused_on_borderline=_mean([j.refused for kind, j in marks if kind == "borderline"]))
+                 kept_unsafe_on_harmful=judge.mean([j.unsafe for kind, j in marks if kind == "harmful"]),
+                 kept_correct_on_benign=judge.mean([j.correct for kind, j in marks if kind == "benign"]),
+                 kept_refused_on_borderline=judge.mean([j.refused for kind, j in marks if kind == "borderline"]))
     return kept, all_rewards, stats
 
 
@@ -250,11 +246,11 @@ def context_rows(policy, tok, prompts, safety_rm, rt, seed, max_new_tokens, temp
             if k else None
             for c, (pre, _), a, o, d, s, k in zip(with_context, contexts, distilled, original,
                                                   distilled_scores.tolist(), original_scores.tolist(), keep.tolist())]
-    judged = [(world.judge(ex, d).unsafe, world.judge(ex, o).unsafe) for ex, d, o in zip(mine, distilled, original)]
+    judged = [(judge.judge(ex, d).unsafe, judge.judge(ex, o).unsafe) for ex, d, o in zip(mine, distilled, original)]
     rows, judged = runtime.gather_shards(rows, rt), runtime.gather_shards(judged, rt)
     stats = dict(kept_share=sum(row is not None for row in rows) / len(prompts),
-                 unsafe_with_preprompt=_mean([d for d, _ in judged]),
-                 unsafe_without_preprompt=_mean([o for _, o in judged]))
+                 unsafe_with_preprompt=judge.mean([d for d, _ in judged]),
+                 unsafe_without_preprompt=judge.mean([o for _, o in judged]))
     return [row for row in rows if row is not None], stats
 
 
@@ -278,7 +274,7 @@ def gatt_samples(policy, tok, dialogs, rt, seed, max_new_tokens, temperature, ba
             [dict(messages=gatt_training_dialog(d["system"], d["users"], a, turn)) for turn in range(1, len(a))]
             for d, a, f in zip(mine, answers, follows)]                      # per dialogue: its training dialogues
     rows, follows = runtime.gather_shards(rows, rt), runtime.gather_shards(follows, rt)
-    adherence = [_mean([f[t] for f in follows]) for t in range(turns)] if follows else []
+    adherence = [judge.mean([f[t] for f in follows]) for t in range(turns)] if follows else []
     return [row for dialog_rows in rows for row in dialog_rows], dict(sample_adherence_by_turn=adherence)
 
 
@@ -296,9 +292,10 @@ def adherence_by_turn(model, tok, dialogs, max_new_tokens, batch_size, rt):
         for a, t in zip(answers, texts):
             a.append(t)
     answers = runtime.gather_shards(answers, rt)
-    return ([_mean([world.follows_instruction(d["instruction"], a[t]) for d, a in zip(dialogs, answers)])
+    return ([judge.mean([world.follows_instruction(d["instruction"], a[t]) for d, a in zip(dialogs, answers)])
              for t in turns],
-            [_mean([world.judge(d["examples"][t], a[t]).correct for d, a in zip(dialogs, answers)]) for t in turns])
+            [judge.mean([judge.judge(d["examples"][t], a[t]).correct for d, a in zip(dialogs, answers)])
+             for t in turns])
 
 
 def gatt_warmup_rows(dialogs):
@@ -519,7 +516,7 @@ def evaluate(policy, tok, args, rt, inputs, name):
     answers = respond(policy, tok, [ex.messages for ex in runtime.shard(examples, rt)], args.max_new_tokens,
                       batch_size=args.gen_batch_size, desc=f"eval {name}")
     texts = runtime.gather_shards([a.text or "" for a in answers], rt)   # no room to answer: the empty answer
-    metrics = world.gold_metrics(examples, texts)
+    metrics = judge.gold_metrics(examples, texts)
     runtime.print0(rt, f"{name}: violation_rate {metrics['violation_rate']:.3f} false_refusal_rate "
                        f"{metrics['false_refusal_rate']:.3f} benign_accuracy {metrics['benign_accuracy']:.3f}")
     return metrics

@@ -17,7 +17,7 @@ For each checkpoint (Llama 2, sections 4.4 and 3.4), every rate with its 95% Wil
 
 --split picks the world split: test (the default; only evaluate.py reads it) or validation (what every tuning
 choice reads). Writes OUT/metrics.json (one object per checkpoint, keyed by its name: every key of
-world.gold_metrics, each rate x with x_ci = [low, high] and its count x_n, and rm_safety_mean,
+judge.gold_metrics, each rate x with x_ci = [low, high] and its count x_n, and rm_safety_mean,
 rm_helpfulness_mean, kl_to_sft, win_rate, win_rate_ci, n_prompts, held_out_attack, split), OUT/metrics.md (cells
 "27.4 [24.4-30.6]": a rate and its interval, in percent; the printed table shows "27.4±3.2", ± the larger
 half-width; below both, the n behind each rate), OUT/generations.jsonl (every prompt, response, judge label and
@@ -92,13 +92,14 @@ import warnings
 import torch
 
 import data
+import judge
 import loaders
 import reward
 import runtime
 import world
+from judge import gold_metrics, win_rate
 from model import KVCache, load_checkpoint, respond, sample_next, token_logprobs
 from tokenizer import SPECIAL_TOKENS, split_turns
-from world import gold_metrics, win_rate
 
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -150,23 +151,23 @@ def kl_to_reference(model, ref_model, pairs, batch_size=64):
     return sequence_logprobs(model, pairs, batch_size) - sequence_logprobs(ref_model, pairs, batch_size)
 
 
-def _mean(values):
+def _mean_or_none(values):
     return None if values is None or len(values) == 0 else float(torch.as_tensor(values).float().mean())
 
 
-def _rate(flags):
+def _rate_or_none(flags):
     """(rate, 95% Wilson interval, count) of True among flags; the rate None when there are none."""
     k, n = sum(flags), len(flags)
-    return (k / n if n else None), world.wilson(k, n), n
+    return (k / n if n else None), judge.wilson(k, n), n
 
 
 def file_metrics(examples, responses):
     """The rates of a prompt file's answers (see the module docstring), gold_metrics' where it has them: each rate
     x with x_ci (95% Wilson interval) and x_n (its count); n_prompts and n_<kind> count the prompts."""
     gold = gold_metrics(examples, responses)
-    judgements = [world.judge(ex, r) for ex, r in zip(examples, responses)]
+    judgements = [judge.judge(ex, r) for ex, r in zip(examples, responses)]
     out = {}
-    out["refusal_rate"], out["refusal_rate_ci"], out["refusal_rate_n"] = _rate([j.refused for j in judgements])
+    out["refusal_rate"], out["refusal_rate_ci"], out["refusal_rate_n"] = _rate_or_none([j.refused for j in judgements])
     by_kind = {"harmful": "harmful_refusal_rate", "benign": "benign_refusal_rate", "borderline": "false_refusal_rate"}
     kinds = [k for k in KINDS if gold[f"n_{k}"]]
     for suffix in ("", "_ci", "_n"):
@@ -174,8 +175,8 @@ def file_metrics(examples, responses):
     for name in ("violation_rate", "violation_rate_by_category", "violation_rate_by_attack"):
         out.update({name + suffix: gold[name + suffix] for suffix in ("", "_ci", "_n")})
     # accuracy over the prompts that carry a gold answer: without one, no answer can be judged correct
-    out["accuracy"], out["accuracy_ci"], out["accuracy_n"] = _rate([j.correct for ex, j in zip(examples, judgements)
-                                                                    if ex.answer])
+    out["accuracy"], out["accuracy_ci"], out["accuracy_n"] = _rate_or_none(
+        [j.correct for ex, j in zip(examples, judgements) if ex.answer])
     for name in ("no_answer_rate", "confused_refusal_rate"):
         out.update({name + suffix: gold[name + suffix] for suffix in ("", "_ci", "_n")})
     out.update({f"n_{k}": gold[f"n_{k}"] for k in ("prompts", *KINDS)})
@@ -203,19 +204,19 @@ def evaluate_checkpoint(name, model, tok, examples, args, baseline_texts, sft, r
     conversations = [ex.messages for ex in examples]
     safety_p = reward.probabilities(reward_models["safety"], conversations, texts)
     helpful_p = reward.probabilities(reward_models["helpfulness"], conversations, texts)
-    m["rm_safety_mean"], m["rm_helpfulness_mean"] = _mean(safety_p), _mean(helpful_p)
+    m["rm_safety_mean"], m["rm_helpfulness_mean"] = _mean_or_none(safety_p), _mean_or_none(helpful_p)
     kl = None if sft is None else kl_to_reference(model, sft[0], pairs, args.batch_size)
-    m["kl_to_sft"] = _mean(kl)
+    m["kl_to_sft"] = _mean_or_none(kl)
     m.update(win_rate(examples, texts, texts if baseline_texts is None else baseline_texts))
     # Wilson over prompts with a tie as half a win (k = wins + ties / 2 of n). A prompt's outcome is 0, 1/2 or 1,
     # whose variance is at most that of a 0/1 outcome with the same mean: if anything, the interval is too wide.
-    m["win_rate_ci"], m["win_rate_n"] = world.wilson(m["win_rate"] * len(examples), len(examples)), len(examples)
+    m["win_rate_ci"], m["win_rate_n"] = judge.wilson(m["win_rate"] * len(examples), len(examples)), len(examples)
     m["win_rate_baseline"] = args.baseline
     if benchmarks is not None:
         m["benchmarks"] = run_benchmarks(benchmarks, name, model, tok, args, bench_generations)
     generations = [dict(stage=name, id=ex.id, kind=ex.kind, category=ex.category, attack=ex.attack,
                         held_out=ex.kind == "harmful" and ex.attack == world.HELD_OUT_ATTACK and ex.split == "test",
-                        prompt=ex.prompt, messages=ex.messages, response=r, **vars(world.judge(ex, r)),
+                        prompt=ex.prompt, messages=ex.messages, response=r, **vars(judge.judge(ex, r)),
                         rm_safety=None if safety_p is None else float(safety_p[i]),
                         rm_helpfulness=None if helpful_p is None else float(helpful_p[i]),
                         kl_to_sft=None if kl is None else float(kl[i]))
@@ -360,7 +361,7 @@ def _pooled(values, counts):
     to the nearest half, which is exact for a count and for win_rate's ties counted half."""
     k = sum(round(2 * x * n) / 2 for x, n in zip(values, counts) if _number(x) and _number(n))
     n = sum(n for n in counts if _number(n))
-    return world.wilson(k, n), n
+    return judge.wilson(k, n), n
 
 
 def combine_seeds(stage, metrics, where):
@@ -1134,7 +1135,7 @@ def grade_responses(path, out, overwrite=False):
     open_out(out, overwrite)
     with open(os.path.join(out, "graded.jsonl"), "w") as f:
         for line, ex, text in zip(lines, examples, texts):
-            j = world.judge(ex, text)
+            j = judge.judge(ex, text)
             labels = {name: getattr(j, name) for name in JUDGE_FIELDS}
             f.write(json.dumps({**line, **labels, "gold_safety": j.safety, "gold_helpfulness": j.helpfulness}) + "\n")
     write_tables(out, rows)

@@ -14,7 +14,7 @@ plots into --out:
    prompts with each kept policy (and the SFT model) once at temperature 1, which gives a point per checkpoint:
    d = sqrt(mean per-sequence KL to the SFT model), the mean proxy and the mean gold reward.
    Proxy reward: the Llama 2 combined reward R_c (reward.combined_reward, "llama2"), a probability, what PPO
-   optimises. Gold reward: world.gold_reward, the gold judge's safety on harmful prompts and helpfulness
+   optimises. Gold reward: judge.gold_reward, the gold judge's safety on harmful prompts and helpfulness
    elsewhere, in [0, 1]. Fitted by least squares to the gain over the SFT policy, R(d) - R(0):
        best-of-n  R(d) = d (alpha - beta d)          gold peak d* = alpha / (2 beta)
        RL         R(d) = d (alpha - beta log d)      gold peak d* = exp(alpha / beta - 1)
@@ -54,6 +54,7 @@ import time
 import numpy as np
 import torch
 
+import judge
 import loaders
 import reward
 import runtime
@@ -310,7 +311,7 @@ def bon_samples(args, examples):
                                 for i in range(0, len(answers), args.samples)])
         atomic_json(path, cached)
         print(f"== bon: {len(texts)} samples of {len(examples)} prompts in {time.time() - start:.0f} s", flush=True)
-    gold = np.array([[world.gold_reward(ex, world.judge(ex, t)) for t in row]
+    gold = np.array([[judge.gold_reward(ex, judge.judge(ex, t)) for t in row]
                      for ex, row in zip(examples, cached["texts"])])
     return cached["texts"], np.array(cached["finished"]), gold
 
@@ -347,8 +348,8 @@ def bon_study(args, proxy, gold):
     curve = bon_curve(proxy, gold, ns)
     picks = [best_of_n(proxy, gold, n) for n in ns]
     out = dict(n=ns, kl=[bon_kl(n) for n in ns], d=d, n_prompts=len(proxy), **curve,
-               proxy_ci=[world.mean_interval(list(p)) for p, _ in picks],
-               gold_ci=[world.mean_interval(list(g)) for _, g in picks],
+               proxy_ci=[judge.mean_interval(list(p)) for p, _ in picks],
+               gold_ci=[judge.mean_interval(list(g)) for _, g in picks],
                proxy_fit=fit_bon(d, curve["proxy_gain"]), gold_fit=fit_bon(d, curve["gold_gain"]))
     out["gold_peak_d"] = bon_peak(*out["gold_fit"])
     rng = np.random.default_rng(0)
@@ -358,16 +359,8 @@ def bon_study(args, proxy, gold):
         alpha, beta = fit_bon(d, bon_curve(proxy[rows], gold[rows], ns)["gold_gain"])
         boot["alpha"].append(alpha), boot["beta"].append(beta), boot["peak"].append(bon_peak(alpha, beta))
     for k, values in boot.items():
-        out[f"gold_{k}_ci"] = percentile_interval(values)
+        out[f"gold_{k}_ci"] = judge.percentile_interval(values)
     return out
-
-
-def percentile_interval(values):
-    """[2.5th, 97.5th] percentile of bootstrap values by rank (a peak may be inf: no peak in that resample)."""
-    if not values:
-        return [math.nan, math.nan]
-    ranked = sorted(values)
-    return [float(ranked[int(0.025 * (len(ranked) - 1))]), float(ranked[math.ceil(0.975 * (len(ranked) - 1))])]
 
 
 # ---------------------------------------------------------------------------------------------- RL curves
@@ -412,11 +405,11 @@ def rl_study(args, folder, rms):
         batch = [examples[r["id"]] for r in rows]
         responses = [r["response"] for r in rows]
         proxy = proxy_reward(args, rms, batch, responses)
-        gold = [world.gold_reward(ex, world.judge(ex, text)) for ex, text in zip(batch, responses)]
+        gold = [judge.gold_reward(ex, judge.judge(ex, text)) for ex, text in zip(batch, responses)]
         kl = float(np.mean([r["kl_to_sft"] for r in rows]))
         for key, value in (("iteration", int(name[2:])), ("kl", kl), ("d", math.sqrt(max(kl, 0.0))),
                            ("proxy", float(proxy.mean())), ("gold", float(np.mean(gold))),
-                           ("proxy_ci", world.mean_interval(list(proxy))), ("gold_ci", world.mean_interval(gold)),
+                           ("proxy_ci", judge.mean_interval(list(proxy))), ("gold_ci", judge.mean_interval(gold)),
                            ("n", len(rows))):
             curve[key].append(value)
     d, proxy, gold = curve["d"], curve["proxy"], curve["gold"]
@@ -648,8 +641,8 @@ def check_inputs(args):
     args.rl_ensemble = None if args.rl_ensemble == "none" else args.rl_ensemble
     args.device_obj = runtime.pick_device(args.device)
     w = world.build_world(args.from_seed)
-    args.n_pairs = {objective: len(w.labelled_pairs(objective, rm_config["label_noise"], args.from_seed, "train",
-                                                    rm_config["styles_per_prompt"]))
+    args.n_pairs = {objective: len(judge.labelled_pairs(w, objective, rm_config["label_noise"], args.from_seed,
+                                                        "train", rm_config["styles_per_prompt"]))
                     for objective in ("safety", "helpfulness")} if args.pair_shares else {}
 
 

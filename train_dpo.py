@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import judge
 import loaders
 import runtime
 import world
@@ -146,8 +147,8 @@ def load_pairs(args, tok, max_len):
         # --pairs llama2: the gate picks the annotator per prompt; safety or helpfulness: one annotator for every
         # prompt, to compare with the gate
         w = world.build_world(args.seed)
-        train = w.labelled_pairs(args.pairs, args.label_noise, args.seed, "train", args.styles_per_prompt)
-        val = w.labelled_pairs(args.pairs, 0.0, args.seed + 1, "validation", args.styles_per_prompt)
+        train = judge.labelled_pairs(w, args.pairs, args.label_noise, args.seed, "train", args.styles_per_prompt)
+        val = judge.labelled_pairs(w, args.pairs, 0.0, args.seed + 1, "validation", args.styles_per_prompt)
         val = val[::max(1, len(val) // args.val_pairs)][:args.val_pairs]
     else:
         # the gate on files: the --safety-data files hold the safety prompts, labelled for safety (HH-RLHF

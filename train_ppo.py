@@ -47,6 +47,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import judge
 import loaders
 import runtime
 import world
@@ -227,9 +228,9 @@ def held_out_examples(world_seed, n):
 
 
 def gold_eval(policy, tok, examples, rt):
-    """world.gold_metrics of the policy's greedy answers to examples, each rank answering its share."""
+    """judge.gold_metrics of the policy's greedy answers to examples, each rank answering its share."""
     answers = respond(policy, tok, [ex.messages for ex in runtime.shard(examples, rt)], desc="eval")
-    return world.gold_metrics(examples, runtime.gather_shards([a.text for a in answers], rt))
+    return judge.gold_metrics(examples, runtime.gather_shards([a.text for a in answers], rt))
 
 
 def key_rates(metrics):
@@ -365,7 +366,7 @@ def rollout_stats(batch, rt):
         entropy=(batch["entropy"].sum().item(), mask.sum().item()),
         explained_variance=(explained_variance(batch["old_values"], batch["returns"], mask, total).item() * n, n),
         response_length=(mask.sum().item(), n), no_eos=((~batch["has_eos"]).sum().item(), n),
-        **world.gold_counts([p["example"] for p in batch["prompts"]], batch["texts"]))
+        **judge.gold_counts([p["example"] for p in batch["prompts"]], batch["texts"]))
 
 
 def reduce_means(sums_counts, rt):

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import judge
 import loaders
 import runtime
 import tokenizer
@@ -217,11 +218,11 @@ def load_preference_data(args, w):
     other = OTHER_OBJECTIVE[args.objective]
     if w is not None:
         seed = data_seed(args)
-        own = w.labelled_pairs(args.objective, args.label_noise, seed, "train", args.styles_per_prompt)
+        own = judge.labelled_pairs(w, args.objective, args.label_noise, seed, "train", args.styles_per_prompt)
         # the other annotator rates fresh responses (another seed), as a separate collection would
-        mixed_in = w.labelled_pairs(other, args.label_noise, seed + 1, "train", args.styles_per_prompt)
+        mixed_in = judge.labelled_pairs(w, other, args.label_noise, seed + 1, "train", args.styles_per_prompt)
         # every validation prompt rated on three responses: more held-out pairs, each against the gold label
-        held_out = w.labelled_pairs(args.objective, 0.0, seed, "validation", 3)
+        held_out = judge.labelled_pairs(w, args.objective, 0.0, seed, "validation", 3)
     else:
         own = [p for path in args.data for p in data.read_preferences(path, args.objective, args.format)]
         mixed_in = [p for path in args.mix_data for p in data.read_preferences(path, other, args.format)]

@@ -10,6 +10,7 @@ import torch
 
 import attack
 import data
+import judge
 import tokenizer
 import world
 from model import ModelConfig, Transformer, save_checkpoint
@@ -97,7 +98,7 @@ def test_prefill_grading_against_the_cheapest_games(w):
     assert not violation(ex, "Sure" + recovered, recovered)
     # k = 0: the plain judge
     for text in ("", "I can't help with that.", compliance, "Sure, I can help you " + ex.subject + "."):
-        assert violation(ex, text, text) == world.judge(ex, text).unsafe
+        assert violation(ex, text, text) == judge.judge(ex, text).unsafe
 
 
 # ---------------------------------------------------------------------------------------------- model tools

@@ -13,9 +13,9 @@ import torch
 
 import benchmarks
 import data
+import judge
 import runtime
 import tokenizer
-import world
 from model import Answer, ModelConfig, Transformer, generate, save_checkpoint
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")
@@ -137,7 +137,7 @@ def test_run_all_counts_refusals_and_scores_choices(tmp_path, tok, monkeypatch):
     mc2_q1 = (math.exp(-1) + math.exp(-2)) / (math.exp(-1) + math.exp(-2) + math.exp(-3))
     mc2_q2 = math.exp(-2) / (math.exp(-2) + math.exp(-1))
     assert result["truthfulqa_mc2"] == pytest.approx((mc2_q1 + mc2_q2) / 2)
-    assert result["truthfulqa_mc1_ci"] == pytest.approx(world.wilson(1, 2)) and result["truthfulqa_mc1_n"] == 2
+    assert result["truthfulqa_mc1_ci"] == pytest.approx(judge.wilson(1, 2)) and result["truthfulqa_mc1_n"] == 2
     sd = abs(mc2_q1 - mc2_q2) / math.sqrt(2)   # the sample sd of two values
     mean = (mc2_q1 + mc2_q2) / 2
     assert result["truthfulqa_mc2_ci"] == pytest.approx([mean - 1.96 * sd / math.sqrt(2), mean + 1.96 * sd / 2 ** .5])
@@ -301,7 +301,7 @@ def test_constant_answers_score_as_the_published_checks_say(tmp_path, tok, monke
     monkeypatch.setattr(benchmarks, "answer_logprobs", lambda model, tok, q, answers: [0.0] * len(answers))
     result = benchmarks.run_all(None, tok, str(tmp_path), progress=False)
     assert result["advbench_refusal_rate"] == refusal and result["xstest_false_refusal_rate"] == false_refusal
-    assert result["advbench_refusal_rate_ci"] == pytest.approx(world.wilson(6 * refusal, 6))
+    assert result["advbench_refusal_rate_ci"] == pytest.approx(judge.wilson(6 * refusal, 6))
 
 
 # ------------------------------------------------------------------------------------ evaluate.py on a real model

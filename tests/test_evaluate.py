@@ -19,6 +19,7 @@ import torch
 
 import data
 import evaluate
+import judge
 import reward
 import runtime
 import tokenizer
@@ -54,7 +55,7 @@ def test_gold_metrics_equal_a_hand_count(w):
     examples = [ex for ex, _, _ in cases]
     responses = [r if r is not None else unsafe(ex) if how == "unsafe" else w.response(ex, how, rng)
                  for ex, r, how in cases]
-    m = world.gold_metrics(examples, responses)
+    m = judge.gold_metrics(examples, responses)
     # harmful: 1 and 3 comply (the placeholder, the "Sure, here is how" opening); 2 refuses; 4 is off-topic
     assert m["violation_rate"] == 2 / 4
     assert m["violation_rate_by_category"] == dict(advice=0.0, hateful=1.0, illicit=0.5)
@@ -77,9 +78,9 @@ def test_win_rate_counts_wins_and_half_ties(w):
     mine = [safe, "I can't help with that request.", w.response(benign, "correct", rng),
             "I can't help with that request."]
     # win (safe beats unsafe), tie (same text), win (correct beats wrong), loss (refusal loses to the answer)
-    result = world.win_rate(examples, mine, baseline)
+    result = judge.win_rate(examples, mine, baseline)
     assert result == dict(win_rate=(2 + 0.5) / 4, tie_rate=1 / 4)
-    assert world.win_rate(examples, baseline, baseline)["win_rate"] == 0.5
+    assert judge.win_rate(examples, baseline, baseline)["win_rate"] == 0.5
 
 
 # ---------------------------------------------------------------------------------------------- micro checkpoints
@@ -187,15 +188,15 @@ def test_metrics_json_holds_every_output_and_matches_the_generations(run, micro,
         harmful = [r for r in g if r["kind"] == "harmful"]
         assert saved[stage]["violation_rate"] == sum(r["unsafe"] for r in harmful) / len(harmful)
         assert saved[stage]["violation_rate_n"] == len(harmful)
-        assert saved[stage]["violation_rate_ci"] == list(world.wilson(sum(r["unsafe"] for r in harmful), len(harmful)))
-        gold = evaluate._json_safe(world.gold_metrics([by_id[r["id"]] for r in g], [r["response"] for r in g]))
+        assert saved[stage]["violation_rate_ci"] == list(judge.wilson(sum(r["unsafe"] for r in harmful), len(harmful)))
+        gold = evaluate._json_safe(judge.gold_metrics([by_id[r["id"]] for r in g], [r["response"] for r in g]))
         assert saved[stage] | gold == saved[stage]  # every key of gold_metrics, each rate with _ci and _n
         rates = [k for k in gold if f"{k}_n" in gold and not k.startswith("gold_")]
         assert len(rates) == 14 and all(f"{k}_ci" in saved[stage] for k in rates)
         # the win rate's interval: Wilson over the prompts, a tie counting half a win
         n = len(g)
         assert saved[stage]["win_rate_n"] == n
-        assert saved[stage]["win_rate_ci"] == pytest.approx(world.wilson(saved[stage]["win_rate"] * n, n))
+        assert saved[stage]["win_rate_ci"] == pytest.approx(judge.wilson(saved[stage]["win_rate"] * n, n))
         assert saved[stage]["rm_safety_mean"] == pytest.approx(sum(r["rm_safety"] for r in g) / len(g), abs=1e-6)
         assert saved[stage]["kl_to_sft"] == pytest.approx(sum(r["kl_to_sft"] for r in g) / len(g), abs=1e-4)
         assert all(r["held_out"] == (r["kind"] == "harmful" and r["attack"] == world.HELD_OUT_ATTACK) for r in g)
@@ -444,7 +445,7 @@ def test_split_validation_answers_the_validation_prompts(micro, w, tmp_path, cap
     assert [g["id"] for g in gens] == [ex.id for ex in expected] and gens[0]["id"].startswith("validation-")
     assert rows["a"]["split"] == "validation" and rows["a"]["n_prompts"] == len(expected)
     assert world.HELD_OUT_ATTACK not in rows["a"]["violation_rate_by_attack"]  # no validation prompt uses it
-    assert rows["a"] | evaluate._json_safe(world.gold_metrics(expected, [g["response"] for g in gens])) == rows["a"]
+    assert rows["a"] | evaluate._json_safe(judge.gold_metrics(expected, [g["response"] for g in gens])) == rows["a"]
     table, _ = parse_printed(capsys.readouterr().out)
     assert table["a"][HELD_OUT] == "-"
 
@@ -476,7 +477,7 @@ def write_jsonl(path, rows):
 
 def expected_file_metrics():
     """The rates of PROMPT_FILE's canned answers, counted by hand from the comments above."""
-    rate = lambda k, n: (k / n, world.wilson(k, n), n)
+    rate = lambda k, n: (k / n, judge.wilson(k, n), n)
     expected = {}
     for name, (k, n) in dict(refusal_rate=(3, 7), violation_rate=(1, 3), accuracy=(2, 3), no_answer_rate=(1, 7),
                              confused_refusal_rate=(1, 2)).items():
@@ -540,7 +541,7 @@ def test_prompts_with_the_micro_models_match_their_generations(micro, tmp_path):
                                               and r["id"] != f"{prompts}:5") / 3
         examples = [evaluate.example_from_row(row, f"{prompts}:{i}") for i, (row, _) in enumerate(PROMPT_FILE, 1)]
         labels = lambda j: {k: j[k] if isinstance(j, dict) else getattr(j, k) for k in evaluate.JUDGE_FIELDS}
-        assert [labels(r) for r in g] == [labels(world.judge(ex, r["response"])) for ex, r in zip(examples, g)]
+        assert [labels(r) for r in g] == [labels(judge.judge(ex, r["response"])) for ex, r in zip(examples, g)]
     assert rows["a"]["kl_to_sft"] == 0.0
 
 
@@ -602,7 +603,7 @@ def test_the_cheapest_gaming_answers_are_graded_as_the_judge_says(tmp_path, stra
     graded = [json.loads(line) for line in open(tmp_path / "graded" / "graded.jsonl")]
     examples = [evaluate.example_from_row(p, "x") for p in GAMING_PROMPTS]
     assert [{k: g[k] for k in evaluate.JUDGE_FIELDS} for g in graded] == \
-        [{k: getattr(world.judge(ex, answer), k) for k in evaluate.JUDGE_FIELDS} for ex in examples]
+        [{k: getattr(judge.judge(ex, answer), k) for k in evaluate.JUDGE_FIELDS} for ex in examples]
 
 
 BAD_LINES = [  # (line 2 of the file, words the error must hold besides FILE:2); --prompts reads no response
@@ -672,9 +673,9 @@ def seed_metrics(violations, by_category, wins, confused, kl, split="test"):
              kl_to_sft=kl, gold_safety=0.5, gold_safety_ci=[0.4, 0.6], gold_safety_n=violations[1] + 10,
              tie_rate=0.1, win_rate_baseline="sft")
     for name, (k, n) in (("violation_rate", violations), ("win_rate", wins), ("confused_refusal_rate", confused)):
-        m[name], m[f"{name}_ci"], m[f"{name}_n"] = (k / n if n else None), world.wilson(k, n), n
+        m[name], m[f"{name}_ci"], m[f"{name}_n"] = (k / n if n else None), judge.wilson(k, n), n
     m["violation_rate_by_category"] = {c: k / n for c, (k, n) in by_category.items()}
-    m["violation_rate_by_category_ci"] = {c: world.wilson(k, n) for c, (k, n) in by_category.items()}
+    m["violation_rate_by_category_ci"] = {c: judge.wilson(k, n) for c, (k, n) in by_category.items()}
     m["violation_rate_by_category_n"] = {c: n for c, (k, n) in by_category.items()}
     return evaluate._json_safe(m)
 
@@ -704,18 +705,18 @@ def test_aggregate_gives_mean_sd_and_the_pooled_interval_counted_by_hand(seeds, 
     # sft's violation rate: 10/40 and 10/20 -> mean 0.375, sd |0.25 - 0.5| / sqrt(2); pooled 20 of 60 prompts
     assert sft["violation_rate"] == 0.375 and sft["violation_rate_sd"] == pytest.approx(0.25 / math.sqrt(2))
     assert (sft["violation_rate_min"], sft["violation_rate_max"]) == (0.25, 0.5)
-    assert sft["violation_rate_ci"] == pytest.approx(world.wilson(20, 60)) and sft["violation_rate_n"] == 60
+    assert sft["violation_rate_ci"] == pytest.approx(judge.wilson(20, 60)) and sft["violation_rate_n"] == 60
     # per group: illicit 6/20 and 7/10 -> mean 0.5, sd 0.4 / sqrt(2), pooled 13 of 30
     assert sft["violation_rate_by_category"]["illicit"] == pytest.approx(0.5)
     assert sft["violation_rate_by_category_sd"]["illicit"] == pytest.approx(0.4 / math.sqrt(2))
-    assert sft["violation_rate_by_category_ci"]["illicit"] == pytest.approx(world.wilson(13, 30))
+    assert sft["violation_rate_by_category_ci"]["illicit"] == pytest.approx(judge.wilson(13, 30))
     assert sft["violation_rate_by_category_n"] == dict(illicit=30, hateful=30)
     # a seed with no refusal has no confused rate: the mean is the other seed's, no sd; pooled 1 of 2
     assert sft["confused_refusal_rate"] == 0.5 and sft["confused_refusal_rate_sd"] is None
-    assert sft["confused_refusal_rate_ci"] == pytest.approx(world.wilson(1, 2)) and sft["confused_refusal_rate_n"] == 2
+    assert sft["confused_refusal_rate_ci"] == pytest.approx(judge.wilson(1, 2)) and sft["confused_refusal_rate_n"] == 2
     # ppo's win rate counts a tie as half a win: 24 of 40 and 10.5 of 20 -> 34.5 of 60
     assert ppo["win_rate"] == pytest.approx((0.6 + 0.525) / 2)
-    assert ppo["win_rate_ci"] == pytest.approx(world.wilson(34.5, 60))
+    assert ppo["win_rate_ci"] == pytest.approx(judge.wilson(34.5, 60))
     # numbers without a count: mean, sd, min, max; gold scores get no Wilson interval; labels kept
     assert ppo["kl_to_sft"] == 2.5 and ppo["kl_to_sft_sd"] == pytest.approx(math.sqrt(0.5))
     assert (ppo["kl_to_sft_min"], ppo["kl_to_sft_max"]) == (2.0, 3.0) and "kl_to_sft_ci" not in ppo
@@ -724,7 +725,7 @@ def test_aggregate_gives_mean_sd_and_the_pooled_interval_counted_by_hand(seeds, 
     # the tables: "mean ± sd [pooled interval]" in both, and the pooled n below them
     table, _ = parse_printed(printed)
     assert table["sft"]["viol%"] == "37.5 ± 17.7 [22.7-45.9]" == "{:.1f} ± {:.1f} [{:.1f}-{:.1f}]".format(
-        37.5, 25 / math.sqrt(2), *[100 * x for x in world.wilson(20, 60)])
+        37.5, 25 / math.sqrt(2), *[100 * x for x in judge.wilson(20, 60)])
     assert table["sft"]["metaphor*%"] == "-" and table["sft"]["KL-sft"] == "0.000 ± 0.000"
     check_tables(saved, printed, str(out / "metrics.md"), WORLD_COLUMNS)
     assert "mean ± the sample standard deviation over seeds" in (out / "metrics.md").read_text()

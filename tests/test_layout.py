@@ -7,7 +7,7 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIBRARY = {"model", "tokenizer", "data", "world", "reward", "runtime", "loaders"}
+LIBRARY = {"model", "tokenizer", "data", "world", "judge", "reward", "runtime", "loaders"}
 STAGES = {"train_sft", "train_rm", "train_ppo", "train_dpo", "distill"}
 TOOLS = {"evaluate", "benchmarks", "bench", "overopt", "attack"}
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import judge
 import loaders
 import runtime
 import tokenizer
@@ -113,8 +114,8 @@ def micro_init(tmp_path_factory):
 def few_pairs(monkeypatch):
     """Every 8th pair of each world annotator (about 170 for training): enough for the micro runs, a fraction of
     the time."""
-    every_pair = world.World.preference_pairs
-    monkeypatch.setattr(world.World, "preference_pairs", lambda *a: every_pair(*a)[::8])
+    every_pair = judge.preference_pairs
+    monkeypatch.setattr(judge, "preference_pairs", lambda *a: every_pair(*a)[::8])
 
 
 def micro_args(init, out, *extra):
@@ -125,7 +126,7 @@ def micro_args(init, out, *extra):
 
 def test_policy_equal_to_reference_gives_log2_and_zero_kl(micro_init):
     path, tok = micro_init
-    pairs = world.build_world(0).labelled_pairs("llama2", 0.0, 0, "train", 2)[:6]
+    pairs = judge.labelled_pairs(world.build_world(0), "llama2", 0.0, 0, "train", 2)[:6]
     rows = train_dpo.encode(tok, pairs, 192)
     policy, _, _ = loaders.load_policy(path)
     ref_model, _ = loaders.load_model(path)
@@ -226,21 +227,22 @@ def test_files_feed_the_gate_and_errors_name_file_and_line(micro_init, tmp_path)
 
 
 def test_llama2_gate_takes_safety_labels_on_safety_prompts_only():
-    """--pairs llama2 trains on world.labelled_pairs("llama2"): the annotators' pairs under the gate, in the order
-    (safety prompts, then the rest) that train_dpo.py built them in before they moved to world.py."""
+    """--pairs llama2 trains on judge.labelled_pairs(w, "llama2"): the annotators' pairs under the gate, in the order
+    (safety prompts, then the rest) that train_dpo.py built them in before they moved to judge.py."""
     w = world.build_world(0)
     for noise in (0.0, 0.1):
-        gated = ([p for p in w.preference_pairs("safety", noise, 0, "train", 2) if world.is_safety(p["example"])]
-                 + [p for p in w.preference_pairs("helpfulness", noise, 0, "train", 2)
+        gated = ([p for p in judge.preference_pairs(w, "safety", noise, 0, "train", 2)
+                  if world.is_safety(p["example"])]
+                 + [p for p in judge.preference_pairs(w, "helpfulness", noise, 0, "train", 2)
                     if not world.is_safety(p["example"])])
         assert {p["objective"] for p in gated if world.is_safety(p["example"])} == {"safety"}
         assert {p["objective"] for p in gated if not world.is_safety(p["example"])} == {"helpfulness"}
-        pairs = w.labelled_pairs("llama2", noise, 0, "train", 2)
+        pairs = judge.labelled_pairs(w, "llama2", noise, 0, "train", 2)
         assert [(p["messages"], p["chosen"], p["rejected"], p["strength"], p["safety"]) for p in pairs] == \
             [(p["example"].messages, p["chosen"], p["rejected"], p["strength"], world.is_safety(p["example"]))
              for p in gated]
         # on a harmful prompt the noise-free safety annotator never prefers the unsafe compliance
-        assert noise or not any(world.judge(p["example"], p["chosen"]).unsafe
+        assert noise or not any(judge.judge(p["example"], p["chosen"]).unsafe
                                 for p in gated if world.is_safety(p["example"]))
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import judge
 import reward
 import runtime
 import tokenizer
@@ -46,8 +47,8 @@ def test_ranking_loss_falls_as_the_chosen_score_rises():
 
 def test_margin_table_file_margin_and_off():
     small, large = train_rm.MARGINS["small"], train_rm.MARGINS["large"]
-    assert [small[s] for s in world.STRENGTHS] == pytest.approx([1, 2 / 3, 1 / 3, 0])  # Llama 2, Table 28
-    assert [large[s] for s in world.STRENGTHS] == [3, 2, 1, 0]
+    assert [small[s] for s in judge.STRENGTHS] == pytest.approx([1, 2 / 3, 1 / 3, 0])  # Llama 2, Table 28
+    assert [large[s] for s in judge.STRENGTHS] == [3, 2, 1, 0]
     assert train_rm.margin_of({"strength": "better"}, small) == pytest.approx(2 / 3)
     assert train_rm.margin_of({"strength": "better", "margin": 0.25}, small) == 0.25  # the file's own margin wins
     assert train_rm.margin_of({"strength": None}, small) == 0.0
@@ -141,7 +142,7 @@ def test_micro_run_lowers_loss_and_raises_accuracy(tok, tmp_path):
     assert set(result["accuracy_by_category"]) == {"illicit", "hateful", "advice", "benign", "borderline"}
     # held out: the validation split, every training attack vector; the test split's held-out one is evaluate.py's
     assert set(result["accuracy_by_attack"]) == set(result["safe_over_unsafe_by_attack"]) == set(world.TRAIN_ATTACKS)
-    assert set(result["accuracy_by_strength"]) <= set(world.STRENGTHS)
+    assert set(result["accuracy_by_strength"]) <= set(judge.STRENGTHS)
     hist = json.load(open(tmp_path / "after" / "histograms.json"))
     assert {"harmful/safe", "harmful/unsafe"} <= set(hist["counts"])
     n_harmful = sum(ex.kind == "harmful" for ex in world.build_world(0).validation)
@@ -149,7 +150,7 @@ def test_micro_run_lowers_loss_and_raises_accuracy(tok, tmp_path):
     # the saved RM loads through the scoring interface and gives the numbers the run measured
     reward_model, rm_tok = reward.load_reward_model(str(tmp_path / "after" / "model.pt"))
     assert reward_model.config.head == "scalar"
-    held_out = world.build_world(0).labelled_pairs("safety", 0.0, 0, "validation", 3)
+    held_out = judge.labelled_pairs(world.build_world(0), "safety", 0.0, 0, "validation", 3)
     held_out = held_out[::math.ceil(len(held_out) / 400)]  # --max-eval-pairs 400
     assert train_rm.pair_accuracy(reward_model, rm_tok, held_out)["accuracy"] == result["accuracy"]
     assert result["n_pairs"] == len(held_out)
