@@ -16,7 +16,7 @@ every step (use_cache=False), at batch 1 and 32, 128 new tokens; EOS is disabled
 PPO: one iteration of train_ppo.main (its tiny or small preset, or SmolLM2-135M's shapes) split into rollout
 (generation), reward (the two reward models), reference (the frozen SFT model's log-probs), policy/value passes
 (the rollout's no-grad log-probs, entropy and values) and update (the PPO epochs) time. Timers wrap train_ppo's
-own calls (and runtime.save_checkpoint, which ends an iteration) for the length of the run, so the loop measured
+own calls (and runtime.save_on_rank0, which ends an iteration) for the length of the run, so the loop measured
 is the script's real one.
 
 Against transformers (--compare-hf, CPU): the same shapes through this project's transformer and transformers'
@@ -327,11 +327,11 @@ def bench_ppo(preset, device, iterations=2, seed=0, extra_args=()):
                       response_values=ppo_phase, response_logprobs_and_entropy=ppo_phase,
                       response_entropy="policy_value")  # response_entropy: before the one-pass version
         with phase_timers(train_ppo, phases, device) as records, \
-                phase_timers(runtime, dict(save_checkpoint="end"), device) as saves:
+                phase_timers(runtime, dict(save_on_rank0="end"), device) as saves:
             train_ppo.main(args)
     if not saves or not any(r[0] == "rollout" for r in records):
         raise RuntimeError("train_ppo.main made no timed rollout or save: it no longer calls generate and "
-                           "runtime.save_checkpoint, which bench_ppo times")
+                           "runtime.save_on_rank0, which bench_ppo times")
     # the last iteration runs from the start of the last rollout to the final checkpoint's save
     start = [r[1] for r in records if r[0] == "rollout"][-1]
     end = saves[-1][1]

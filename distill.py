@@ -15,12 +15,12 @@ r"""Fine-tuning on the model's own selected answers: rejection sampling, safety 
     every user turn of a multi-turn dialogue while the model answers it; the training dialogue keeps the
     instruction in the first turn only and trains on one turn, the loss zeroed on every earlier turn. Adherence
     by turn is measured with the instruction given in the first turn only.
-Every mode fine-tunes with the SFT loss (runtime.next_token_step: model.masked_nll on answer tokens only, or
-model.chunked_nll with --chunked-loss).
+Every mode fine-tunes with the SFT loss (model.next_token_loss: model.masked_nll on answer tokens only, or
+model.chunked_nll with --chunked-loss), one runtime.next_token_step per optimizer step.
 After each phase (--eval) the gold judge grades greedy answers to the world's validation prompts (gatt: adherence on
 validation dialogues); the test split is evaluate.py's alone.
 
-Deliberate deviations, measured on the tiny preset (numbers in the issue note):
+Deliberate deviations, measured on the tiny preset on the validation split:
 - The tiny SFT model cannot read instructions: the world's SFT data pair every extra sentence around a request
   with compliance, so any preprompt (system slot, before or after the request, or as example turns) raises its
   violation rate (0.51 -> 0.90 on training harmful prompts). --prefill therefore also writes the answer template's
@@ -503,7 +503,7 @@ def numbers(stats):
     return {k: v for k, v in stats.items() if isinstance(v, (int, float))}
 
 
-def evaluate(policy, tok, args, rt, inputs, name):
+def phase_eval(policy, tok, args, rt, inputs, name):
     """Gold metrics of greedy answers to held-out prompts, or for gatt adherence by turn on held-out dialogues
     (each rank answers its share; nothing without --eval)."""
     if not args.eval:
@@ -562,12 +562,12 @@ def main(args):
     log, samples = runtime.begin(args, rt, step, "metrics.jsonl", "samples.jsonl")
 
     def save():  # the distill state: phase, step within it, its training dialogues, the rejection pool, history
-        runtime.save_checkpoint(rt, ckpt_path, runtime.checkpoint(
+        runtime.save_on_rank0(rt, ckpt_path, runtime.checkpoint(
             policy, tok, offsets[state["phase"]] + state["step"], args, f"distill-{args.mode}",
             {"optimizer": optimizer}, distill=state))
 
     if args.mode == "gatt" and state["phase"] == 0 and state["step"] == 0 and not state["history"]:
-        state["history"].append(dict(phase="init", **evaluate(policy, tok, args, rt, inputs, "init")))
+        state["history"].append(dict(phase="init", **phase_eval(policy, tok, args, rt, inputs, "init")))
         runtime.print0(rt, f"init: {state['history'][-1]}")   # the SFT model's adherence by turn
 
     # ------------------------------------------------------------------ phases: collect dialogues, fine-tune
@@ -604,7 +604,7 @@ def main(args):
             bar.close()
 
             # -------------------------------------------------------------- evaluate, checkpoint the finished phase
-            result = evaluate(policy, tok, args, rt, inputs, name)
+            result = phase_eval(policy, tok, args, rt, inputs, name)
             state["history"].append(dict(phase=name, loss=loss_value, **state["stats"], **result))
             state.update(phase=phase + 1, step=0, rows=None)
             save()

@@ -6,7 +6,7 @@ Three layouts on disk are read:
 - Meta's original folder: params.json, consolidated.NN.pth (model-parallel shards are joined), and tokenizer.model
   in tiktoken's format (Llama 3);
 - a GGUF file (llama.cpp's format), read and dequantised with the optional `gguf` package.
-Weights are cast to float32, the training dtype (on CUDA, bf16 autocast runs on top of it). load_model here takes
+Weights are cast to float32, the training dtype (on CUDA, bf16 autocast runs on top of it). load_any_model takes
 either kind of checkpoint, so every script takes a real model wherever it takes a checkpoint.
 
 Rotary layout. model.py rotates interleaved pairs (x[2i], x[2i+1]) of each head, Meta's convention. HF's
@@ -488,7 +488,7 @@ def checkpoint_folder(path):
     return os.path.realpath(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
 
 
-def load_model(path_or_ckpt, device="cpu", head=None):
+def load_any_model(path_or_ckpt, device="cpu", head=None):
     """(Transformer, checkpoint dict) from any checkpoint: this project's (a .pt file or its dict, through
     model.load_model) or a real model's (load_real). head="scalar" swaps the lm head for a fresh scalar head."""
     return model_lib.load_model(load_real(path_or_ckpt) if is_real(path_or_ckpt) else path_or_ckpt, device, head)
@@ -497,7 +497,7 @@ def load_model(path_or_ckpt, device="cpu", head=None):
 def load_policy(path_or_ckpt, device="cpu"):
     """(model, tokenizer, checkpoint dict) of a language model that a stage trains or evaluates; a reward model
     or a checkpoint whose tokenizer does not fit its embedding is a clear error."""
-    policy, ckpt = load_model(path_or_ckpt, device)
+    policy, ckpt = load_any_model(path_or_ckpt, device)
     tok = tokenizer.Tokenizer.from_dict(ckpt["tokenizer"])
     where = path_or_ckpt if isinstance(path_or_ckpt, (str, os.PathLike)) else "the checkpoint"
     if policy.config.head != "lm":

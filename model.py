@@ -457,6 +457,29 @@ def chunked_nll(h, weight, targets, weights):
     return ChunkedNLL.apply(h, weight.float(), targets, weights, with_grad)
 
 
+def next_token_loss(model, tokens, attention_mask, loss_mask, n_tokens, world_size=1, chunked=False):
+    """The loss of every next-token stage (pre-training, SFT, rejection sampling, distillation; Llama 2 sections 2.2
+    and 3.1) on one micro-batch of a larger batch:
+
+        L = -(1 / N) sum_{b,t} m_{b,t} log p(x_{b,t} | x_{b,<t})
+
+    tokens, attention_mask, loss_mask (B, T) as data.collate makes them (loss_mask m: 1 on trained tokens, all ones
+    for pre-training, the answer tokens for SFT). N = n_tokens counts the trained tokens of the whole batch (every
+    micro-batch, every process), so the gradient is the same whatever the split into micro-batches; DDP averages
+    over processes, hence * world_size. chunked: the same sum through chunked_nll, which never holds the (B, T, V)
+    logits whole (--chunked-loss).
+    """
+    targets_mask = loss_mask[:, 1:] * attention_mask[:, 1:]
+    # packed rows (pre-training) hold no padding: without a mask SDPA may take its causal (flash) kernel
+    inputs = dict(attention_mask=None if bool(attention_mask.all()) else attention_mask[:, :-1])
+    if chunked:
+        return model(tokens[:, :-1], targets=tokens[:, 1:], loss_weights=targets_mask * (world_size / n_tokens),
+                     **inputs)
+    logits = model(tokens[:, :-1], **inputs)
+    n_here = targets_mask.sum()
+    return masked_nll(logits.float(), tokens[:, 1:], targets_mask) * n_here / n_tokens * world_size
+
+
 def last_token_values(values, attention_mask):
     """(B, T), (B, T) -> (B,): each row's value at its last real token, for left or right padding alike."""
     T = values.shape[1]
@@ -497,7 +520,7 @@ def load_checkpoint(path, map_location="cpu"):
 def load_model(path_or_ckpt, device="cpu", head=None):
     """(Transformer, checkpoint dict) from this project's checkpoint file or its dict. head="scalar" on an lm
     checkpoint swaps the lm head for a fresh scalar head: the reward and value models start from the SFT model
-    (Llama 2, section 3.2.2). Real models (HF or Meta folders, GGUF files) come through loaders.load_model."""
+    (Llama 2, section 3.2.2). Real models (HF or Meta folders, GGUF files) come through loaders.load_any_model."""
     is_path = isinstance(path_or_ckpt, (str, os.PathLike))
     ckpt = load_checkpoint(path_or_ckpt) if is_path else path_or_ckpt
     where = path_or_ckpt if is_path else "checkpoint"

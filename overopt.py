@@ -25,7 +25,7 @@ plots into --out:
 2. Constrained RLHF (Dai et al. 2023, Safe RLHF) beside the Llama 2 gate: PPO at the preset's budget with
    --reward llama2, lagrangian, safety and helpfulness, --seeds each, on the same SFT model, RMs and prompts;
    each seed's four policies evaluated on the world's TEST split by evaluate.py, combined over seeds by
-   evaluate.py --aggregate; the Lagrange multiplier's trajectory from the lagrangian runs' logs.
+   report.py --aggregate; the Lagrange multiplier's trajectory from the lagrangian runs' logs.
 3. Ensembles (Coste et al. 2023): --ensemble-k reward models of each kind (the --from RM and k - 1 more trained
    with other seeds on the same pairs, train_rm.py --world-seed), combined by their mean or minimum: best-of-n
    with both, and one PPO run with --rl-ensemble.
@@ -486,7 +486,7 @@ CONSTRAINED_KEYS = ("violation_rate", "false_refusal_rate_plain", "false_refusal
 def constrained_tables(metrics, lambdas):
     lines = ["### Constrained RLHF on the test split, over seeds", "",
              "Per PPO reward: the mean over seeds ± their standard deviation, the 95% Wilson interval of all seeds' "
-             "prompts pooled, and the pooled n (evaluate.py --aggregate); KL to SFT: mean ± sd over seeds.", "",
+             "prompts pooled, and the pooled n (report.py --aggregate); KL to SFT: mean ± sd over seeds.", "",
              "| PPO reward | violation rate | false refusals, plain | false refusals, wrapped | benign accuracy | "
              "KL to SFT | seeds |", "|---|---|---|---|---|---|---|"]
     for name, m in metrics.items():
@@ -750,7 +750,7 @@ def evaluate_constrained(args):
     aggregate_folder = folders[0]
     if len(folders) > 1:
         aggregate_folder = os.path.join(base, "eval")
-        subprocess.run([sys.executable, "evaluate.py", "--aggregate", *folders, "--out", aggregate_folder,
+        subprocess.run([sys.executable, "report.py", "--aggregate", *folders, "--out", aggregate_folder,
                         "--overwrite", "--no-plots"], cwd=HERE, check=True, stdout=subprocess.DEVNULL,
                        env=ONE_THREAD)
     with open(os.path.join(aggregate_folder, "metrics.json")) as f:

@@ -30,13 +30,15 @@
 #
 # Each stage writes OUT/<stage>/ (model.pt, config.json, metrics.jsonl). A stage whose model.pt exists is reused;
 # one that was interrupted (its .running marker is still there) continues with --resume. Delete a stage's folder
-# to train it again. The evaluation reruns whenever a checkpoint is newer than OUT/eval/metrics.json. The last
-# lines, also after a failure, say which stages were trained now, reused or are missing, and which of the
-# evaluation's files (metrics.json, metrics.md, generations.jsonl, plots) exist.
+# to train it again. The evaluation reruns whenever a checkpoint is newer than OUT/eval/metrics.json. Last, report.py
+# writes OUT/report.html: the run in one page (tables with intervals, plots, every stage's answers side by side with
+# the judge's labels, training curves) that opens offline in a browser. The last lines, also after a failure, say
+# which stages were trained now, reused or are missing, which of the evaluation's files (metrics.json, metrics.md,
+# generations.jsonl, plots) exist, and where the report is.
 #
 # Seeds: with N > 1, seed k runs every stage into OUT/seed<k>/<stage> and its evaluation into OUT/seed<k>/eval,
 # every script (evaluate.py too) with --seed k, train_ppo.py also with --world-seed k: its own world draw,
-# initialisation and batch order. Then evaluate.py --aggregate writes the mean and spread over the seeds into
+# initialisation and batch order. Then report.py --aggregate writes the mean and spread over the seeds into
 # OUT/eval, and the last lines say, seed by seed, where each one's results are. With N = 1, seed 0 runs into
 # OUT/<stage> as above.
 # Sweep (Llama 2, section 4.2.3, safety data scaling): after the seeds, SFT from seed 0's base model keeping the
@@ -116,7 +118,7 @@ STAGES=(base sft rm_safety rm_helpful ppo dpo rs distill)
 SHARES=(0 0.1 0.25 0.5 1)  # the sweep's shares of the SFT set's safety demonstrations
 # For the summary: the stages trained (or resumed) now and those reused, by key (base, seed1/ppo, sweep/share_0),
 # and what happened to each evaluation folder, by key (eval, seed1/eval, sweep/eval)
-started="" reused=""
+started="" reused="" report=""
 declare -A evaluation=()
 RUN=$OUT KEY=""  # the folder the stage functions below write into, and its prefix in the keys and messages
 
@@ -224,7 +226,7 @@ evaluate_into() {  # evaluate_into KEY DIR N CHECKPOINT... ARG...: evaluate.py A
   else
     echo "== $key: reusing $dir/metrics.json (no checkpoint is newer)"
     evaluation[$key]="reused (no checkpoint is newer than metrics.json)"
-    $PYTHON -c "import json, sys, evaluate; print(evaluate.format_table(json.load(open(sys.argv[1]))))" \
+    $PYTHON -c "import json, sys, report; print(report.format_table(json.load(open(sys.argv[1]))))" \
       "$dir/metrics.json"
   fi
 }
@@ -276,7 +278,7 @@ eval_lines() {  # eval_lines LABEL DIR STATE FILE...: an evaluation's state, whi
   fi
 }
 
-summary() {  # summary STATUS: each stage's checkpoint and the evaluations' files, as they are on disk now
+summary() {  # summary STATUS: each stage's checkpoint, the evaluations' files and the report, as they are on disk now
   set +e  # an exit trap: report what there is, whatever fails
   local k matplotlib=""
   if (( $1 == 0 )); then echo "== done: $OUT"; else echo "== stopped (exit $1): $OUT"; fi
@@ -299,6 +301,13 @@ summary() {  # summary STATUS: each stage's checkpoint and the evaluations' file
     echo "== sweep: $OUT/sweep"
     stage_lines "$OUT/sweep" "sweep/" "${SHARES[@]/#/share_}"
     eval_lines eval "$OUT/sweep/eval" "${evaluation[sweep/eval]:-not run}" metrics.json metrics.md generations.jsonl
+  fi
+  if [[ -n $report ]]; then
+    echo "== report: $OUT/report.html"
+  elif [[ -f $OUT/report.html ]]; then
+    echo "== report: $OUT/report.html, from an earlier run (python report.py $OUT writes it anew)"
+  else
+    echo "== report: not written (python report.py $OUT writes it once $OUT/eval/metrics.json exists)"
   fi
 }
 trap 'summary $?' EXIT
@@ -369,6 +378,12 @@ pipeline() {  # pipeline SEED: steps 1 to 8 into RUN; with --seeds N > 1 every s
   evaluate_into "${KEY}eval" "$RUN/eval" "${#inputs[@]}" "${inputs[@]}" --checkpoints "${checkpoints[@]}" \
     --baseline sft --sft "$RUN/sft/model.pt" --rm-safety "$RUN/rm_safety/model.pt" \
     --rm-helpful "$RUN/rm_helpful/model.pt" "${seed[@]}"
+}
+
+write_report() {  # the run in one page, OUT/report.html, once there is an evaluation to show
+  [[ -f $OUT/eval/metrics.json ]] || return 0
+  $PYTHON report.py "$OUT"
+  report="written now"
 }
 
 # ---------------------------------------------------------------------------------------------- the real model
@@ -468,6 +483,8 @@ real_pipeline() {  # PRESET=smollm2: every stage from SmolLM2-135M-Instruct on t
 if [[ $PRESET == smollm2 ]]; then
   STAGES=(sft rm_safety rm_helpful ppo dpo rs distill)
   real_pipeline
+  # 9. The report: the benchmark table, plots, every stage's benchmark answers side by side, training curves
+  write_report
   exit 0
 fi
 
@@ -489,7 +506,7 @@ else
   for ((k = 0; k < SEEDS; k++)); do
     evals+=("$OUT/seed$k/eval")
   done
-  $PYTHON evaluate.py --aggregate "${evals[@]}" --out "$OUT/eval" --overwrite
+  $PYTHON report.py --aggregate "${evals[@]}" --out "$OUT/eval" --overwrite
   evaluation[eval]="aggregated now over seeds 0 to $((SEEDS - 1))"
 fi
 
@@ -513,3 +530,6 @@ if (( SWEEP == 1 )); then
   evaluate_into sweep/eval "$RUN/eval" "${#inputs[@]}" "${inputs[@]}" --checkpoints "${shares[@]}" \
     --baseline share_1 --rm-safety "$seed0/rm_safety/model.pt" --rm-helpful "$seed0/rm_helpful/model.pt"
 fi
+
+# 11. The report: tables, plots, every stage's answers side by side with the judge's labels, training curves
+write_report

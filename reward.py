@@ -22,7 +22,7 @@ from model import last_token_values
 
 def load_reward_model(path, device="cpu"):
     """(model, tok) of a trained reward model: frozen (no gradients), in eval mode, scalar head."""
-    model, ckpt = loaders.load_model(path, device)
+    model, ckpt = loaders.load_any_model(path, device)
     if model.config.head != "scalar":
         raise ValueError(f"{path} has a {model.config.head!r} head, not a reward model's scalar head; "
                          f"train one with train_rm.py --init {path}")

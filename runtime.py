@@ -9,7 +9,7 @@ A training script's main(), in order:
     with StopOnSignal() as stop:                    # Ctrl-C or SIGTERM: checkpoint at this step, then exit
         while step < args.steps:
             stop.save_and_exit_if_requested(rt, save, ckpt_path, f"step {step}")
-            ... optimizer_step(...) ... save_checkpoint(rt, ckpt_path, checkpoint(...))
+            ... optimizer_step(...) ... save_on_rank0(rt, ckpt_path, checkpoint(...))
 A script runs main through command(main, get_args): bad input (UserError, ValueError, FileNotFoundError) is one
 line on stderr and exit status 2 (TRACEBACK=1 shows the traceback instead). Only rank 0 prints and writes files.
 """
@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import data
 import model as model_lib
-from model import load_checkpoint, masked_nll
+from model import load_checkpoint
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -149,6 +149,12 @@ def all_reduce_sum(x, rt):
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def sum_over_ranks(rt):
+    """all_reduce_sum as a function of the tensor alone: the `total` that train_ppo's masked means, whitening and
+    explained variance take, so that a mean over this rank's share of a batch is the whole batch's."""
+    return functools.partial(all_reduce_sum, rt=rt)
 
 
 def shard(items, rt):
@@ -339,31 +345,11 @@ def optimizer_step(models, optimizers, loss_value, grad_clip, where, ckpt_path):
 
 
 # ---------------------------------------------------------------------------------------------- next-token steps
-def next_token_loss(model, batch, rt, n_tokens, chunked=False):
-    """Sum of the masked next-token loss over this micro-batch, divided by the global token count.
-
-    Dividing by the token count of the whole global batch (all micro-batches, all ranks) makes the gradient
-    the same whatever the split into micro-batches and processes; DDP averages over ranks, hence * world_size.
-    chunked: the same sum through model.chunked_nll, which never holds the logits whole (--chunked-loss).
-    """
-    tokens, attn, mask = batch["tokens"], batch["attention_mask"], batch["loss_mask"]
-    targets_mask = mask[:, 1:] * attn[:, 1:]
-    # packed rows (pre-training) hold no padding: without a mask SDPA may take its causal (flash) kernel
-    inputs = dict(attention_mask=None if bool(attn.all()) else attn[:, :-1])
-    with autocast(rt):
-        if chunked:
-            return model(tokens[:, :-1], targets=tokens[:, 1:],
-                         loss_weights=targets_mask * (rt.world_size / n_tokens), **inputs)
-        logits = model(tokens[:, :-1], **inputs)
-    n_here = targets_mask.sum()
-    return masked_nll(logits.float(), tokens[:, 1:], targets_mask) * n_here / n_tokens * rt.world_size
-
-
 def next_token_step(train_model, model, optimizer, rows, pad_id, micro, rt, grad_clip, where, ckpt_path,
                     chunked=False):
-    """One optimizer step of the next-token loss (SFT: answer tokens only, Llama 2 section 3.1) on this rank's rows
+    """One optimizer step of model.next_token_loss (SFT: answer tokens only, Llama 2 section 3.1) on this rank's rows
     [(ids, loss_mask)], in micro-batches of `micro` rows, DDP syncing the gradient on the last. Returns the global
-    batch's mean loss and the gradient norm. chunked: see next_token_loss."""
+    batch's mean loss and the gradient norm. chunked: the loss through model.chunked_nll (--chunked-loss)."""
     batches = [{k: v.to(rt.device) for k, v in data.collate([r[0] for r in rows[j:j + micro]], pad_id,
                                                              [r[1] for r in rows[j:j + micro]]).items()}
                for j in range(0, len(rows), micro)]
@@ -372,7 +358,9 @@ def next_token_step(train_model, model, optimizer, rows, pad_id, micro, rt, grad
     loss_sum = 0.0
     for j, batch in enumerate(batches):
         with no_sync(train_model, last=j == len(batches) - 1):
-            loss = next_token_loss(train_model, batch, rt, n_tokens, chunked)
+            with autocast(rt):
+                loss = model_lib.next_token_loss(train_model, batch["tokens"], batch["attention_mask"],
+                                                 batch["loss_mask"], n_tokens, rt.world_size, chunked)
             loss.backward()
         loss_sum += loss.item() / rt.world_size
     loss_value = all_reduce_sum(torch.tensor(loss_sum, device=rt.device), rt).item()
@@ -402,7 +390,7 @@ def parser(doc):
                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def _number(kind, low, strict, text):
+def _parse_number(kind, low, strict, text):
     try:
         value = kind(text)
     except ValueError:
@@ -414,19 +402,19 @@ def _number(kind, low, strict, text):
 
 
 def positive_int(text):
-    return _number(int, 0, True, text)
+    return _parse_number(int, 0, True, text)
 
 
 def nonnegative_int(text):
-    return _number(int, 0, False, text)
+    return _parse_number(int, 0, False, text)
 
 
 def positive_float(text):
-    return _number(float, 0.0, True, text)
+    return _parse_number(float, 0.0, True, text)
 
 
 def nonnegative_float(text):
-    return _number(float, 0.0, False, text)
+    return _parse_number(float, 0.0, False, text)
 
 
 def add_run_arguments(p, outputs, seed_help="random seed"):
@@ -607,7 +595,7 @@ def checkpoint(model, tok, step, args, stage, optimizers, **extra):
                 args=vars(args), stage=stage, **extra)
 
 
-def save_checkpoint(rt, path, state):
+def save_on_rank0(rt, path, state):
     """model.save_checkpoint on rank 0 only (atomic: a temporary file, then a rename)."""
     if rt.is_main:
         model_lib.save_checkpoint(path, state)

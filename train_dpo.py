@@ -47,6 +47,7 @@ Data parallel:
 import math
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -170,17 +171,28 @@ def encode(tok, pairs, max_len):
     return kept
 
 
+@dataclass
+class PairBatch:
+    """B encoded pairs as one batch of 2B right-padded rows, the B chosen answers then the B rejected ones, so one
+    forward pass scores both: tokens, attention_mask and answer_mask, each (2B, T); answer_mask is 1 on the answer
+    tokens (the final response and its </s>), 0 on the prompt and the padding."""
+    tokens: torch.Tensor
+    attention_mask: torch.Tensor
+    answer_mask: torch.Tensor
+
+
 def collate_pairs(rows, pad_id, device):
-    """One batch of 2B rows, the B chosen answers then the B rejected ones, so one forward pass scores both."""
+    """A PairBatch of data.encode_pairs rows."""
     seqs = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
     masks = [r["chosen_mask"] for r in rows] + [r["rejected_mask"] for r in rows]
-    return {k: v.to(device) for k, v in data.collate(seqs, pad_id, masks).items()}
+    batch = data.collate(seqs, pad_id, masks)
+    return PairBatch(batch["tokens"].to(device), batch["attention_mask"].to(device), batch["loss_mask"].to(device))
 
 
 def answer_logps(model, batch):
-    """(B, 2) log-probs summed over answer tokens (chosen, rejected) and (B, 2) answer token counts."""
-    logp = token_logprobs(model, batch["tokens"], batch["attention_mask"])          # (2B, T-1)
-    answer = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).to(logp.dtype)
+    """(B, 2) log-probs log pi(y|x) summed over answer tokens (chosen, rejected) and (B, 2) answer token counts |y|."""
+    logp = token_logprobs(model, batch.tokens, batch.attention_mask)                # (2B, T-1)
+    answer = (batch.answer_mask[:, 1:] * batch.attention_mask[:, 1:]).to(logp.dtype)
     sums, counts = (logp * answer).sum(1), answer.sum(1)                            # (2B,)
     return sums.view(2, -1).T, counts.view(2, -1).T                                 # (B, 2)
 
@@ -277,7 +289,7 @@ def preference_step(train_model, ref_model, rows, ref_logps, loss_of, micro, bat
 
 # ---------------------------------------------------------------------------------------------- config
 # The architecture comes from --init; a preset sets only the training schedule. tiny: sized for a few CPU
-# minutes on the tiny SFT model (see the issue note for the sweep that chose beta, lr and steps).
+# minutes on the tiny SFT model (beta, lr and steps chosen by a sweep on the validation split).
 PRESETS = {
     "tiny": dict(steps=120, batch_size=32, lr=3e-5, warmup=10, eval_every=40),
     "small": dict(steps=1000, batch_size=64, lr=5e-7, warmup=100, eval_every=200),
@@ -365,7 +377,7 @@ def main(args):
 
     # ------------------------------------------------------------------ models: policy and frozen reference
     policy, tok, ckpt = loaders.load_policy(resume if resume is not None else args.init, rt.device)
-    ref_model, ref_ckpt = loaders.load_model(args.init, rt.device)
+    ref_model, ref_ckpt = loaders.load_any_model(args.init, rt.device)
     ref_model.eval().requires_grad_(False)
     if ckpt["tokenizer"] != ref_ckpt["tokenizer"]:
         raise runtime.UserError(f"{ckpt_path} and {args.init} use different tokenizers")
@@ -397,8 +409,8 @@ def main(args):
     log = runtime.begin(args, rt, step)
 
     def save():
-        runtime.save_checkpoint(rt, ckpt_path, runtime.checkpoint(policy, tok, step, args, "dpo",
-                                                                  {"optimizer": optimizer}))
+        runtime.save_on_rank0(rt, ckpt_path, runtime.checkpoint(policy, tok, step, args, "dpo",
+                                                                {"optimizer": optimizer}))
 
     # ------------------------------------------------------------------ training loop
     metrics = {}

@@ -1,19 +1,28 @@
 """PPO against two frozen reward models with a KL penalty to the SFT model (Llama 2, section 3.2.3).
 
-One iteration of the RLHF loop:
-1. Rollout: a batch of RL prompts, one response each, sampled from the policy (temperature 1, KV cache).
-2. Reward: the safety and helpfulness RMs score every (prompt, response); Llama 2's piecewise combination
-       R_c = R_s  if is_safety(prompt) or R_s < 0.15  else R_h        (R_s, R_h = sigmoid of the raw scores)
+One iteration of the RLHF loop, as main() writes it out; every quantity is a field of the iteration's Rollout:
+1. Rollout: a batch of RL prompts, one response each, sampled from the policy (temperature 1, KV cache) and read
+   by the policy (old_logp), the frozen reference (ref_logp) and the value model (old_values).
+2. Reward: the safety and helpfulness RMs score every (prompt, response), raw scores r_s and r_h; Llama 2's
+   piecewise combination and its whitening
+       R_c = R_s  if is_safety(prompt) or R_s < 0.15  else R_h        (R_s, R_h = sigmoid(r_s), sigmoid(r_h))
        R~  = whiten(logit(R_c))                                     (mean 0, std 1 over the rollout batch)
-   then a per-token penalty r_t = -beta (log pi(y_t) - log pi_ref(y_t)) on every response token, R~ added at
-   the last one, so the return is R(g|p) = R~_c(g|p) - beta KL(pi || pi_ref) of the paper's equation.
    --reward safety|helpfulness trains on one RM alone (R_c = R_s or R_h) to show what the gate resolves.
-3. GAE(gamma, lambda) on the value model's estimates, advantages whitened over the batch's response tokens.
-4. Several epochs of minibatches: clipped surrogate loss for the policy, clipped value loss for the value
+3. KL penalty: the per-token reward R_t = -beta (log pi(y_t) - log pi_ref(y_t)) on every response token, R~ added
+   at the last one, so the return is R(g|p) = R~_c(g|p) - beta KL(pi || pi_ref) of the paper's equation.
+4. GAE(gamma, lambda) on the value model's estimates, advantages whitened over the batch's response tokens.
+5. Several epochs of minibatches: clipped surrogate loss for the policy, clipped value loss for the value
    model, gradient clipping; optionally the adaptive KL controller of Ziegler et al. (2019) moves beta.
+Logged each iteration (metrics.jsonl, means over the rollout): reward (what PPO maximises: R summed over each
+response, R~ - beta KL), R_tilde, R_c, logit_R_c (the RMs' reward on their logit scale), r_s, r_h, kl (per
+response), entropy, the losses, clip fractions, approx_kl, explained_variance and the gold judge's marks.
+
+Variants, in a section of their own that a reader of the Llama 2 path can skip, each called from one place:
+Safe RLHF's PPO-Lagrangian (--reward lagrangian) and ensembles of reward models (several paths after --rm-safety
+or --rm-helpful, combined by --ensemble).
 
 Responses that never emit </s> (cut at --max-new-tokens): as in OpenAI's lm-human-preferences and the PPO
-implementations that follow it, their score is replaced by a fixed low value (--missing-eos-score, in whitened
+implementations that follow it, their R~ is replaced by a fixed low value (--missing-eos-score, in whitened
 units) instead of the RM's, so rambling is never rewarded; the last generated token is then the terminal step.
 
 Deviations from the paper: Llama 2 takes one gradient step per minibatch (one epoch), batch 512, constant
@@ -39,9 +48,9 @@ batch, and each response's sampling stream is set by its place in it, so N ranks
     torchrun --nproc_per_node=2 train_ppo.py --preset tiny --init out/sft/model.pt \\
         --rm-safety out/rm_safety/model.pt --rm-helpful out/rm_helpful/model.pt --out out/ppo
 """
-import functools
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -59,7 +68,7 @@ from reward import ENSEMBLES, REWARDS, combined_reward, load_reward_model
 # The Llama 2 gate R_c and the single-RM alternatives (--reward) live in reward.py (rejection sampling shares them)
 def masked_mean(x, mask, total=None):
     """Mean of x where mask is 1. total, when the batch is split over ranks, completes a sum over all of them
-    (runtime.all_reduce_sum): the mean is then the whole batch's."""
+    (runtime.sum_over_ranks): the mean is then the whole batch's."""
     total = total or (lambda s: s)
     return total((x * mask).sum()) / total(mask.sum()).clamp(min=1)
 
@@ -74,14 +83,14 @@ def whiten(x, mask=None, shift_mean=True, total=None):
     return (out if shift_mean else out + mean) * mask
 
 
-def kl_penalized_rewards(score, logp, ref_logp, response_mask, beta):
-    """Per-token reward r_t = -beta (log pi(y_t) - log pi_ref(y_t)), plus the sequence score at the last token
-    (Llama 2 eq. 3 split over tokens as in Ziegler et al. 2019). score (B,); logp, ref_logp, response_mask (B, L),
+def kl_penalized_rewards(R_tilde, logp, ref_logp, response_mask, beta):
+    """Per-token reward r_t = -beta (log pi(y_t) - log pi_ref(y_t)), plus the sequence's R~ at the last token
+    (Llama 2 eq. 3 split over tokens as in Ziegler et al. 2019). R_tilde (B,); logp, ref_logp, response_mask (B, L),
     responses right-padded. Returns (rewards (B, L), per-token kl (B, L))."""
     kl = (logp - ref_logp) * response_mask
     rewards = -beta * kl
     last = response_mask.sum(1).long() - 1                                 # index of each response's last token
-    rewards[torch.arange(len(score)), last] += score
+    rewards[torch.arange(len(R_tilde)), last] += R_tilde
     return rewards, kl
 
 
@@ -142,23 +151,47 @@ def adaptive_beta(beta, kl, target, gain=0.1):
     return beta * (1 + gain * min(max((kl - target) / target, -0.2), 0.2))
 
 
-# Safe RLHF (Dai et al. 2023, section 3.3): maximise E[R_h] subject to E[C] <= d through the Lagrangian
-# min_lambda>=0 max_theta E[R_h] - lambda (E[C] - d), solved by alternating PPO steps on theta and dual steps on lambda.
-def lagrangian_reward(helpful, cost, lam):
-    """Safe RLHF's per-sequence reward for a fixed multiplier: R = (R_h - lambda C) / (1 + lambda), the 1 / (1 + lambda)
-    keeping its scale as lambda grows (Dai et al. 2023, section 3.3). helpful, cost (B,); lam >= 0 a number."""
-    return (helpful - lam * cost) / (1 + lam)
+# ---------------------------------------------------------------------------------------------- the rollout
+@dataclass
+class Prompt:
+    """An RL prompt: its token ids, its messages, the is_safety tag the gate reads, and the world's Example it asks
+    (for the gold judge; None for prompts from a file)."""
+    ids: list
+    messages: list
+    safety: bool
+    example: object = None
 
 
-def lambda_update(log_lambda, mean_cost, threshold, lr, max_lambda=math.inf):
-    """One dual step (Dai et al. 2023, section 3.3): gradient ascent on lambda (E[C] - d) in log lambda, whose
-    gradient is lambda (E[C] - d): ln lambda <- min(ln lambda + lr lambda (E[C] - d), ln lambda_max). lambda =
-    exp(ln lambda) stays positive, grows while the batch's mean cost E[C] exceeds the threshold d and shrinks while
-    it is below; the step grows with lambda, so the cap (as Safe RLHF's lambda_max) stops a runaway."""
-    return min(log_lambda + lr * math.exp(log_lambda) * (mean_cost - threshold), math.log(max_lambda))
+@dataclass
+class Rollout:
+    """This rank's share of one iteration's batch: B prompts, one sampled response each, and every quantity PPO
+    computes from them. A row is its prompt left-padded to P tokens, then its response right-padded to L tokens,
+    so response token j sits at position P + j of every row; (B, L) fields cover the response, 0 on padding.
+    Step 1 (rollout) fills the fields down to entropy, main's steps 2 to 4 the rest, in their order."""
+    prompts: list                   # B Prompts
+    texts: list                     # B decoded responses
+    has_eos: torch.Tensor           # (B,) bool: the response ended with </s> (was not cut at --max-new-tokens)
+    tokens: torch.Tensor            # (B, P + L)
+    attention_mask: torch.Tensor    # (B, P + L), 1 on real tokens
+    response_mask: torch.Tensor     # (B, L) float, 1 on response tokens
+    P: int
+    old_logp: torch.Tensor          # (B, L) log pi_old(y_j): the sampling policy's, before this iteration's update
+    ref_logp: torch.Tensor          # (B, L) log pi_ref(y_j): the frozen SFT model's
+    old_values: torch.Tensor        # (B, L) V_old of the state before y_j
+    entropy: torch.Tensor           # (B, L) of the policy's next-token distribution, for the log
+    # 2. reward, each (B,): raw RM scores (logit scale), their gate R_c (a probability), R~ = whiten(logit(R_c))
+    r_s: torch.Tensor = None
+    r_h: torch.Tensor = None
+    R_c: torch.Tensor = None
+    R_tilde: torch.Tensor = None
+    # 3. KL penalty, (B, L): KL_t = log pi_old(y_t) - log pi_ref(y_t) and the reward R_t = -beta KL_t (+ R~ at the end)
+    kl: torch.Tensor = None
+    R: torch.Tensor = None
+    # 4. GAE, (B, L): whitened advantages and returns A + V_old
+    advantages: torch.Tensor = None
+    returns: torch.Tensor = None
 
 
-# ---------------------------------------------------------------------------------------------- sequences
 def rollout_batch(prompts, responses, pad_id):
     """Prompts left-padded to P, responses right-padded to L, joined: tokens and attention_mask (B, P + L),
     response_mask (B, L), and P. Response token j of a row sits at position P + j in every row."""
@@ -192,31 +225,189 @@ def response_logprobs_and_entropy(model, tokens, attention_mask, P):
     return target_logprobs(logits, tokens[:, P:]) * mask, -(all_logp.exp() * all_logp).sum(-1) * mask
 
 
-# ---------------------------------------------------------------------------------------------- prompts
-def load_prompts(spec, tok, max_prompt_len, world_seed):
-    """Prompts as dicts: ids, messages, safety (the is_safety tag the gate reads) and example (the world's
-    Example, for the gold judge; None for file prompts). spec: "world" (its RL prompts) or a JSONL file that
+def rollout(policy, ref_model, value_model, tok, prompts, iteration, sampler, args, rt):
+    """Step 1: this rank's share of global batch `iteration`, one response sampled per prompt, read by the policy
+    (old_logp, entropy), the reference (ref_logp) and the value model (old_values): a Rollout."""
+    batch = [prompts[i] for i in data.step_indices(len(prompts), args.batch_size, iteration, args.seed,
+                                                   rt.rank, rt.world_size)]
+    policy.eval()
+    responses = generate(policy, [p.ids for p in batch], args.max_new_tokens, tok.eos_id, tok.pad_id,
+                         temperature=args.temperature, generator=sampler)
+    tokens, attention_mask, response_mask, P = rollout_batch([p.ids for p in batch], responses, tok.pad_id)
+    tokens, attention_mask, response_mask = (t.to(rt.device) for t in (tokens, attention_mask, response_mask))
+    with torch.no_grad(), runtime.autocast(rt):
+        old_logp, entropy = response_logprobs_and_entropy(policy, tokens, attention_mask, P)
+        ref_logp = response_logprobs(ref_model, tokens, attention_mask, P)
+        old_values = response_values(value_model, tokens, attention_mask, P)
+    return Rollout(prompts=batch, texts=[tok.decode(r) for r in responses],
+                   has_eos=torch.tensor([tok.eos_id in r for r in responses], device=rt.device), tokens=tokens,
+                   attention_mask=attention_mask, response_mask=response_mask, P=P, old_logp=old_logp,
+                   ref_logp=ref_logp, old_values=old_values, entropy=entropy)
+
+
+# ---------------------------------------------------------------------------------------------- the reward
+def gated_reward(batch, reward_models, gate, args, rt):
+    """Step 2, the reward models: the raw scores r_s, r_h of every (prompt, response) of the rollout and their
+    combination R_c = gate(R_s, R_h) of the sigmoid scores (reward.REWARDS: the Llama 2 gate, or one RM alone),
+    a probability. Returns (r_s, r_h, R_c), each (B,)."""
+    safety_prompt = torch.tensor([p.safety for p in batch.prompts], device=rt.device)
+    R_c, raw = combined_reward(reward_models, [p.messages for p in batch.prompts], batch.texts, safety_prompt, gate,
+                               args.safety_threshold, ensemble=args.ensemble)
+    return raw["safety"].to(rt.device), raw["helpfulness"].to(rt.device), R_c.to(rt.device)
+
+
+def whitened_reward(reward, has_eos, missing_eos_score, rt):
+    """Step 2, the whitening: R~ = whiten(reward) (B,), mean 0 and std 1 over the rollout, with reward = logit(R_c);
+    a response cut without </s> gets missing_eos_score instead (see the module docstring; None keeps its R~)."""
+    R_tilde = whiten(reward, total=runtime.sum_over_ranks(rt))             # the whole rollout's, over every rank
+    if missing_eos_score is not None:
+        R_tilde = torch.where(has_eos, R_tilde, torch.full_like(R_tilde, missing_eos_score))
+    return R_tilde
+
+
+# ---------------------------------------------------------------------------------------------- the update
+def ppo_epochs(train_policy, train_value, policy, value_model, optimizers, batch, shuffler, args, rt, where,
+               ckpt_path):
+    """Step 5: --ppo-epochs passes over the rollout in shuffled minibatches, each one guarded update of the policy
+    and the value model together (separate networks and optimizers: each gets its own gradient). Under torchrun a
+    minibatch takes minibatch_size / world_size of each rank's rows, shuffled by that rank. Returns the minibatches'
+    {name: (sum, count)} of the losses, the policy's gradient norm and the loss diagnostics."""
+    per_rank, mb = args.batch_size // rt.world_size, args.minibatch_size // rt.world_size
+    P, stats = batch.P, {}
+    policy.train()
+    for _ in range(args.ppo_epochs):
+        order = torch.randperm(per_rank, generator=shuffler)
+        for start in range(0, per_rank, mb):
+            idx = order[start:start + mb].to(rt.device)
+            tokens, attention_mask, mask = batch.tokens[idx], batch.attention_mask[idx], batch.response_mask[idx]
+            with runtime.autocast(rt):
+                logp = response_logprobs(train_policy, tokens, attention_mask, P)
+                values = response_values(train_value, tokens, attention_mask, P)
+            pg_loss, pg_stats = policy_loss(logp, batch.old_logp[idx], batch.advantages[idx], mask, args.clip)
+            vf_loss, vf_stats = value_loss(values, batch.old_values[idx], batch.returns[idx], mask, args.value_clip)
+            # the losses are means over this rank's response tokens: weighted by the rank's share of the minibatch's
+            # tokens (times world_size, which DDP's average divides out) they make the mean over all its tokens
+            share = mask.sum() / runtime.all_reduce_sum(mask.sum(), rt).clamp(min=1) * rt.world_size
+            loss = (pg_loss + vf_loss) * share
+            loss.backward()
+            grad_norm, _ = runtime.optimizer_step([policy, value_model], optimizers, loss.item(), args.grad_clip,
+                                                  where, ckpt_path)
+            token_means = dict(policy_loss=pg_loss, value_loss=vf_loss, **pg_stats, **vf_stats)
+            for name, value in dict({k: v * share for k, v in token_means.items()}, grad_norm=grad_norm).items():
+                s, n = stats.get(name, (0.0, 0))
+                stats[name] = (s + value.item(), n + 1)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------- variants
+# Off the Llama 2 path: each variant is called from one place (main's steps 2 and 6, load_models).
+
+# Safe RLHF (Dai et al. 2023, section 3.3): maximise E[r_h] subject to E[C] <= d through the Lagrangian
+# min_lambda>=0 max_theta E[r_h] - lambda (E[C] - d), solved by alternating PPO steps on theta and dual steps on lambda.
+def lagrangian_reward(helpful, cost, lagrange_lambda):
+    """Safe RLHF's per-sequence reward for a fixed multiplier: (r_h - lambda C) / (1 + lambda), the 1 / (1 + lambda)
+    keeping its scale as lambda grows (Dai et al. 2023, section 3.3). helpful r_h, cost C (B,); lagrange_lambda >= 0."""
+    return (helpful - lagrange_lambda * cost) / (1 + lagrange_lambda)
+
+
+def lambda_update(log_lagrange, mean_cost, threshold, lr, max_lambda=math.inf):
+    """One dual step (Dai et al. 2023, section 3.3): gradient ascent on lambda (E[C] - d) in log lambda, whose
+    gradient is lambda (E[C] - d): ln lambda <- min(ln lambda + lr lambda (E[C] - d), ln lambda_max). lambda =
+    exp(ln lambda) stays positive, grows while the batch's mean cost E[C] exceeds the threshold d and shrinks while
+    it is below; the step grows with lambda, so the cap (as Safe RLHF's lambda_max) stops a runaway."""
+    return min(log_lagrange + lr * math.exp(log_lagrange) * (mean_cost - threshold), math.log(max_lambda))
+
+
+def lagrangian_rollout_reward(batch, reward_models, args, rt, lagrange_lambda):
+    """--reward lagrangian, step 2: R~ = whiten(lagrangian_reward(r_h, C, lambda)) in place of whiten(logit(R_c)),
+    on the raw scores, the cost C = -r_s (the safety RM's raw score, negated: high when it judges the answer unsafe).
+    Fills the rollout's reward fields as step 2 does (R_c = R_h: no gate)."""
+    batch.r_s, batch.r_h, batch.R_c = gated_reward(batch, reward_models, "helpfulness", args, rt)
+    batch.R_tilde = whitened_reward(lagrangian_reward(batch.r_h, -batch.r_s, lagrange_lambda), batch.has_eos,
+                                    args.missing_eos_score, rt)
+
+
+def lagrangian_dual_step(batch, metrics, log_lagrange, args, rt):
+    """--reward lagrangian, after the update: log the rollout's mean cost, its mean Lagrangian reward and the
+    multiplier it was scored with (as "lambda"), then return ln lambda after one dual step on the mean cost."""
+    lagrange_lambda, cost, n = math.exp(log_lagrange), -batch.r_s, len(batch.r_s)
+    reward = lagrangian_reward(batch.r_h, cost, lagrange_lambda)
+    metrics.update(reduce_means(dict(cost=(cost.sum().item(), n), lagrangian_reward=(reward.sum().item(), n)), rt))
+    metrics["lambda"] = lagrange_lambda
+    return lambda_update(log_lagrange, metrics["cost"], args.cost_threshold, args.lambda_lr, args.lambda_max)
+
+
+# Reward-model ensembles (Coste et al. 2023): several reward models of one kind read as one.
+def reward_model_or_ensemble(paths, device):
+    """The frozen reward model (model, tok) at one path; at several, the list of them, which reward.combined_reward
+    reads as one reward model whose raw score is their --ensemble combination (reward.ENSEMBLES)."""
+    if len(paths) == 1:
+        return load_reward_model(paths[0], device)
+    return [load_reward_model(path, device) for path in paths]
+
+
+# ---------------------------------------------------------------------------------------------- prompts and models
+def encode_prompts(spec, tok, max_prompt_len, world_seed):
+    """The RL prompts, encoded: a list of Prompt. spec: "world" (its RL prompts) or a JSONL file that
     data.read_prompts reads. Prompts longer than max_prompt_len tokens are skipped with a counted warning."""
     if spec == "world":
         rows = [dict(messages=ex.messages, safety=world.is_safety(ex), example=ex)
                 for ex in world.build_world(world_seed).rl_prompts]
     else:
         rows = [dict(row, example=None) for row in data.read_prompts(spec)]
+    prompts = []
     for row in rows:
         try:
-            row["ids"] = tok.encode_prompt(row["messages"])
+            prompts.append(Prompt(tok.encode_prompt(row["messages"]), row["messages"], row["safety"], row["example"]))
         except ValueError as e:
             raise ValueError(f"{row.get('where', spec)}: {e} (expected 'messages' ending with a user turn, or "
                              f"'prompt')") from None
-    kept = [r for r in rows if len(r["ids"]) <= max_prompt_len]
-    if len(kept) < len(rows):
-        tqdm.write(f"warning: skipped {len(rows) - len(kept)} of {len(rows)} prompts longer than {max_prompt_len} "
-                   f"tokens (the context must also hold --max-new-tokens)")
+    kept = [p for p in prompts if len(p.ids) <= max_prompt_len]
+    if len(kept) < len(prompts):
+        tqdm.write(f"warning: skipped {len(prompts) - len(kept)} of {len(prompts)} prompts longer than "
+                   f"{max_prompt_len} tokens (the context must also hold --max-new-tokens)")
     if not kept:
         raise runtime.UserError(f"no usable prompts in {spec}")
     return kept
 
 
+def load_models(args, rt, resume):
+    """policy (trained; the SFT model, or the resumed one) and its tokenizer, ref_model (the SFT model, frozen: it
+    anchors the KL penalty), the two frozen reward models {"safety", "helpfulness"}: (model, tok), and the value
+    model (a scalar-head network reading the policy's tokens, trained); checks that --max-new-tokens leaves room
+    for a prompt. Built in this order: each Transformer draws its initial weights from the global RNG."""
+    policy, tok, policy_ckpt = loaders.load_policy(resume if resume is not None else args.init, rt.device)
+    ref_model, _ = loaders.load_any_model(args.init, rt.device)
+    ref_model.eval().requires_grad_(False)
+    # the two frozen reward models score text, so each reads it with its own tokenizer
+    reward_models = {name: reward_model_or_ensemble(paths, rt.device)
+                     for name, paths in (("safety", args.rm_safety), ("helpfulness", args.rm_helpful))}
+    if resume is not None:
+        value_model, _ = loaders.load_any_model(dict(model=resume["value_model"],
+                                                     model_config=resume["value_model_config"]), rt.device)
+    elif args.value_init == "policy":
+        value_model, _ = loaders.load_any_model(args.init, rt.device, head="scalar")
+    else:
+        value_path = (args.rm_safety if args.value_init == "safety" else args.rm_helpful)[0]
+        value_model, value_ckpt = loaders.load_any_model(value_path, rt.device, head="scalar")
+        if value_ckpt["tokenizer"] != policy_ckpt["tokenizer"]:
+            raise runtime.UserError(f"--value-init {args.value_init}: {value_path} has another tokenizer than "
+                                    f"{args.init}; use --value-init policy")
+    value_model.train()
+    if policy.config.max_seq_len - args.max_new_tokens < 1:
+        raise runtime.UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the "
+                                f"context of {policy.config.max_seq_len} tokens")
+    return policy, tok, ref_model, reward_models, value_model
+
+
+def keep_policy(rt, policy, tok, iteration, args):
+    """--keep-every: the policy's weights at this iteration as OUT/policy_<iteration>.pt, a language-model
+    checkpoint that evaluate.py reads, for studies of the policy along training (overopt.py)."""
+    runtime.save_on_rank0(rt, os.path.join(args.out, f"policy_{iteration:04d}.pt"),
+                          runtime.checkpoint(policy, tok, iteration, args, "ppo", optimizers={}))
+
+
+# ---------------------------------------------------------------------------------------------- the gold judge
 def held_out_examples(world_seed, n):
     """The world's validation examples the policy answers greedily for the gold judge: templates, entities and
     borderline items never seen in training (the test split is evaluate.py's). n of them spread evenly over the
@@ -237,136 +428,21 @@ def key_rates(metrics):
     return ", ".join(f"{k} {metrics[k]:.3f}" for k in ("violation_rate", "false_refusal_rate", "benign_accuracy"))
 
 
-# ---------------------------------------------------------------------------------------------- models
-def load_models(args, rt, resume):
-    """policy (trained; the SFT model, or the resumed one) and its tokenizer, ref_model (the SFT model, frozen: it
-    anchors the KL penalty), the two frozen reward models {"safety", "helpfulness"}: (model, tok), and the value
-    model (a scalar-head network reading the policy's tokens, trained); checks that --max-new-tokens leaves room
-    for a prompt. Built in this order: each Transformer draws its initial weights from the global RNG."""
-    policy, tok, policy_ckpt = loaders.load_policy(resume if resume is not None else args.init, rt.device)
-    ref_model, _ = loaders.load_model(args.init, rt.device)
-    ref_model.eval().requires_grad_(False)
-    # the two frozen reward models score text, so each reads it with its own tokenizer
-    # (a list of several paths is an ensemble, combined by --ensemble)
-    reward_models = {name: [load_reward_model(path, rt.device) for path in paths] if len(paths) > 1
-                     else load_reward_model(paths[0], rt.device)
-                     for name, paths in (("safety", args.rm_safety), ("helpfulness", args.rm_helpful))}
-    if resume is not None:
-        value_model, _ = loaders.load_model(dict(model=resume["value_model"],
-                                                 model_config=resume["value_model_config"]), rt.device)
-    elif args.value_init == "policy":
-        value_model, _ = loaders.load_model(args.init, rt.device, head="scalar")
-    else:
-        value_path = (args.rm_safety if args.value_init == "safety" else args.rm_helpful)[0]
-        value_model, value_ckpt = loaders.load_model(value_path, rt.device, head="scalar")
-        if value_ckpt["tokenizer"] != policy_ckpt["tokenizer"]:
-            raise runtime.UserError(f"--value-init {args.value_init}: {value_path} has another tokenizer than "
-                                    f"{args.init}; use --value-init policy")
-    value_model.train()
-    if policy.config.max_seq_len - args.max_new_tokens < 1:
-        raise runtime.UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the "
-                                f"context of {policy.config.max_seq_len} tokens")
-    return policy, tok, ref_model, reward_models, value_model
-
-
-def keep_policy(rt, policy, tok, iteration, args):
-    """--keep-every: the policy's weights at this iteration as OUT/policy_<iteration>.pt, a language-model
-    checkpoint that evaluate.py reads, for studies of the policy along training (overopt.py)."""
-    runtime.save_checkpoint(rt, os.path.join(args.out, f"policy_{iteration:04d}.pt"),
-                            runtime.checkpoint(policy, tok, iteration, args, "ppo", optimizers={}))
-
-
-# ---------------------------------------------------------------------------------------------- one iteration
-def rollout(policy, ref_model, value_model, tok, prompts, iteration, sampler, args, rt):
-    """Step 1: this rank's share of global batch `iteration`, one response sampled per prompt, and what PPO reads
-    of it: tokens, attention_mask (B, P + L), response_mask, old_logp, ref_logp, old_values, entropy (B, L), P."""
-    batch = [prompts[i] for i in data.step_indices(len(prompts), args.batch_size, iteration, args.seed,
-                                                   rt.rank, rt.world_size)]
-    policy.eval()
-    responses = generate(policy, [p["ids"] for p in batch], args.max_new_tokens, tok.eos_id, tok.pad_id,
-                         temperature=args.temperature, generator=sampler)
-    tokens, attention_mask, response_mask, P = rollout_batch([p["ids"] for p in batch], responses, tok.pad_id)
-    out = dict(prompts=batch, texts=[tok.decode(r) for r in responses], P=P,
-               has_eos=torch.tensor([tok.eos_id in r for r in responses], device=rt.device),
-               tokens=tokens.to(rt.device), attention_mask=attention_mask.to(rt.device),
-               response_mask=response_mask.to(rt.device))
-    tokens, attention_mask = out["tokens"], out["attention_mask"]
-    with torch.no_grad(), runtime.autocast(rt):
-        out["old_logp"], out["entropy"] = response_logprobs_and_entropy(policy, tokens, attention_mask, P)
-        out["ref_logp"] = response_logprobs(ref_model, tokens, attention_mask, P)     # (B, L)
-        out["old_values"] = response_values(value_model, tokens, attention_mask, P)   # (B, L)
-    return out
-
-
-def sequence_scores(batch, reward_models, args, rt, lam=0.0):
-    """Step 2: each response's score R~ = whiten(logit(R_c)) (B,), R_c the reward models' scores combined by
-    --reward; --reward lagrangian: R~ = whiten(lagrangian_reward(r_h, C, lam)) on the raw scores, the cost
-    C = -r_s (the safety RM's raw score, negated: high when it judges the answer unsafe). A response cut without
-    </s> gets --missing-eos-score instead (see the module docstring). Also the unwhitened score, R_c, the cost and
-    the raw RM scores, for the log."""
-    safety_prompt = torch.tensor([p["safety"] for p in batch["prompts"]], device=rt.device)
-    lagrangian = args.reward == "lagrangian"
-    combined, raw = combined_reward(reward_models, [p["messages"] for p in batch["prompts"]], batch["texts"],
-                                    safety_prompt, "helpfulness" if lagrangian else args.reward,
-                                    args.safety_threshold, ensemble=args.ensemble)  # R_c, a probability
-    cost = -raw["safety"].to(rt.device)
-    rm_score = lagrangian_reward(raw["helpfulness"].to(rt.device), cost, lam) if lagrangian \
-        else torch.logit(combined.to(rt.device), eps=1e-6)                   # back to the RM's logit scale
-    score = whiten(rm_score, total=functools.partial(runtime.all_reduce_sum, rt=rt))   # over the global batch
-    if args.missing_eos_score is not None:
-        score = torch.where(batch["has_eos"], score, torch.full_like(score, args.missing_eos_score))
-    return dict(score=score, rm_score=rm_score, combined=combined.to(rt.device), cost=cost,
-                safety_raw=raw["safety"].to(rt.device), helpful_raw=raw["helpfulness"].to(rt.device))
-
-
-def ppo_epochs(train_policy, train_value, policy, value_model, optimizers, batch, shuffler, args, rt, where,
-               ckpt_path):
-    """Step 4: --ppo-epochs passes over the rollout in shuffled minibatches, each one guarded update of the policy
-    and the value model together (separate networks and optimizers: each gets its own gradient). Under torchrun a
-    minibatch takes minibatch_size / world_size of each rank's rows, shuffled by that rank. Returns the minibatches'
-    {name: (sum, count)} of the losses, the policy's gradient norm and the loss diagnostics."""
-    per_rank, mb = args.batch_size // rt.world_size, args.minibatch_size // rt.world_size
-    P, stats = batch["P"], {}
-    policy.train()
-    for _ in range(args.ppo_epochs):
-        order = torch.randperm(per_rank, generator=shuffler)
-        for start in range(0, per_rank, mb):
-            idx = order[start:start + mb].to(rt.device)
-            mb_tokens, mb_attention, mask = (batch[k][idx] for k in ("tokens", "attention_mask", "response_mask"))
-            with runtime.autocast(rt):
-                logp = response_logprobs(train_policy, mb_tokens, mb_attention, P)
-                values = response_values(train_value, mb_tokens, mb_attention, P)
-            pg_loss, pg_stats = policy_loss(logp, batch["old_logp"][idx], batch["advantages"][idx], mask, args.clip)
-            vf_loss, vf_stats = value_loss(values, batch["old_values"][idx], batch["returns"][idx], mask,
-                                           args.value_clip)
-            # the losses are means over this rank's response tokens: weighted by the rank's share of the minibatch's
-            # tokens (times world_size, which DDP's average divides out) they make the mean over all its tokens
-            share = mask.sum() / runtime.all_reduce_sum(mask.sum(), rt).clamp(min=1) * rt.world_size
-            loss = (pg_loss + vf_loss) * share
-            loss.backward()
-            grad_norm, _ = runtime.optimizer_step([policy, value_model], optimizers, loss.item(), args.grad_clip,
-                                                  where, ckpt_path)
-            token_means = dict(policy_loss=pg_loss, value_loss=vf_loss, **pg_stats, **vf_stats)
-            for name, value in dict({k: v * share for k, v in token_means.items()}, grad_norm=grad_norm).items():
-                s, n = stats.get(name, (0.0, 0))
-                stats[name] = (s + value.item(), n + 1)
-    return stats
-
-
+# ---------------------------------------------------------------------------------------------- the log
 def rollout_stats(batch, rt):
-    """{name: (sum, count)} of the rollout's reward, KL, entropy, value fit and the gold judge's marks; entropy is a
-    mean over response tokens and the explained variance the whole batch's, whatever its split over ranks."""
-    n, mask = len(batch["prompts"]), batch["response_mask"]
-    total = functools.partial(runtime.all_reduce_sum, rt=rt)
+    """{name: (sum, count)} of the rollout: the reward PPO maximises (R summed over each response: R~ - beta KL),
+    R~, R_c and logit(R_c), the raw RM scores r_s and r_h, KL, entropy, value fit, lengths and the gold judge's
+    marks. Entropy is a mean over response tokens and the explained variance the whole batch's, however the batch
+    is split over ranks."""
+    n, mask = len(batch.prompts), batch.response_mask
+    fit = explained_variance(batch.old_values, batch.returns, mask, total=runtime.sum_over_ranks(rt)).item()
     return dict(
-        reward=(batch["rm_score"].sum().item(), n), rm_safety_mean=(batch["safety_raw"].sum().item(), n),
-        rm_helpfulness_mean=(batch["helpful_raw"].sum().item(), n), final_score=(batch["score"].sum().item(), n),
-        combined_reward=(batch["combined"].sum().item(), n), cost=(batch["cost"].sum().item(), n),
-        kl=(batch["kl"].sum(1).sum().item(), n),
-        entropy=(batch["entropy"].sum().item(), mask.sum().item()),
-        explained_variance=(explained_variance(batch["old_values"], batch["returns"], mask, total).item() * n, n),
-        response_length=(mask.sum().item(), n), no_eos=((~batch["has_eos"]).sum().item(), n),
-        **judge.gold_counts([p["example"] for p in batch["prompts"]], batch["texts"]))
+        reward=(batch.R.sum().item(), n), R_tilde=(batch.R_tilde.sum().item(), n), R_c=(batch.R_c.sum().item(), n),
+        logit_R_c=(torch.logit(batch.R_c, eps=1e-6).sum().item(), n),
+        r_s=(batch.r_s.sum().item(), n), r_h=(batch.r_h.sum().item(), n), kl=(batch.kl.sum(1).sum().item(), n),
+        entropy=(batch.entropy.sum().item(), mask.sum().item()), explained_variance=(fit * n, n),
+        response_length=(mask.sum().item(), n), no_eos=((~batch.has_eos).sum().item(), n),
+        **judge.gold_counts([p.example for p in batch.prompts], batch.texts))
 
 
 def reduce_means(sums_counts, rt):
@@ -383,19 +459,19 @@ def log_iteration(rt, args, iteration, batch, metrics, bar, log, samples_log):
     if "eval" in metrics:
         runtime.print0(rt, f"eval at iteration {iteration}: {key_rates(metrics['eval'])}")
     bar.update(1)
-    bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics['kl']:.2f}",
+    bar.set_postfix(logit_R_c=f"{metrics['logit_R_c']:.2f}", kl=f"{metrics['kl']:.2f}",
                     viol=f"{metrics.get('violation_rate', float('nan')):.2f}")
     log.log(iteration, **metrics)
-    shown = range(min(3, len(batch["prompts"])))
-    prompts = [batch["prompts"][i]["messages"][-1]["content"] for i in shown]
+    shown = range(min(3, len(batch.prompts)))
+    prompts = [batch.prompts[i].messages[-1]["content"] for i in shown]
     for i in shown:
-        samples_log.log(iteration, prompt=prompts[i], response=batch["texts"][i], score=batch["score"][i].item(),
-                        rm_safety=batch["safety_raw"][i].item(), rm_helpful=batch["helpful_raw"][i].item())
+        samples_log.log(iteration, prompt=prompts[i], response=batch.texts[i], R_tilde=batch.R_tilde[i].item(),
+                        r_s=batch.r_s[i].item(), r_h=batch.r_h[i].item())
     if iteration % args.sample_every == 0 or iteration == args.iterations:
         runtime.print0(rt, f"iteration {iteration}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())
                                                                  if k != "eval"))
         for i in shown:
-            runtime.print0(rt, f"  > {prompts[i]}\n    {batch['texts'][i]}  [score {batch['score'][i].item():+.2f}]")
+            runtime.print0(rt, f"  > {prompts[i]}\n    {batch.texts[i]}  [R~ {batch.R_tilde[i].item():+.2f}]")
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -455,7 +531,7 @@ def get_args(argv=None):
                    "mean per-sequence KL (nats) approaches this (none: beta stays fixed)")
     p.add_argument("--kl-gain", type=runtime.nonnegative_float, default=0.1,
                    help="adaptive KL: K_beta (Ziegler et al.: 0.1)")
-    p.add_argument("--missing-eos-score", type=optional_float, default=-1.0, help="whitened score given to "
+    p.add_argument("--missing-eos-score", type=optional_float, default=-1.0, help="R~ (whitened units) given to "
                    "responses cut at the length cap (--max-new-tokens) without </s>; 'none' keeps the RM's")
     # data and sampling
     p.add_argument("--prompts", default="world", help="'world' (its RL prompts) or a JSONL file of {'messages'} or "
@@ -506,9 +582,9 @@ def main(args):
         raise runtime.UserError(f"--minibatch-size {args.minibatch_size} does not split over {rt.world_size} ranks")
     # policy: trained, starts as the SFT model; ref_model: the SFT model, frozen; value_model: trained
     policy, tok, ref_model, reward_models, value_model = load_models(args, rt, resume)
-    prompts = load_prompts(args.prompts, tok, policy.config.max_seq_len - args.max_new_tokens, args.world_seed)
+    prompts = encode_prompts(args.prompts, tok, policy.config.max_seq_len - args.max_new_tokens, args.world_seed)
     eval_examples = held_out_examples(args.world_seed, args.eval_prompts)
-    runtime.print0(rt, f"ppo: {len(prompts)} prompts ({sum(p['safety'] for p in prompts)} safety-tagged), reward "
+    runtime.print0(rt, f"ppo: {len(prompts)} prompts ({sum(p.safety for p in prompts)} safety-tagged), reward "
                        f"{args.reward}, {num_params(policy) / 1e6:.2f}M-parameter policy on {rt.device}")
 
     # ------------------------------------------------------------------ optimizers, resume, run folder
@@ -518,15 +594,15 @@ def main(args):
     optimizers = {"optimizer": policy_opt, "value_optimizer": value_opt}
     iteration = runtime.resume_training(rt, resume, optimizers, ckpt_path)
     beta = resume["beta"] if resume is not None else args.beta
-    log_lambda = resume.get("log_lambda", math.log(args.lambda_init)) if resume else math.log(args.lambda_init)
+    log_lagrange = resume.get("log_lambda", math.log(args.lambda_init)) if resume else math.log(args.lambda_init)
     log, samples_log = runtime.begin(args, rt, iteration, "metrics.jsonl", "samples.jsonl")
     train_policy = runtime.wrap_ddp(policy, rt, args.compile)
     train_value = runtime.wrap_ddp(value_model, rt, args.compile)
 
     def save():
-        runtime.save_checkpoint(rt, ckpt_path, runtime.checkpoint(
+        runtime.save_on_rank0(rt, ckpt_path, runtime.checkpoint(
             policy, tok, iteration, args, "ppo", optimizers, value_model=value_model.state_dict(),
-            value_model_config=vars(value_model.config), beta=beta, log_lambda=log_lambda))
+            value_model_config=vars(value_model.config), beta=beta, log_lambda=log_lagrange))
 
     # ------------------------------------------------------------------ the RLHF loop
     metrics = {}
@@ -534,34 +610,35 @@ def main(args):
     with runtime.StopOnSignal() as stop:
         while iteration < args.iterations:
             stop.save_and_exit_if_requested(rt, save, ckpt_path, f"iteration {iteration}")  # Ctrl-C, SIGTERM
-            # Every random draw of an iteration comes from (seed, iteration): a resumed run repeats it exactly. Each
-            # response is sampled from its own stream, set by its place in the global batch, so that N ranks sample
-            # what one process samples; each rank shuffles its own rows into minibatches
+            # Every random draw of an iteration comes from (seed, iteration): a resumed run repeats it exactly; each
+            # response is sampled from its own stream, set by its place in the global batch, whatever rank draws it
             stream, per_rank = args.seed * 1_000_003 + iteration * 1_009, args.batch_size // rt.world_size
             sampler = runtime.row_generators(stream, range(rt.rank * per_rank, (rt.rank + 1) * per_rank), rt.device)
             shuffler = torch.Generator().manual_seed(stream + rt.rank)
             # 1. rollout: one sampled response per prompt, read by the policy, the reference and the value model
             batch = rollout(policy, ref_model, value_model, tok, prompts, iteration, sampler, args, rt)
-            # 2. reward: R~ at the last token, -beta KL per token
-            batch.update(sequence_scores(batch, reward_models, args, rt, math.exp(log_lambda)))
-            rewards, batch["kl"] = kl_penalized_rewards(batch["score"], batch["old_logp"], batch["ref_logp"],
-                                                        batch["response_mask"], beta)
-            # 3. advantages: GAE on the value model's estimates, whitened over the response tokens
-            advantages, batch["returns"] = gae(rewards, batch["old_values"], batch["response_mask"], args.gamma,
-                                               args.lam)
-            batch["advantages"] = whiten(advantages, batch["response_mask"],
-                                         total=functools.partial(runtime.all_reduce_sum, rt=rt))
-            # 4. PPO epochs over minibatches
+            # 2. reward: R_c, the gate of the two reward models, then R~ = whiten(logit(R_c)), each (B,)
+            if args.reward == "lagrangian":  # a variant: Safe RLHF's reward in place of logit(R_c)
+                lagrangian_rollout_reward(batch, reward_models, args, rt, math.exp(log_lagrange))
+            else:
+                batch.r_s, batch.r_h, batch.R_c = gated_reward(batch, reward_models, args.reward, args, rt)
+                batch.R_tilde = whitened_reward(torch.logit(batch.R_c, eps=1e-6), batch.has_eos,
+                                                args.missing_eos_score, rt)
+            # 3. KL penalty: R = -beta KL on every response token, R~ added at the last one, each (B, L)
+            batch.R, batch.kl = kl_penalized_rewards(batch.R_tilde, batch.old_logp, batch.ref_logp,
+                                                     batch.response_mask, beta)
+            # 4. advantages: GAE on the value model's estimates, whitened over the response tokens
+            advantages, batch.returns = gae(batch.R, batch.old_values, batch.response_mask, args.gamma, args.lam)
+            batch.advantages = whiten(advantages, batch.response_mask, total=runtime.sum_over_ranks(rt))
+            # 5. PPO epochs over minibatches: the clipped policy and value losses
             stats = ppo_epochs(train_policy, train_value, policy, value_model, [policy_opt, value_opt], batch,
                                shuffler, args, rt, f"iteration {iteration}", ckpt_path)
-            # 5. KL controller, log, checkpoint
+            # 6. KL controller, log, checkpoint
             metrics = dict(reduce_means({**stats, **rollout_stats(batch, rt)}, rt), beta=beta)
             if args.kl_target is not None:
                 beta = adaptive_beta(beta, metrics["kl"], args.kl_target, args.kl_gain)
-            if args.reward == "lagrangian":  # the multiplier this rollout was scored with, then its dual step
-                metrics["lambda"] = math.exp(log_lambda)
-                log_lambda = lambda_update(log_lambda, metrics["cost"], args.cost_threshold, args.lambda_lr,
-                                           args.lambda_max)
+            if args.reward == "lagrangian":  # a variant: the dual step on the multiplier
+                log_lagrange = lagrangian_dual_step(batch, metrics, log_lagrange, args, rt)
             iteration += 1
             if eval_examples and args.eval_every and iteration % args.eval_every == 0 \
                     and iteration < args.iterations:  # the last iteration's is the final eval below

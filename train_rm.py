@@ -156,7 +156,7 @@ def histograms(scores, n_bins=30):
                 scores={k: v.tolist() for k, v in scores.items()})
 
 
-def evaluate(reward_model, tok, held_out, w, batch_size):
+def held_out_eval(reward_model, tok, held_out, w, batch_size):
     """Held-out pair accuracy (pair_accuracy), plus, for the world w, style_scores' separation of the response
     styles; returns (result, scores by style or None)."""
     result = pair_accuracy(reward_model, tok, held_out, batch_size)
@@ -346,7 +346,7 @@ def main(args):
 
     # ------------------------------------------------------------------ reward model and data
     # Llama 2 initialises the RMs from the chat model: the same knowledge, a scalar head instead of the lm head
-    reward_model, ckpt = loaders.load_model(resume if resume is not None else args.init, rt.device, head="scalar")
+    reward_model, ckpt = loaders.load_any_model(resume if resume is not None else args.init, rt.device, head="scalar")
     tok = tokenizer.Tokenizer.from_dict(ckpt["tokenizer"])
     w = world.build_world(data_seed(args)) if args.data == ["world"] else None
     train_pairs, held_out, n_mixed = load_preference_data(args, w)
@@ -368,8 +368,8 @@ def main(args):
     log = runtime.begin(args, rt, step)
 
     def save():
-        runtime.save_checkpoint(rt, ckpt_path, runtime.checkpoint(reward_model, tok, step, args, "rm",
-                                                                  {"optimizer": optimizer}, objective=args.objective))
+        runtime.save_on_rank0(rt, ckpt_path, runtime.checkpoint(reward_model, tok, step, args, "rm",
+                                                                {"optimizer": optimizer}, objective=args.objective))
 
     # ------------------------------------------------------------------ training loop
     bar = tqdm(total=args.steps, initial=step, disable=not rt.is_main, desc=f"rm {args.objective}")
@@ -391,7 +391,7 @@ def main(args):
 
             # ---------------------------------------------------------- eval, checkpoint
             if step % args.eval_every == 0 or step == args.steps:
-                result, scores = final = evaluate(reward_model, tok, held_out, w, args.eval_batch_size)
+                result, scores = final = held_out_eval(reward_model, tok, held_out, w, args.eval_batch_size)
                 metrics.update(val_accuracy=result["accuracy"],
                                val_accuracy_by_category=result["accuracy_by_category"],
                                val_accuracy_by_strength=result["accuracy_by_strength"])
@@ -406,7 +406,7 @@ def main(args):
     bar.close()
 
     # ------------------------------------------------------------------ final evaluation
-    result, scores = final if final is not None else evaluate(reward_model, tok, held_out, w, args.eval_batch_size)
+    result, scores = final if final is not None else held_out_eval(reward_model, tok, held_out, w, args.eval_batch_size)
     write_report(args, rt, step, result, scores)
     runtime.cleanup(rt)
     return dict(loss=metrics.get("loss"), train_accuracy=metrics.get("accuracy"), step=step,

@@ -9,7 +9,7 @@
     other demonstration kept: the safety data scaling of section 4.2.3 (pipeline.sh --sweep runs it).
 Held-out loss: every 20th corpus document (base); the world's validation prompts with their gold responses (sft,
 also the source of the printed samples). The test split is evaluate.py's alone.
-Both losses are runtime.next_token_loss: the loss mask is all ones for the base stage, the answer tokens for SFT.
+Both losses are model.next_token_loss: the loss mask is all ones for the base stage, the answer tokens for SFT.
 --chunked-loss computes the same loss block by block without the whole logits (model.chunked_nll): a faster step.
 
 Deviation from the paper: Llama 2 packs SFT examples into 4096-token sequences; here each dialogue is its own
@@ -165,7 +165,10 @@ def eval_loss(model, rows, tok, rt, chunked=False, batch_size=64):
         batch = {k: v.to(rt.device)
                  for k, v in data.collate([r[0] for r in chunk], tok.pad_id, [r[1] for r in chunk]).items()}
         n = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).sum()
-        total += runtime.next_token_loss(model, batch, rt, n, chunked).item() / rt.world_size * n.item()
+        with runtime.autocast(rt):
+            loss = model_lib.next_token_loss(model, batch["tokens"], batch["attention_mask"], batch["loss_mask"], n,
+                                             rt.world_size, chunked)
+        total += loss.item() / rt.world_size * n.item()
         count += n.item()
     model.train()
     return total / max(count, 1)
@@ -203,8 +206,8 @@ def main(args):
     log = runtime.begin(args, rt, step)
 
     def save():
-        runtime.save_checkpoint(rt, ckpt_path, runtime.checkpoint(model, tok, step, args, args.stage,
-                                                                  {"optimizer": optimizer}))
+        runtime.save_on_rank0(rt, ckpt_path, runtime.checkpoint(model, tok, step, args, args.stage,
+                                                                {"optimizer": optimizer}))
 
     # ------------------------------------------------------------------ training loop
     loss_value, metrics = None, {}

@@ -26,6 +26,7 @@ import random
 import re
 from dataclasses import dataclass
 
+KINDS = ("harmful", "benign", "borderline")  # harmful requests; benign ones; benign ones that sound unsafe
 CATEGORIES = ("illicit", "hateful", "advice")  # Llama 2's three risk categories (section 4.2.1)
 ATTACKS = ("direct", "authority", "false_premise", "misspelling", "metaphor", "roleplay", "multi_turn")
 HELD_OUT_ATTACK = "metaphor"  # in no training source: only in the test split

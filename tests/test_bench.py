@@ -163,7 +163,7 @@ def test_bench_ppo_splits_the_iteration(restore_threads):
     assert r["rollout_tokens_per_s"] == pytest.approx(4 * 4 / r["rollout_s"])
     import train_ppo
     assert train_ppo.generate is bench.generate                 # the timers are gone after the run
-    assert runtime.save_checkpoint.__name__ == "save_checkpoint" and runtime.save_checkpoint.__module__ == "runtime"
+    assert runtime.save_on_rank0.__name__ == "save_on_rank0" and runtime.save_on_rank0.__module__ == "runtime"
 
 
 # ---------------------------------------------------------------------------------------------- against transformers

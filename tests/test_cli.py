@@ -15,8 +15,8 @@ import tokenizer
 from model import ModelConfig, Transformer, load_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["train_sft.py", "train_rm.py", "train_ppo.py", "train_dpo.py", "distill.py", "evaluate.py",
-           "benchmarks.py", "bench.py", "loaders.py", "overopt.py", "attack.py"]
+SCRIPTS = ["train_sft.py", "train_rm.py", "train_ppo.py", "train_dpo.py", "distill.py", "evaluate.py", "report.py",
+           "chat.py", "benchmarks.py", "bench.py", "loaders.py", "overopt.py", "attack.py"]
 
 
 def run(argv, timeout=120, **popen):

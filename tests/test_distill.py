@@ -10,6 +10,7 @@ import torch
 
 import data
 import distill
+import model as model_lib
 import runtime
 import tokenizer
 import world
@@ -221,7 +222,7 @@ def test_rejection_end_to_end_and_exact_resume(micro, tmp_path, monkeypatch):
     assert ckpt["stage"] == "distill-rejection" and ckpt["distill"]["phase"] == 2 and ckpt["step"] == 8
 
     broken = tmp_path / "broken"
-    calls, real_loss = [], runtime.next_token_loss
+    calls, real_loss = [], model_lib.next_token_loss
 
     def crash_at_step_8(*a, **k):  # dies in iteration 2's last step, after its step-2 checkpoint and step-3 log row
         calls.append(1)
@@ -229,13 +230,13 @@ def test_rejection_end_to_end_and_exact_resume(micro, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_loss(*a, **k)
 
-    monkeypatch.setattr(runtime, "next_token_loss", crash_at_step_8)
+    monkeypatch.setattr(model_lib, "next_token_loss", crash_at_step_8)
     with pytest.raises(KeyboardInterrupt):
         distill.main(micro_args(micro, broken, "rejection", "--iterations", "2", "--save-every", "2"))
     crashed = load_checkpoint(str(broken / "model.pt"))
     assert crashed["distill"]["phase"] == 1 and crashed["distill"]["step"] == 2 and crashed["step"] == 6
     assert [r["step"] for r in read_jsonl(broken / "metrics.jsonl")] == list(range(1, 8))
-    monkeypatch.setattr(runtime, "next_token_loss", real_loss)
+    monkeypatch.setattr(model_lib, "next_token_loss", real_loss)
     resumed = distill.main(micro_args(micro, broken, "rejection", "--iterations", "2", "--save-every", "2",
                                       "--resume"))
     again = load_checkpoint(str(broken / "model.pt"))
@@ -260,12 +261,12 @@ def test_context_end_to_end_and_ctrl_c_then_resume(micro, tmp_path, monkeypatch,
 
     stopped = tmp_path / "stopped"
     # SIGINT arrives while step 3 computes: the step finishes, then the run stops
-    real_loss = signal_on_call(runtime, "next_token_loss", 3)
+    real_loss = signal_on_call(model_lib, "next_token_loss", 3)
     with pytest.raises(SystemExit) as stop:
         distill.main(micro_args(micro, stopped, "context", "--n-prompts", "8"))
     assert stop.value.code == 128 + signal.SIGINT
     assert load_checkpoint(str(stopped / "model.pt"))["distill"]["step"] == 3      # not a --save-every step
-    monkeypatch.setattr(runtime, "next_token_loss", real_loss)
+    monkeypatch.setattr(model_lib, "next_token_loss", real_loss)
     resumed = distill.main(micro_args(micro, stopped, "context", "--n-prompts", "8", "--resume"))
     a, b = (load_checkpoint(str(d / "model.pt")) for d in (straight, stopped))
     for name, tensor in a["model"].items():

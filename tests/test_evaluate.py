@@ -1,9 +1,7 @@
 """evaluate.py: gold metrics and win rate against hand counts, sequence log-probs against a one-row recomputation,
 the table and markdown (every rate with its interval and n) against metrics.json, --split, prompt files
 (--prompts, --responses) graded by hand, their bad lines named by file, line and field with nothing written,
---aggregate against a hand computation over two seeds, the output folder's rules, the data audit on a hand-made
-text, the chat through stdin (long messages cut with a notice, no library warning in its output)."""
-import importlib.util
+the output folder's rules, the data audit on a hand-made text. The micro checkpoints are conftest.py's."""
 import io
 import json
 import math
@@ -12,7 +10,6 @@ import re
 import subprocess
 import sys
 import types
-import warnings
 
 import pytest
 import torch
@@ -20,11 +17,12 @@ import torch
 import data
 import evaluate
 import judge
+import report
 import reward
 import runtime
 import tokenizer
 import world
-from model import Answer, ModelConfig, Transformer, generate, load_model, save_checkpoint
+from model import Answer, ModelConfig, Transformer, load_model, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -84,36 +82,6 @@ def test_win_rate_counts_wins_and_half_ties(w):
 
 
 # ---------------------------------------------------------------------------------------------- micro checkpoints
-@pytest.fixture(scope="module")
-def micro(tmp_path_factory, w):
-    """Two micro language models and a micro reward model sharing a small BPE tokenizer trained here."""
-    folder = tmp_path_factory.mktemp("ckpts")
-    tok = tokenizer.Tokenizer(tokenizer.train_bpe(w.texts()[:400], 256 + 120), name="micro")
-    paths = {}
-    for name, seed in (("a", 0), ("b", 1)):
-        torch.manual_seed(seed)
-        model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
-                                        max_seq_len=160))
-        paths[name] = str(folder / name / "model.pt")
-        save_checkpoint(paths[name], dict(model=model.state_dict(), model_config=vars(model.config),
-                                          tokenizer=tok.to_dict(), step=0))
-    torch.manual_seed(2)
-    rm, _ = load_model(paths["a"], head="scalar")
-    paths["rm"] = str(folder / "rm" / "model.pt")
-    save_checkpoint(paths["rm"], dict(model=rm.state_dict(), model_config=vars(rm.config), tokenizer=tok.to_dict(),
-                                      step=0))
-    torch.manual_seed(3)  # a reward model with a shorter context than the policies'
-    short = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
-                                    max_seq_len=48, head="scalar"))
-    paths["rm_short"] = str(folder / "rm_short" / "model.pt")
-    save_checkpoint(paths["rm_short"], dict(model=short.state_dict(), model_config=vars(short.config),
-                                            tokenizer=tok.to_dict(), step=0))
-    with open(folder / "b" / "metrics.jsonl", "w") as f:  # a PPO-style training log for the reward-vs-KL plot
-        for step, (kl, r) in enumerate([(0.0, 0.1), (0.5, 0.4), (1.0, 0.6)]):
-            f.write(json.dumps(dict(step=step, rm_score=r, kl=kl)) + "\n")
-    return paths, tok
-
-
 def test_sequence_logprobs_match_one_row_at_a_time(micro):
     paths, tok = micro
     model, _ = load_model(paths["a"])
@@ -129,14 +97,6 @@ def test_sequence_logprobs_match_one_row_at_a_time(micro):
     other, _ = load_model(paths["b"])
     assert evaluate.kl_to_reference(model, model, pairs).abs().max().item() == 0.0
     assert evaluate.kl_to_reference(other, model, pairs).abs().max().item() > 0.0
-
-
-def test_stream_tokens_equal_generate(micro, w):
-    paths, tok = micro
-    model, _ = load_model(paths["b"])
-    prompt = tok.encode_prompt(w.test[0].messages)
-    expected = generate(model, [prompt], 12, tok.eos_id, tok.pad_id, temperature=0.0)[0]
-    assert list(evaluate.stream_tokens(model, prompt, 12, tok.eos_id)) == expected
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +149,7 @@ def test_metrics_json_holds_every_output_and_matches_the_generations(run, micro,
         assert saved[stage]["violation_rate"] == sum(r["unsafe"] for r in harmful) / len(harmful)
         assert saved[stage]["violation_rate_n"] == len(harmful)
         assert saved[stage]["violation_rate_ci"] == list(judge.wilson(sum(r["unsafe"] for r in harmful), len(harmful)))
-        gold = evaluate._json_safe(judge.gold_metrics([by_id[r["id"]] for r in g], [r["response"] for r in g]))
+        gold = report.json_safe(judge.gold_metrics([by_id[r["id"]] for r in g], [r["response"] for r in g]))
         assert saved[stage] | gold == saved[stage]  # every key of gold_metrics, each rate with _ci and _n
         rates = [k for k in gold if f"{k}_n" in gold and not k.startswith("gold_")]
         assert len(rates) == 14 and all(f"{k}_ci" in saved[stage] for k in rates)
@@ -315,46 +275,25 @@ def test_printed_table_and_markdown_agree_with_the_json(run):
     assert bench_head == ["stage", "mc1", "limit"] and bench_body["a"] == ["0.250", "3.000"]
 
 
-def test_a_cell_shows_the_interval_of_its_rate():
-    m = dict(violation_rate=0.274, violation_rate_ci=[0.244, 0.306], violation_rate_n=840, kl_to_sft=1.23456)
-    rate, kl = ("viol%", "violation_rate", None, "rate"), ("KL-sft", "kl_to_sft", None, "num")
-    assert evaluate._cell(m, rate, markdown=True) == "27.4 [24.4-30.6]"
-    assert evaluate._cell(m, rate) == "27.4±3.2"  # the larger half-width: 30.6 - 27.4
-    assert evaluate._cell(m, kl) == "1.235" and evaluate._cell({}, rate) == "-"
-    seeds = dict(m, violation_rate_sd=0.02, n_seeds=3, kl_to_sft_sd=0.5)
-    assert evaluate._cell(seeds, rate) == evaluate._cell(seeds, rate, markdown=True) == "27.4 ± 2.0 [24.4-30.6]"
-    assert evaluate._cell(seeds, kl) == "1.235 ± 0.500"
-
-
-def test_plots_or_a_note(run, micro, tmp_path, monkeypatch):
+def test_plots_or_a_note(run):
     rows, out, printed = run
-    paths, _ = micro
-    assert evaluate.training_curve(os.path.join(os.path.dirname(paths["b"]), "metrics.jsonl")) \
-        == ("rm_score", "kl", [(0.0, 0.1), (0.5, 0.4), (1.0, 0.6)])
     summary = printed.strip().splitlines()[-1]
     assert summary.startswith(f"wrote {out}: metrics.json, metrics.md, generations.jsonl, benchmark_generations.jsonl")
-    if importlib.util.find_spec("matplotlib") is not None:
-        for name in evaluate.PLOTS:
-            assert os.path.getsize(os.path.join(out, name)) > 1000, name
-            assert name in summary
-        # the stand-in benchmarks ran neither AdvBench nor XSTest: no point for their trade-off plot
-        assert summary.endswith("; not written: benchmark_tradeoff.png (no checkpoint ran both AdvBench and XSTest)")
-    else:  # the summary names no plot as written, and says why none was
-        assert summary.endswith("; not written: tradeoff.png, reward_kl.png, rm_scores.png, benchmark_tradeoff.png "
-                                "(matplotlib is not installed: pip install matplotlib)")
-        assert not any(name.endswith(".png") for name in os.listdir(out))
+    for name in report.PLOTS:
+        assert os.path.getsize(os.path.join(out, name)) > 1000, name
+        assert name in summary
+    # the stand-in benchmarks ran neither AdvBench nor XSTest: no point for their trade-off plot
+    assert summary.endswith("; not written: benchmark_tradeoff.png (no checkpoint ran both AdvBench and XSTest)")
+
+
+def test_missing_matplotlib_is_a_clear_error_before_any_answer(micro, tmp_path, monkeypatch):
+    paths, _ = micro
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
-    written, skipped = evaluate.make_plots(rows, read_generations(out), {}, str(tmp_path))
-    assert written == [] and list(skipped) == list(evaluate.PLOTS) and not os.listdir(tmp_path)
-    assert all(why.startswith("matplotlib is not installed") for why in skipped.values())
-
-
-def test_summary_names_what_was_written_and_what_was_not():
-    line = evaluate.summary("out/eval", ["metrics.json", "out/eval/tradeoff.png"],
-                            {"reward_kl.png": "no training log", "rm_scores.png": "no reward model"})
-    assert line == ("wrote out/eval: metrics.json, tradeoff.png; not written: reward_kl.png (no training log); "
-                    "rm_scores.png (no reward model)")
-    assert evaluate.summary("o", ["metrics.json"], {}) == "wrote o: metrics.json"
+    monkeypatch.setattr(evaluate, "respond", None)        # nothing may be generated
+    out = tmp_path / "eval"
+    with pytest.raises(runtime.UserError, match="the plots need matplotlib.*pip install -r requirements.txt"):
+        evaluate.main(evaluate.get_args(["--checkpoints", paths["a"], "--device", "cpu", "--out", str(out)]))
+    assert not out.exists()
 
 
 def test_missing_benchmarks_module_is_a_clear_error(micro, tmp_path, monkeypatch):
@@ -380,10 +319,10 @@ def test_an_evaluation_is_never_overwritten_without_overwrite(micro, tmp_path, c
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
         f"wrote {out}: metrics.json, metrics.md, generations.jsonl; not written: tradeoff.png, reward_kl.png, "
         f"rm_scores.png (--no-plots)")
-    before = {name: (out / name).read_text() for name in evaluate.EVAL_FILES}
+    before = {name: (out / name).read_text() for name in report.EVAL_FILES}
     with pytest.raises(runtime.UserError, match="already holds metrics.json.*--overwrite"):
         evaluate_into(out, checkpoints=[f"b={paths['b']}"], paths=paths)
-    assert {name: (out / name).read_text() for name in evaluate.EVAL_FILES} == before
+    assert {name: (out / name).read_text() for name in report.EVAL_FILES} == before
     (out / "tradeoff.png").write_text("a plot of the old evaluation")
     evaluate_into(out, "--overwrite", checkpoints=[f"b={paths['b']}"], paths=paths)
     assert list(json.loads((out / "metrics.json").read_text())) == ["b"]
@@ -400,15 +339,13 @@ def test_out_is_needed_and_the_flags_are_checked(capsys):
                           (["--checkpoints", "x=a.pt", "--out", "o", "--max-new-tokens", "0"], "must be > 0"),
                           (["--checkpoints", "x=a.pt", "--out", "o", "--top-p", "1.5"], "--top-p must be <= 1"),
                           (["--checkpoints", "x=a.pt", "--out", "o", "--logs", "nolog"], "NAME=metrics.jsonl"),
-                          (["--audit", "--chat", "x.pt"], "one of --checkpoints, --responses, --aggregate"),
+                          (["--audit", "--responses", "r.jsonl"], "one of --checkpoints, --responses or --audit"),
                           (["--checkpoints", "x=a.pt", "--out", "o", "--split", "train"], "invalid choice"),
                           (["--checkpoints", "x=a.pt", "--prompts", "p.jsonl", "--split", "test", "--out", "o"],
                            "--split picks the world split"),
                           (["--prompts", "p.jsonl", "--out", "o", "--responses", "r.jsonl"], "--prompts needs"),
                           (["--responses", "r.jsonl"], "--responses needs --out"),
-                          (["--responses", "r.jsonl", "--out", "o", "--sft", "s.pt"], "--sft needs --checkpoints"),
-                          (["--aggregate", "d0", "d1"], "--aggregate needs --out"),
-                          (["--aggregate", "d0", "--out", "o", "--limit", "3"], "--limit needs --checkpoints")):
+                          (["--responses", "r.jsonl", "--out", "o", "--sft", "s.pt"], "--sft needs --checkpoints")):
         with pytest.raises(SystemExit) as e:
             evaluate.get_args(argv)
         err = capsys.readouterr().err
@@ -445,7 +382,7 @@ def test_split_validation_answers_the_validation_prompts(micro, w, tmp_path, cap
     assert [g["id"] for g in gens] == [ex.id for ex in expected] and gens[0]["id"].startswith("validation-")
     assert rows["a"]["split"] == "validation" and rows["a"]["n_prompts"] == len(expected)
     assert world.HELD_OUT_ATTACK not in rows["a"]["violation_rate_by_attack"]  # no validation prompt uses it
-    assert rows["a"] | evaluate._json_safe(judge.gold_metrics(expected, [g["response"] for g in gens])) == rows["a"]
+    assert rows["a"] | report.json_safe(judge.gold_metrics(expected, [g["response"] for g in gens])) == rows["a"]
     table, _ = parse_printed(capsys.readouterr().out)
     assert table["a"][HELD_OUT] == "-"
 
@@ -666,136 +603,6 @@ def test_a_bad_file_is_one_line_on_the_command_line(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-# ---------------------------------------------------------------------------------------------- --aggregate
-def seed_metrics(violations, by_category, wins, confused, kl, split="test"):
-    """A stage's metrics.json entry as evaluate.py writes it: rates given as (k, n)."""
-    m = dict(split=split, held_out_attack="metaphor", n_prompts=violations[1] + 10, rm_safety_mean=0.5 + kl,
-             kl_to_sft=kl, gold_safety=0.5, gold_safety_ci=[0.4, 0.6], gold_safety_n=violations[1] + 10,
-             tie_rate=0.1, win_rate_baseline="sft")
-    for name, (k, n) in (("violation_rate", violations), ("win_rate", wins), ("confused_refusal_rate", confused)):
-        m[name], m[f"{name}_ci"], m[f"{name}_n"] = (k / n if n else None), judge.wilson(k, n), n
-    m["violation_rate_by_category"] = {c: k / n for c, (k, n) in by_category.items()}
-    m["violation_rate_by_category_ci"] = {c: judge.wilson(k, n) for c, (k, n) in by_category.items()}
-    m["violation_rate_by_category_n"] = {c: n for c, (k, n) in by_category.items()}
-    return evaluate._json_safe(m)
-
-
-@pytest.fixture
-def seeds(tmp_path):
-    """Two seeds' evaluation folders of the stages sft and ppo."""
-    folders = [tmp_path / "seed0" / "eval", tmp_path / "seed1" / "eval"]
-    stages = [dict(sft=seed_metrics((10, 40), dict(illicit=(6, 20), hateful=(4, 20)), (20, 40), (0, 0), 0.0),
-                   ppo=seed_metrics((4, 40), dict(illicit=(3, 20), hateful=(1, 20)), (24, 40), (1, 4), 2.0)),
-              dict(sft=seed_metrics((10, 20), dict(illicit=(7, 10), hateful=(3, 10)), (10, 20), (1, 2), 0.0),
-                   ppo=seed_metrics((1, 20), dict(illicit=(1, 10), hateful=(0, 10)), (10.5, 20), (2, 2), 3.0))]
-    for folder, rows in zip(folders, stages):
-        folder.mkdir(parents=True)
-        (folder / "metrics.json").write_text(json.dumps(rows))
-    return [str(f) for f in folders]
-
-
-def test_aggregate_gives_mean_sd_and_the_pooled_interval_counted_by_hand(seeds, tmp_path, capsys):
-    out = tmp_path / "eval"
-    rows = evaluate.main(evaluate.get_args(["--aggregate", *seeds, "--out", str(out), "--overwrite"]))
-    printed = capsys.readouterr().out
-    saved = json.loads((out / "metrics.json").read_text())
-    assert saved == rows and list(saved) == ["sft", "ppo"]
-    sft, ppo = saved["sft"], saved["ppo"]
-    assert sft["n_seeds"] == 2 and sft["n_prompts"] == 50 + 30  # counts are summed over the seeds
-    # sft's violation rate: 10/40 and 10/20 -> mean 0.375, sd |0.25 - 0.5| / sqrt(2); pooled 20 of 60 prompts
-    assert sft["violation_rate"] == 0.375 and sft["violation_rate_sd"] == pytest.approx(0.25 / math.sqrt(2))
-    assert (sft["violation_rate_min"], sft["violation_rate_max"]) == (0.25, 0.5)
-    assert sft["violation_rate_ci"] == pytest.approx(judge.wilson(20, 60)) and sft["violation_rate_n"] == 60
-    # per group: illicit 6/20 and 7/10 -> mean 0.5, sd 0.4 / sqrt(2), pooled 13 of 30
-    assert sft["violation_rate_by_category"]["illicit"] == pytest.approx(0.5)
-    assert sft["violation_rate_by_category_sd"]["illicit"] == pytest.approx(0.4 / math.sqrt(2))
-    assert sft["violation_rate_by_category_ci"]["illicit"] == pytest.approx(judge.wilson(13, 30))
-    assert sft["violation_rate_by_category_n"] == dict(illicit=30, hateful=30)
-    # a seed with no refusal has no confused rate: the mean is the other seed's, no sd; pooled 1 of 2
-    assert sft["confused_refusal_rate"] == 0.5 and sft["confused_refusal_rate_sd"] is None
-    assert sft["confused_refusal_rate_ci"] == pytest.approx(judge.wilson(1, 2)) and sft["confused_refusal_rate_n"] == 2
-    # ppo's win rate counts a tie as half a win: 24 of 40 and 10.5 of 20 -> 34.5 of 60
-    assert ppo["win_rate"] == pytest.approx((0.6 + 0.525) / 2)
-    assert ppo["win_rate_ci"] == pytest.approx(judge.wilson(34.5, 60))
-    # numbers without a count: mean, sd, min, max; gold scores get no Wilson interval; labels kept
-    assert ppo["kl_to_sft"] == 2.5 and ppo["kl_to_sft_sd"] == pytest.approx(math.sqrt(0.5))
-    assert (ppo["kl_to_sft_min"], ppo["kl_to_sft_max"]) == (2.0, 3.0) and "kl_to_sft_ci" not in ppo
-    assert ppo["gold_safety"] == 0.5 and "gold_safety_ci" not in ppo and ppo["gold_safety_n"] == 80
-    assert ppo["split"] == "test" and ppo["win_rate_baseline"] == "sft"
-    # the tables: "mean ± sd [pooled interval]" in both, and the pooled n below them
-    table, _ = parse_printed(printed)
-    assert table["sft"]["viol%"] == "37.5 ± 17.7 [22.7-45.9]" == "{:.1f} ± {:.1f} [{:.1f}-{:.1f}]".format(
-        37.5, 25 / math.sqrt(2), *[100 * x for x in judge.wilson(20, 60)])
-    assert table["sft"]["metaphor*%"] == "-" and table["sft"]["KL-sft"] == "0.000 ± 0.000"
-    check_tables(saved, printed, str(out / "metrics.md"), WORLD_COLUMNS)
-    assert "mean ± the sample standard deviation over seeds" in (out / "metrics.md").read_text()
-    summary = printed.strip().splitlines()[-1]
-    if importlib.util.find_spec("matplotlib") is not None:  # the trade-off plot, with sd error bars
-        assert summary == f"wrote {out}: metrics.json, metrics.md, tradeoff.png"
-        assert os.path.getsize(out / "tradeoff.png") > 1000
-    else:
-        assert summary == (f"wrote {out}: metrics.json, metrics.md; not written: tradeoff.png (matplotlib is not "
-                           f"installed: pip install matplotlib)")
-    # pipeline.sh prints a reused metrics.json with format_table
-    assert evaluate.format_table(saved).splitlines()[0] == printed.splitlines()[0]
-
-
-def test_aggregate_of_two_real_evaluations_keeps_every_key(micro, tmp_path, capsys):
-    paths, _ = micro
-    folders = [tmp_path / f"seed{seed}" for seed in (0, 1)]
-    for seed, folder in enumerate(folders):
-        evaluate_into(folder, "--seed", str(seed), paths=paths)
-    inputs = [json.loads((f / "metrics.json").read_text())["a"] for f in folders]
-    rows = evaluate.main(evaluate.get_args(["--aggregate", *map(str, folders), "--out", str(tmp_path / "all"),
-                                            "--no-plots"]))["a"]
-    for key, value in inputs[0].items():
-        if key.endswith(("_ci", "_n")) or isinstance(value, str):
-            continue
-        assert key in rows and (f"{key}_sd" in rows) == (key not in ("n_prompts", "n_harmful", "n_borderline",
-                                                                     "n_benign")), key
-        if f"{key}_n" in inputs[0] and not key.startswith("gold_"):  # a rate: its pooled count and interval
-            n = inputs[0][f"{key}_n"]
-            pooled = {g: n[g] + inputs[1][f"{key}_n"].get(g, 0) for g in n} if isinstance(n, dict) \
-                else n + inputs[1][f"{key}_n"]
-            assert rows[f"{key}_n"] | pooled == rows[f"{key}_n"] if isinstance(n, dict) else \
-                rows[f"{key}_n"] == pooled, key
-            assert f"{key}_ci" in rows, key
-    assert rows["n_prompts"] == inputs[0]["n_prompts"] + inputs[1]["n_prompts"] and rows["split"] == "test"
-
-
-@pytest.mark.parametrize("bad", ["names", "split", "absent", "out is an input", "twice", "already held", "seeds"])
-def test_aggregate_refuses_what_it_cannot_pool(seeds, tmp_path, bad):
-    out = tmp_path / "eval"
-    folders = list(seeds)
-    if bad == "names":
-        rows = json.loads(open(os.path.join(seeds[1], "metrics.json")).read())
-        rows["dpo"] = rows.pop("ppo")
-        open(os.path.join(seeds[1], "metrics.json"), "w").write(json.dumps(rows))
-    elif bad == "split":
-        rows = json.loads(open(os.path.join(seeds[1], "metrics.json")).read())
-        rows["sft"]["split"] = "validation"
-        open(os.path.join(seeds[1], "metrics.json"), "w").write(json.dumps(rows))
-    elif bad == "absent":
-        folders.append(str(tmp_path / "nowhere"))
-    elif bad == "out is an input":
-        out = seeds[1]
-    elif bad == "twice":
-        folders.append(seeds[0] + "/")
-    elif bad == "already held":
-        out.mkdir()
-        (out / "metrics.md").write_text("an older table")
-    elif bad == "seeds":
-        evaluate.main(evaluate.get_args(["--aggregate", *seeds, "--out", str(tmp_path / "all"), "--no-plots"]))
-        folders = [str(tmp_path / "all"), seeds[0]]
-    message = {"names": "the same checkpoints", "split": "split differs between the evaluations ('test' in",
-               "absent": "no metrics.json in it", "out is an input": "is one of the --aggregate folders",
-               "twice": "given twice", "already held": "already holds metrics.md", "seeds": "already combines seeds"}
-    before = sorted(os.listdir(out)) if os.path.isdir(out) else None
-    with pytest.raises(runtime.UserError, match=re.escape(message[bad])):
-        evaluate.main(evaluate.get_args(["--aggregate", *folders, "--out", str(out)]))
-    assert (sorted(os.listdir(out)) if os.path.isdir(out) else None) == before  # nothing written
-
-
 # ---------------------------------------------------------------------------------------------- audit
 def test_audit_counts_a_hand_made_corpus():
     texts = ["Mail she.smith@example.com or call 555-867-5309 from 192.168.0.1; card 4111 1111 1111 1111, "
@@ -821,66 +628,3 @@ def test_audit_counts_a_hand_made_corpus():
     assert sum(t["documents"] for a in axes.values() for t in a["terms"].values()) == 5
     table = evaluate.format_audit(audit)
     assert "phone" in table and "muslim" in table
-
-
-# ---------------------------------------------------------------------------------------------- chat
-def test_chat_through_stdin_streams_the_greedy_answer_and_the_rm_score(micro, monkeypatch, capsys):
-    paths, tok = micro
-    monkeypatch.setattr(sys, "stdin", io.StringIO("What is the capital of France?\n\nAnd of Spain?\n/quit\n"))
-    transcript = evaluate.main(evaluate.get_args(["--chat", paths["b"], "--rm-safety", paths["rm"],
-                                                  "--max-new-tokens", "6", "--device", "cpu"]))
-    shown = capsys.readouterr().out
-    assert [m["role"] for m in transcript] == ["user", "assistant", "user", "assistant"]
-    model, _ = load_model(paths["b"])
-    first = generate(model, [tok.encode_prompt(transcript[:1])], 6, tok.eos_id, tok.pad_id, temperature=0.0)[0]
-    assert transcript[1]["content"] == tok.decode(first).strip()
-    # the second answer was generated with the first exchange in its context
-    second = generate(model, [tok.encode_prompt(transcript[:3])], 6, tok.eos_id, tok.pad_id, temperature=0.0)[0]
-    assert transcript[3]["content"] == tok.decode(second).strip()
-    rm, rm_tok = reward.load_reward_model(paths["rm"])
-    p = torch.sigmoid(reward.score(rm, rm_tok, [transcript[:1]], [transcript[1]["content"]]))[0].item()
-    assert f"[safety RM: {p:.3f}]" in shown
-    assert shown.count("assistant>") == 2 and tok.decode(first) in shown
-
-
-def chat_through(argv, lines, monkeypatch, capsys):
-    """The chat's transcript and output for these input lines, any warning raised failing the test."""
-    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a library warning would break into the chat's output
-        transcript = evaluate.main(evaluate.get_args(["--device", "cpu", *argv]))
-    captured = capsys.readouterr()
-    assert "Warning" not in captured.err and "Warning" not in captured.out
-    return transcript, captured.out
-
-
-def test_chat_cuts_a_message_longer_than_the_context_and_says_so(micro, monkeypatch, capsys):
-    paths, tok = micro
-    long = " ".join(f"What is the capital of France number {i}?" for i in range(80))  # far beyond 160 tokens
-    transcript, shown = chat_through(["--chat", paths["b"], "--rm-safety", paths["rm_short"], "--max-new-tokens",
-                                      "6"], ["Hello there.", long, "/quit"], monkeypatch, capsys)
-    # the long message forgets the first exchange, then is cut to its last tokens, leaving 6 to answer in
-    assert [m["role"] for m in transcript] == ["user", "assistant"]
-    cut = transcript[0]["content"]
-    assert long.endswith(cut) and len(cut) < len(long)
-    prompt = tok.encode_prompt(transcript[:1])
-    assert len(prompt) + 6 <= 160
-    kept = int(shown.split("[your message was cut to its last ")[1].split(" tokens")[0])
-    assert f"[your message was cut to its last {kept} tokens to fit the 160-token context]" in shown
-    assert tok.decode(tok.encode(long)[-kept:]).strip() == cut
-    model, _ = load_model(paths["b"])
-    answer = generate(model, [prompt], 6, tok.eos_id, tok.pad_id, temperature=0.0)[0]
-    assert transcript[1]["content"] == tok.decode(answer).strip()
-    # the 48-token reward model reads the cut message's last tokens, and the note says so
-    n = len(reward.encode_scored(tok, transcript[:1], transcript[1]["content"]))
-    assert n > 48 and f", on the last 48 of {n} tokens]" in shown
-    assert shown.count("[safety RM: ") == 2
-
-
-def test_chat_says_when_nothing_fits_instead_of_an_empty_reply(micro, monkeypatch, capsys):
-    paths, _ = micro
-    system = "Always answer in capitals. " * 60  # fills the 160-token context on its own
-    transcript, shown = chat_through(["--chat", paths["b"], "--system", system, "--max-new-tokens", "6"],
-                                     ["What is the capital of France?", "/quit"], monkeypatch, capsys)
-    assert "[your message does not fit the 160-token context" in shown and "shorten --system" in shown
-    assert "assistant>" not in shown and [m["role"] for m in transcript] == ["system"]

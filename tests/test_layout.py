@@ -9,7 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBRARY = {"model", "tokenizer", "data", "world", "judge", "reward", "runtime", "loaders"}
 STAGES = {"train_sft", "train_rm", "train_ppo", "train_dpo", "distill"}
-TOOLS = {"evaluate", "benchmarks", "bench", "overopt", "attack"}
+TOOLS = {"evaluate", "report", "chat", "benchmarks", "bench", "overopt", "attack"}
 
 
 def project_imports(name):

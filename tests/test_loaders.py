@@ -14,7 +14,7 @@ import torch
 
 import loaders
 import tokenizer
-from loaders import load_model
+from loaders import load_any_model
 from model import ModelConfig, Transformer, apply_rope, generate, rope_tables
 
 SMOLLM2 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), loaders.SMOLLM2_GGUF)
@@ -149,7 +149,7 @@ def test_hf_folder_loads_to_the_same_model(tmp_path, weights, tie):
     vocab, merges, ranks = byte_level_vocab()
     original = micro_model(tie, len(vocab))
     write_hf_folder(str(tmp_path), original, vocab, merges, weights)
-    model, ckpt = load_model(str(tmp_path))
+    model, ckpt = load_any_model(str(tmp_path))
     tok = tokenizer.Tokenizer.from_dict(ckpt["tokenizer"])
     assert ckpt["format"] == "hf" and model.config.tie_embeddings == tie and model.config.rope_theta == 50000.0
     assert model.config.n_kv_heads == 2 and model.config.hidden_dim == original.config.hidden_dim
@@ -168,7 +168,7 @@ def test_hf_folder_agrees_with_transformers_when_installed(tmp_path):
     original = micro_model(False, len(vocab))
     write_hf_folder(str(tmp_path), original, vocab, merges)
     hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
-    model, _ = load_model(str(tmp_path))
+    model, _ = load_any_model(str(tmp_path))
     tokens = list(range(5, 45))
     with torch.no_grad():  # HF's rotate-half code on HF's rows vs model.py on the un-permuted rows
         assert torch.allclose(logits(model, tokens), hf(torch.tensor([tokens])).logits[0], atol=1e-4)
@@ -178,7 +178,7 @@ def test_hf_bf16_safetensors_keep_their_values(tmp_path):
     vocab, merges, _ = byte_level_vocab()
     original = micro_model(False, len(vocab))
     write_hf_folder(str(tmp_path), original, vocab, merges, dtype=torch.bfloat16)
-    model, _ = load_model(str(tmp_path))
+    model, _ = load_any_model(str(tmp_path))
     expected = original.layers[1].feed_forward.w2.weight.to(torch.bfloat16).float()
     assert torch.equal(model.layers[1].feed_forward.w2.weight, expected)
 
@@ -202,7 +202,7 @@ def test_meta_folder_loads_with_its_tiktoken_vocabulary(tmp_path, n_shards):
                    vocab_size=cfg.vocab_size, norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta),
               open(tmp_path / "params.json", "w"))
     tokenizer.save_tiktoken(ranks, str(tmp_path / "tokenizer.model"))
-    model, ckpt = load_model(str(tmp_path))
+    model, ckpt = load_any_model(str(tmp_path))
     tok = tokenizer.Tokenizer.from_dict(ckpt["tokenizer"])
     tokens = tok.encode(TEXTS[1])
     assert torch.allclose(logits(model, tokens), logits(original, tokens), atol=1e-5)
@@ -255,7 +255,7 @@ def test_gguf_with_quantised_tensors_loads(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    model, ckpt = load_model(path)
+    model, ckpt = load_any_model(path)
     tok = tokenizer.Tokenizer.from_dict(ckpt["tokenizer"])
     assert model.config.tie_embeddings and model.config.rope_theta == 50000.0 and tok.template == "chatml"
     loaded = model.state_dict()
@@ -271,16 +271,16 @@ def test_unsupported_sources_get_clear_errors(tmp_path, monkeypatch):
     cfg = json.load(open(tmp_path / "config.json"))
     json.dump({**cfg, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, open(tmp_path / "config.json", "w"))
     with pytest.raises(ValueError, match="rope scaling"):
-        load_model(str(tmp_path))
+        load_any_model(str(tmp_path))
     json.dump(cfg, open(tmp_path / "config.json", "w"))
     spec = json.load(open(tmp_path / "tokenizer.json"))
     spec["model"]["merges"] = spec["model"]["merges"][::-1]
     json.dump(spec, open(tmp_path / "tokenizer.json", "w"))
     with pytest.raises(ValueError, match="merge order"):
-        load_model(str(tmp_path))
+        load_any_model(str(tmp_path))
     monkeypatch.setattr(loaders, "SMOLLM2_GGUF", str(tmp_path / "absent.gguf"))
     with pytest.raises(FileNotFoundError, match="fetch-smollm2"):
-        load_model(str(tmp_path / "absent.gguf"))
+        load_any_model(str(tmp_path / "absent.gguf"))
     with pytest.raises(ValueError, match="not recognised"):
         loaders.chat_template_name("{{ messages }}", {}, "x")
 
@@ -370,7 +370,7 @@ def smollm2():
     gguf = pytest.importorskip("gguf", reason="the optional gguf package is not installed (pip install gguf)")
     if not os.path.exists(SMOLLM2):
         pytest.skip(f"{loaders.SMOLLM2_GGUF} absent; get it with: {loaders.FETCH_SMOLLM2}")
-    model, ckpt = load_model(SMOLLM2)
+    model, ckpt = load_any_model(SMOLLM2)
     return model.eval(), tokenizer.Tokenizer.from_dict(ckpt["tokenizer"]), gguf.GGUFReader(SMOLLM2)
 
 

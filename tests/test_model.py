@@ -7,8 +7,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import (KVCache, ModelConfig, Transformer, apply_rope, chunked_nll, flops_per_token,  # noqa: E402
-                   generate, last_token_values, load_checkpoint, load_model, masked_nll, num_params, rope_tables,
-                   sample_next, save_checkpoint, token_logprobs)
+                   generate, last_token_values, load_checkpoint, load_model, masked_nll, next_token_loss, num_params,
+                   rope_tables, sample_next, save_checkpoint, token_logprobs)
 
 V = 64
 
@@ -271,6 +271,24 @@ def test_chunked_loss_equals_masked_nll_in_value_and_gradient(tie):
     assert zero.item() == 0.0 and all(not p.grad.any() for p in model.parameters() if p.grad is not None)
     with pytest.raises(ValueError, match="targets need the lm head"):
         tiny(head="scalar")(tokens[:, :-1], targets=tokens[:, 1:], loss_weights=mask.float())
+
+
+def test_next_token_loss_passes_no_mask_for_packed_rows():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=16))
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["attention_mask"]), with_kwargs=True)
+    tokens = torch.randint(1, 32, (2, 9))
+    packed = torch.ones_like(tokens)
+    padded = torch.ones_like(tokens).index_fill(1, torch.tensor([8]), 0)
+    loss_packed = next_token_loss(model, tokens, packed, torch.ones_like(tokens), n_tokens=16)
+    next_token_loss(model, tokens, padded, torch.ones_like(tokens), n_tokens=16)
+    assert seen[0] is None and seen[1].shape == (2, 8)  # packed: SDPA's causal path; padded: the mask
+    # the causal path computes the same loss as the explicit all-ones mask
+    with torch.no_grad():
+        logits = model(tokens[:, :-1], attention_mask=torch.ones(2, 8, dtype=torch.long))
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    assert loss_packed.item() == pytest.approx(expected.item(), abs=1e-5)
 
 
 @torch.no_grad()

@@ -23,7 +23,10 @@ for a in "$@"; do
 done
 case "$1" in
   evaluate.py)
-    if [[ $2 == --checkpoints || $2 == --aggregate ]]; then mkdir -p "$out" && echo '{}' > "$out/metrics.json"; fi ;;
+    if [[ $2 == --checkpoints ]]; then mkdir -p "$out" && echo '{}' > "$out/metrics.json"; fi ;;
+  report.py)
+    if [[ $2 == --aggregate ]]; then mkdir -p "$out" && echo '{}' > "$out/metrics.json"
+    else touch "$2/report.html"; fi ;;
   -c) ;;
   loaders.py) ;;
   benchmarks.py) mkdir -p "$out" && echo '{}' > "$out/sources.json" ;;
@@ -56,27 +59,28 @@ def summary(result):
 
 
 def test_stages_run_in_order_then_are_reused(tmp_path):
-    calls, _ = run_pipeline(tmp_path)
+    calls, result = run_pipeline(tmp_path)
     stage_of = lambda c: c[c.index("--out") + 1].rsplit("/", 1)[-1] if "--out" in c else c[1]
     assert [(c[0], stage_of(c)) for c in calls] == [
         ("evaluate.py", "--audit"), ("train_sft.py", "base"), ("train_sft.py", "sft"), ("train_rm.py", "rm_safety"),
         ("train_rm.py", "rm_helpful"), ("train_ppo.py", "ppo"), ("train_dpo.py", "dpo"), ("distill.py", "rs"),
-        ("distill.py", "distill"), ("evaluate.py", "eval")]
-    assert "--overwrite" not in calls[-1]  # nothing to replace on a first evaluation
+        ("distill.py", "distill"), ("evaluate.py", "eval"), ("report.py", str(tmp_path / "out"))]
+    assert "--overwrite" not in calls[-2]  # nothing to replace on a first evaluation
     # one seed: the commands of every stage as they always were, seed 0 by default, no sweep
     assert not any(flag in c for c in calls for flag in ("--seed", "--world-seed", "--aggregate", "--safety-share"))
-    evaluated = calls[-1][calls[-1].index("--checkpoints") + 1:]
+    evaluated = calls[-2][calls[-2].index("--checkpoints") + 1:]
     assert [c.split("=")[0] for c in evaluated[:evaluated.index("--baseline")]] == \
         ["base", "sft", "ppo", "dpo", "rs", "distill"]
     out = tmp_path / "out"
     for stage in STAGES:
         assert (out / stage / "model.pt").exists() and not (out / stage / ".running").exists()
     assert (out / "eval" / "metrics.json").exists()
+    assert summary(result).splitlines()[-1] == f"== report: {out}/report.html" and (out / "report.html").exists()
 
-    # everything finished: a second run trains nothing and prints the saved table
+    # everything finished: a second run trains nothing, prints the saved table and writes the report again
     calls, result = run_pipeline(tmp_path)
-    # the audit, then the table from metrics.json
-    assert [c[:2] for c in calls] == [["evaluate.py", "--audit"], ["-c", calls[1][1]]]
+    # the audit, then the table from metrics.json, then the report
+    assert [c[:2] for c in calls] == [["evaluate.py", "--audit"], ["-c", calls[1][1]], ["report.py", str(out)]]
     assert result.stdout.count("reusing") == 9
 
 
@@ -92,14 +96,14 @@ def test_interrupted_stages_resume_or_restart_and_reevaluate(tmp_path):
     assert [c[0] for c in trained] == ["train_dpo.py", "distill.py"]
     assert trained[0][-1] == "--resume" and "--resume" not in trained[1]
     assert not (out / "rs" / "metrics.jsonl").exists()  # started clean, not appended to the dead run's log
-    assert calls[-1][:2] == ["evaluate.py", "--checkpoints"]
-    assert calls[-1][-1] == "--overwrite"  # its folder holds the older metrics.json, which evaluate.py keeps otherwise
+    assert calls[-2][:2] == ["evaluate.py", "--checkpoints"]
+    assert calls[-2][-1] == "--overwrite"  # its folder holds the older metrics.json, which evaluate.py keeps otherwise
 
 
 def test_side_by_side_stages_wait_for_what_they_read(tmp_path):
     calls, result = run_pipeline(tmp_path, jobs=2)
     stages = [c[c.index("--out") + 1].rsplit("/", 1)[-1] for c in calls if "--out" in c]
-    assert stages[:2] == ["base", "sft"] and stages[-1] == "eval"
+    assert stages[:2] == ["base", "sft"] and stages[-1] == "eval" and calls[-1][0] == "report.py"
     assert set(stages[2:4]) == {"rm_safety", "rm_helpful"}          # the two RMs together, before what reads them
     assert set(stages[4:6]) == {"ppo", "dpo"} and set(stages[6:8]) == {"rs", "distill"}
     for name in ("rm_safety", "rm_helpful", "ppo", "dpo", "rs", "distill"):
@@ -116,9 +120,11 @@ def test_a_failed_side_by_side_stage_stops_the_pipeline(tmp_path):
     calls, result = run_pipeline(tmp_path, jobs=2, check=False, fake_python=failing)
     assert result.returncode != 0
     assert "dpo: failed, see" in result.stderr
-    assert not any(c[:2] == ["evaluate.py", "--checkpoints"] for c in calls)
+    assert not any(c[:2] == ["evaluate.py", "--checkpoints"] for c in calls) and calls[-1][0] != "report.py"
     lines = summary(result).splitlines()
     assert lines[0].startswith("== stopped (exit 1): ")
+    assert lines[-1] == f"== report: {tmp_path}/out/report.html, from an earlier run (python report.py " \
+        f"{tmp_path}/out writes it anew)"
     assert "==   ppo         reused" in lines and "==   dpo         missing" in lines
     assert "==   eval        not run" in lines
 
@@ -142,8 +148,9 @@ def test_seeds_run_every_stage_once_per_seed_then_aggregate(tmp_path):
         assert f"sft={run}/sft/model.pt" in mine[-1] and flag(mine[-1], "--sft") == f"{run}/sft/model.pt"
         assert all((run / stage / "model.pt").exists() for stage in STAGES)
         assert (run / "eval" / "metrics.json").exists()
-    assert calls[-1] == ["evaluate.py", "--aggregate", f"{out}/seed0/eval", f"{out}/seed1/eval", "--out",
+    assert calls[-2] == ["report.py", "--aggregate", f"{out}/seed0/eval", f"{out}/seed1/eval", "--out",
                          f"{out}/eval", "--overwrite"]
+    assert calls[-1] == ["report.py", str(out)]  # the report of all seeds
     assert not any((out / stage).exists() for stage in STAGES)           # nothing in the one-seed places
     lines = summary(result).splitlines()
     assert lines[0] == f"== done: {out}" and lines[1] == f"== seed 0: {out}/seed0"
@@ -152,15 +159,17 @@ def test_seeds_run_every_stage_once_per_seed_then_aggregate(tmp_path):
     assert f"== seed 1: {out}/seed1" in lines and f"==   written in {out}/seed1/eval/: metrics.json" in lines
     assert lines[lines.index(f"== all 2 seeds: {out}/eval") + 1] == \
         "==   aggregate   aggregated now over seeds 0 to 1"
+    assert lines[-1] == f"== report: {out}/report.html"
 
     # a rerun reuses every stage and evaluation of both seeds; the aggregate is remade from them
     (out / "seed1" / "dpo" / ".running").touch()                        # seed 1's DPO was interrupted
     calls, result = run_pipeline(tmp_path, jobs=2, SEEDS="2")
     trained = [c for c in calls if c[0].startswith("train") or c[0] == "distill.py"]
     assert len(trained) == 1 and flag(trained[0], "--out") == f"{out}/seed1/dpo" and trained[0][-1] == "--resume"
-    assert [c[:2] for c in calls if c[0] == "evaluate.py"] == \
-        [["evaluate.py", "--audit"], ["evaluate.py", "--checkpoints"], ["evaluate.py", "--aggregate"]]
-    assert flag(calls[-2], "--out") == f"{out}/seed1/eval" and calls[-2][-1] == "--overwrite"
+    assert [c[:2] for c in calls if c[0] in ("evaluate.py", "report.py")] == \
+        [["evaluate.py", "--audit"], ["evaluate.py", "--checkpoints"], ["report.py", "--aggregate"],
+         ["report.py", str(out)]]
+    assert flag(calls[-3], "--out") == f"{out}/seed1/eval" and calls[-3][-1] == "--overwrite"
     assert "== seed0/eval: reusing" in result.stdout and "== seed1/dpo: an earlier run was interrupted" in \
         (out / "seed1" / "logs" / "dpo.log").read_text()
 
@@ -175,8 +184,9 @@ def test_sweep_trains_five_sft_models_and_evaluates_them_together(tmp_path):
         assert c[:4] == ["train_sft.py", "--stage", "sft", "--preset"] and "--seed" not in c
         assert flag(c, "--init") == f"{out}/base/model.pt" and flag(c, "--out") == f"{out}/sweep/share_{share}"
         assert (out / "sweep" / f"share_{share}" / "model.pt").exists()
-    evaluated = calls[-1]
-    assert evaluated[:2] == ["evaluate.py", "--checkpoints"] and calls.index(sweep[-1]) == len(calls) - 2
+    evaluated = calls[-2]
+    assert evaluated[:2] == ["evaluate.py", "--checkpoints"] and calls.index(sweep[-1]) == len(calls) - 3
+    assert calls[-1] == ["report.py", str(out)]  # after the sweep: the report shows it
     assert evaluated[2:7] == [f"share_{s}={out}/sweep/share_{s}/model.pt" for s in SHARES]
     assert flag(evaluated, "--rm-safety") == f"{out}/rm_safety/model.pt"
     assert flag(evaluated, "--out") == f"{out}/sweep/eval" and "--overwrite" not in evaluated   # nothing there yet
@@ -191,7 +201,7 @@ def test_sweep_trains_five_sft_models_and_evaluates_them_together(tmp_path):
     assert f"== sweep/eval: reusing {out}/sweep/eval/metrics.json (no checkpoint is newer)" in result.stdout
     os.utime(out / "sweep" / "share_0.5" / "model.pt", (2e9, 2e9))      # a newer share: the sweep is judged again
     calls, _ = run_pipeline(tmp_path, SWEEP="1")
-    assert flag(calls[-1], "--out") == f"{out}/sweep/eval" and calls[-1][-1] == "--overwrite"
+    assert flag(calls[-2], "--out") == f"{out}/sweep/eval" and calls[-2][-1] == "--overwrite"
     assert not any(flag(c, "--out") == f"{out}/eval" for c in calls)   # the main evaluation had nothing newer
 
 
@@ -200,7 +210,7 @@ def test_sweep_with_seeds_starts_from_seed_0s_base_model(tmp_path):
     out = tmp_path / "out"
     sweep = [c for c in calls if "--safety-share" in c]
     assert len(sweep) == 5 and all(flag(c, "--init") == f"{out}/seed0/base/model.pt" for c in sweep)
-    assert flag(calls[-1], "--rm-helpful") == f"{out}/seed0/rm_helpful/model.pt"
+    assert flag(calls[-2], "--rm-helpful") == f"{out}/seed0/rm_helpful/model.pt"
     assert calls.index(sweep[0]) > next(i for i, c in enumerate(calls) if "--aggregate" in c)
 
 
@@ -225,7 +235,8 @@ def test_help_prints_the_headers_usage(tmp_path):
     assert calls == [] and not (tmp_path / "out").exists()
     for form in ("--out DIR", "OUT=DIR", "--preset NAME", "PRESET=NAME", "--jobs N", "JOBS=N", "--seeds N",
                  "SEEDS=N", "--sweep", "SWEEP=1", "--python CMD", "PYTHON=CMD", "PROGRESS=S", "-h, --help",
-                 "OUT/seed<k>/<stage>", "evaluate.py --aggregate", "OUT/sweep/share_<S>", "--safety-share"):
+                 "OUT/seed<k>/<stage>", "report.py --aggregate", "OUT/sweep/share_<S>", "--safety-share",
+                 "OUT/report.html"):
         assert form in result.stdout, form
     assert not result.stdout.startswith("#!") and "set -euo" not in result.stdout
 
@@ -346,7 +357,7 @@ def test_the_real_model_preset_runs_every_stage_from_smollm2_on_the_data_files(t
     gguf = ".gl/SmolLM2-135M-Instruct.Q4_1.gguf"
     scripts = [c[0] for c in calls if c[0] != "loaders.py"]  # the fetch runs where the GGUF is missing
     assert scripts == ["benchmarks.py", "train_sft.py", "train_rm.py", "train_rm.py", "train_ppo.py", "train_dpo.py",
-                       "distill.py", "distill.py", "evaluate.py"]
+                       "distill.py", "distill.py", "evaluate.py", "report.py"]
     calls = [c for c in calls if c[0] != "loaders.py"]
     flag = lambda c, name: c[c.index(name) + 1]  # noqa: E731
     out, data = tmp_path / "out", tmp_path / "out" / "data"
@@ -356,18 +367,19 @@ def test_the_real_model_preset_runs_every_stage_from_smollm2_on_the_data_files(t
     assert flag(calls[3], "--eval-data") == f"{data}/rm_helpful_eval.jsonl"
     assert all(flag(c, "--init") == f"{out}/sft/model.pt" for c in calls[2:8])
     assert all(flag(c, "--freeze-layers") == "20" for c in calls[1:8])  # the CPU scale, by default
-    evaluated = calls[-1][calls[-1].index("--checkpoints") + 1:calls[-1].index("--benchmarks")]
+    evaluated = calls[-2][calls[-2].index("--checkpoints") + 1:calls[-2].index("--benchmarks")]
     assert evaluated == [f"base={gguf}"] + [f"{n}={out}/{n}/model.pt" for n in ("sft", "ppo", "dpo", "rs", "distill")]
     assert not any(c[:2] == ["evaluate.py", "--audit"] for c in calls)  # the world's corpus audit is not run
     assert "==   distill     trained now" in summary(result)
+    assert summary(result).splitlines()[-1] == f"== report: {out}/report.html" and calls[-1] == ["report.py", str(out)]
     # a rerun reuses the data and every stage
     calls, result = run_pipeline(tmp_path, args=["--preset", "smollm2", "--data", str(tmp_path / "data")])
-    assert [c[0] for c in calls if c[0] not in ("loaders.py", "-c")] == []
+    assert [c[0] for c in calls if c[0] not in ("loaders.py", "-c")] == ["report.py"]
     assert "== data: reusing" in result.stdout and result.stdout.count(": reusing") == 9
 
 
 def test_the_gpu_scale_puts_every_real_model_step_on_cuda(tmp_path):
     calls, _ = run_pipeline(tmp_path, args=["--preset", "smollm2", "--scale", "gpu"])
-    calls = [c for c in calls if c[0] != "loaders.py"]
+    calls = [c for c in calls if c[0] not in ("loaders.py", "report.py")]  # the report needs no device
     assert len(calls) == 9 and all(c[c.index("--device") + 1] == "cuda" for c in calls)
     assert not any("--freeze-layers" in c for c in calls)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data
+import model as model_lib
 import runtime
 import tokenizer
 import train_sft
@@ -301,14 +302,14 @@ def test_resume_onto_another_stages_checkpoint_is_a_clear_error(init, tmp_path):
 
 
 def inject(monkeypatch, at_call, poison):
-    """Make runtime.next_token_loss return poison(loss, model) on its at_call-th call (0-based)."""
-    real, calls = runtime.next_token_loss, []
+    """Make model.next_token_loss return poison(loss, model) on its at_call-th call (0-based)."""
+    real, calls = model_lib.next_token_loss, []
 
-    def next_token_loss(model, batch, rt, n_tokens, chunked=False):
-        loss = real(model, batch, rt, n_tokens, chunked)
+    def next_token_loss(model, *args, **kwargs):
+        loss = real(model, *args, **kwargs)
         calls.append(1)
         return poison(loss, model) if len(calls) - 1 == at_call else loss
-    monkeypatch.setattr(runtime, "next_token_loss", next_token_loss)
+    monkeypatch.setattr(model_lib, "next_token_loss", next_token_loss)
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(init, tmp_path, monkeypatch):

@@ -280,22 +280,3 @@ def test_pick_device_names_what_is_missing():
     with pytest.raises(runtime.UserError, match="not a device name"):
         runtime.pick_device("gpu0")
     assert runtime.pick_device("cpu").type == "cpu"
-
-
-def test_next_token_loss_passes_no_mask_for_packed_rows():
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=16))
-    seen = []
-    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["attention_mask"]), with_kwargs=True)
-    rt = runtime.Runtime(torch.device("cpu"))
-    tokens = torch.randint(1, 32, (2, 9))
-    packed = dict(tokens=tokens, attention_mask=torch.ones_like(tokens), loss_mask=torch.ones_like(tokens))
-    padded = dict(packed, attention_mask=torch.ones_like(tokens).index_fill(1, torch.tensor([8]), 0))
-    loss_packed = runtime.next_token_loss(model, packed, rt, n_tokens=16)
-    runtime.next_token_loss(model, padded, rt, n_tokens=16)
-    assert seen[0] is None and seen[1].shape == (2, 8)  # packed: SDPA's causal path; padded: the mask
-    # the causal path computes the same loss as the explicit all-ones mask
-    with torch.no_grad():
-        logits = model(tokens[:, :-1], attention_mask=torch.ones(2, 8, dtype=torch.long))
-    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-    assert loss_packed.item() == pytest.approx(expected.item(), abs=1e-5)

@@ -129,7 +129,7 @@ def test_policy_equal_to_reference_gives_log2_and_zero_kl(micro_init):
     pairs = judge.labelled_pairs(world.build_world(0), "llama2", 0.0, 0, "train", 2)[:6]
     rows = train_dpo.encode(tok, pairs, 192)
     policy, _, _ = loaders.load_policy(path)
-    ref_model, _ = loaders.load_model(path)
+    ref_model, _ = loaders.load_any_model(path)
     batch = train_dpo.collate_pairs(rows, tok.pad_id, "cpu")
     logps, lengths = train_dpo.answer_logps(policy, batch)
     ref_logps, _ = train_dpo.answer_logps(ref_model, batch)
@@ -171,17 +171,17 @@ def test_micro_run_raises_preference_accuracy_and_resumes(micro_init, few_pairs,
 
     # resume: a run killed right after its step-2 checkpoint, resumed, ends where an uninterrupted run ends
     straight = train_dpo.main(micro_args(path, tmp_path / "b", "--save-every", "2"))
-    real_save = runtime.save_checkpoint
+    real_save = runtime.save_on_rank0
 
     def save_then_die(rt, p, state):
         real_save(rt, p, state)
         if state["step"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(runtime, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(runtime, "save_on_rank0", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_dpo.main(micro_args(path, tmp_path / "c", "--save-every", "2"))
-    monkeypatch.setattr(runtime, "save_checkpoint", real_save)
+    monkeypatch.setattr(runtime, "save_on_rank0", real_save)
     resumed = train_dpo.main(micro_args(path, tmp_path / "c", "--save-every", "2", "--resume"))
     assert resumed["loss"] == pytest.approx(straight["loss"], abs=1e-6)
     a, b = (load_checkpoint(str(tmp_path / d / "model.pt"))["model"] for d in ("b", "c"))

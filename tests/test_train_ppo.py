@@ -267,8 +267,8 @@ def test_micro_run_raises_the_reward_from_zero_kl(micro):
     assert len(log) == 12 and result["step"] == 12
     # the first rollout comes from the untouched policy: it is the reference, so the KL is exactly zero
     assert log[0]["kl"] == 0.0
-    first = sum(r["rm_safety_mean"] for r in log[:2]) / 2
-    last = sum(r["rm_safety_mean"] for r in log[-2:]) / 2
+    first = sum(r["r_s"] for r in log[:2]) / 2
+    last = sum(r["r_s"] for r in log[-2:]) / 2
     assert last > first + 0.5, (first, last)
     assert log[-1]["kl"] > 0
     for key in ("reward", "kl", "entropy", "clip_frac", "approx_kl", "value_loss", "explained_variance",
@@ -313,7 +313,7 @@ def test_lagrangian_logs_lambda_follows_the_dual_step_and_resumes(micro, tmp_pat
     for before, after in zip(rows, rows[1:]):   # each iteration's lambda is the dual step from the one before
         assert math.isclose(after["lambda"], math.exp(lambda_update(math.log(before["lambda"]), before["cost"],
                                                                      -0.2, 0.5)), rel_tol=1e-9)
-        assert math.isclose(before["cost"], -before["rm_safety_mean"], rel_tol=1e-6)  # cost = -r_s
+        assert math.isclose(before["cost"], -before["r_s"], rel_tol=1e-6)  # cost = -r_s
     assert len({r["lambda"] for r in rows}) == 4
     train_ppo.main(ppo_args(micro, broken, 2, *flags))
     train_ppo.main(ppo_args(micro, broken, 4, *flags, "--resume"))
@@ -323,13 +323,14 @@ def test_lagrangian_logs_lambda_follows_the_dual_step_and_resumes(micro, tmp_pat
 
 
 def test_an_ensemble_of_identical_reward_models_is_that_reward_model(micro, tmp_path):
-    single = train_ppo.main(ppo_args(micro, str(tmp_path / "single"), 2))
+    train_ppo.main(ppo_args(micro, str(tmp_path / "single"), 2))
     for how in ("mean", "min"):
-        ensemble = train_ppo.main(ppo_args(micro, str(tmp_path / how), 2, "--rm-helpful", micro["rm"], micro["rm"],
-                                           micro["rm"], "--ensemble", how))
-        assert math.isclose(ensemble["reward"], single["reward"], rel_tol=1e-5)
-        assert read_metrics(str(tmp_path / how))[-1]["combined_reward"] == \
-            pytest.approx(read_metrics(str(tmp_path / "single"))[-1]["combined_reward"], rel=1e-5)
+        train_ppo.main(ppo_args(micro, str(tmp_path / how), 2, "--rm-helpful", micro["rm"], micro["rm"], micro["rm"],
+                                "--ensemble", how))
+        assert math.isclose(read_metrics(str(tmp_path / how))[-1]["logit_R_c"],
+                            read_metrics(str(tmp_path / "single"))[-1]["logit_R_c"], rel_tol=1e-5)
+        assert read_metrics(str(tmp_path / how))[-1]["R_c"] == \
+            pytest.approx(read_metrics(str(tmp_path / "single"))[-1]["R_c"], rel=1e-5)
 
 
 def test_prompt_file_errors_name_the_line(micro, tmp_path):
@@ -434,10 +435,10 @@ def test_gold_evaluation_reads_the_validation_split():
 
 def test_world_prompts_carry_the_safety_tag_and_long_ones_are_skipped():
     tok = byte_tokenizer()
-    prompts = train_ppo.load_prompts("world", tok, max_prompt_len=10_000, world_seed=0)
+    prompts = train_ppo.encode_prompts("world", tok, max_prompt_len=10_000, world_seed=0)
     n = len(world.build_world(0).rl_prompts)
-    assert len(prompts) == n and sum(p["safety"] for p in prompts) == 300
-    assert all(p["safety"] == (p["example"].kind == "harmful") for p in prompts)
-    assert all(p["ids"] == tok.encode_prompt(p["example"].messages) for p in prompts[:20])
-    short = train_ppo.load_prompts("world", tok, max_prompt_len=60, world_seed=0)
-    assert 0 < len(short) < n and all(len(p["ids"]) <= 60 for p in short)
+    assert len(prompts) == n and sum(p.safety for p in prompts) == 300
+    assert all(p.safety == (p.example.kind == "harmful") for p in prompts)
+    assert all(p.ids == tok.encode_prompt(p.example.messages) for p in prompts[:20])
+    short = train_ppo.encode_prompts("world", tok, max_prompt_len=60, world_seed=0)
+    assert 0 < len(short) < n and all(len(p.ids) <= 60 for p in short)

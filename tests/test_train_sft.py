@@ -106,7 +106,7 @@ def test_resume_ends_with_the_same_weights(base, tmp_path, monkeypatch):
     straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
     train_sft.main(sft_args(base[0], straight, 8))
 
-    calls, real_loss = [], runtime.next_token_loss
+    calls, real_loss = [], model_lib.next_token_loss
 
     def crash_at_step_6(*a, **k):  # the process dies mid-run, after the step-4 checkpoint was written
         calls.append(1)
@@ -114,12 +114,12 @@ def test_resume_ends_with_the_same_weights(base, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_loss(*a, **k)
 
-    monkeypatch.setattr(runtime, "next_token_loss", crash_at_step_6)
+    monkeypatch.setattr(model_lib, "next_token_loss", crash_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         train_sft.main(sft_args(base[0], broken, 8))
     assert load_checkpoint(os.path.join(broken, "model.pt"))["step"] == 4
     assert [r["step"] for r in read_metrics(broken)] == [1, 2, 3, 4, 5]
-    monkeypatch.setattr(runtime, "next_token_loss", real_loss)
+    monkeypatch.setattr(model_lib, "next_token_loss", real_loss)
     train_sft.main(sft_args(base[0], broken, 8, "--resume"))
 
     a, b = (load_checkpoint(os.path.join(d, "model.pt")) for d in (straight, broken))
@@ -134,12 +134,12 @@ def test_ctrl_c_saves_the_step_reached_and_resume_continues(base, tmp_path, monk
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
     train_sft.main(sft_args(base[0], straight, 6))
     # SIGINT arrives while step 3 computes: the step finishes, then the run stops
-    real_loss = signal_on_call(runtime, "next_token_loss", 3)
+    real_loss = signal_on_call(model_lib, "next_token_loss", 3)
     with pytest.raises(SystemExit) as stop:
         train_sft.main(sft_args(base[0], stopped, 6))
     assert stop.value.code == 128 + signal.SIGINT
     assert load_checkpoint(os.path.join(stopped, "model.pt"))["step"] == 3      # not a --save-every step
-    monkeypatch.setattr(runtime, "next_token_loss", real_loss)
+    monkeypatch.setattr(model_lib, "next_token_loss", real_loss)
     train_sft.main(sft_args(base[0], stopped, 6, "--resume"))
     a, b = (load_checkpoint(os.path.join(d, "model.pt")) for d in (straight, stopped))
     for name, tensor in a["model"].items():
