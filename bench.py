@@ -31,6 +31,12 @@ machine at this moment; the JSON records the load average before and after, so r
     python bench.py --device cuda --out out/bench_gpu.json         # GPU: bf16, fused AdamW, flash attention
     python bench.py --device cuda --compile --out out/bench_gpu_compiled.json
     python bench.py --compare-hf --out out/bench_vs_hf.json        # CPU, needs pip install transformers
+
+Memory (--memory-plan): no timing, arithmetic. Bytes per parameter (float32 weights, gradients, AdamW moments,
+autocast's bf16 copies) and per token (the tensors each block saves for its backward pass), for the 124M, 1B, 7B
+and 13B shapes, on one 80 GB GPU and per GPU under --fsdp over 8, with and without --activation-checkpointing,
+and what PPO's five models add; written as Markdown:
+    python bench.py --memory-plan --out docs/memory.md
 An --out file that already exists is an error unless --overwrite.
 """
 import json
@@ -440,6 +446,199 @@ def compare_hf(rounds=5, seed=0, configs=("tiny", "smollm2-135m")):
 
 
 # ---------------------------------------------------------------------------------------------- report
+# ---------------------------------------------------------------------------------------------- memory plan
+GiB = 2 ** 30
+# An 80 GB H100, less room for the CUDA context, communication buffers and the caching allocator's fragmentation
+# (an assumption, not a measurement)
+GPU_BUDGET = 76 * GiB
+# The shapes planned for: the 124M ("small") and 1B presets of train_sft at Llama 2's 32000-token vocabulary, and
+# Llama 2's published 7B and 13B shapes (multi-head attention, SwiGLU width 11008 and 13824, 4096-token context)
+MEMORY_SHAPES = {
+    "124M": ModelConfig(vocab_size=32000, **MODEL_PRESETS["small"]),
+    "1B": ModelConfig(vocab_size=32000, **MODEL_PRESETS["1b"]),
+    "7B": ModelConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008,
+                      max_seq_len=4096),
+    "13B": ModelConfig(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, hidden_dim=13824,
+                       max_seq_len=4096),
+}
+
+
+def parameter_counts(config):
+    """(all parameters, one block's, the root's: embeddings, final norm and head), from the shapes alone."""
+    kv_dim = config.n_kv_heads * config.head_dim
+    block = 2 * config.dim * config.dim + 2 * config.dim * kv_dim + 3 * config.dim * config.hidden_dim + 2 * config.dim
+    root = config.vocab_size * config.dim * (1 if config.tie_embeddings else 2) + config.dim
+    return config.n_layers * block + root, block, root
+
+
+def block_activation_bytes(config):
+    """Bytes one block keeps for its backward pass, per token, under bf16 autocast with SDPA's fused kernel (no
+    padding mask): 32 dim + 4 kv_dim + 8 hidden + 4 n_heads + 8. The coefficients are those of the tensors autograd
+    saves in model.py's TransformerBlock, measured on micro models under the CPU's bf16 autocast
+    (tests/test_distributed.py): float32 residual and normalisation tensors, bf16 projections, SDPA's float32
+    log-sum-exp per head. A padding mask adds 4 * sequence length (SDPA's float mask); autocast's bf16 copies of the
+    weights are counted apart."""
+    kv_dim = config.n_kv_heads * config.head_dim
+    return 32 * config.dim + 4 * kv_dim + 8 * config.hidden_dim + 4 * config.n_heads + 8
+
+
+def memory_plan(config, seq_len, n_gpus=8, budget=GPU_BUDGET):
+    """Bytes per GPU of one SFT-style training run of `config` (AdamW, float32 weights, bf16 autocast), one GPU
+    alone and --fsdp over n_gpus, each without and with --activation-checkpointing; and how many sequences of
+    seq_len tokens fit in a micro-batch within `budget` bytes."""
+    P, block, root = parameter_counts(config)
+    # per token: every block's saved tensors, or with checkpointing only each block's float32 input plus one
+    # block's recomputed tensors; the head keeps the float32 logits and their log-softmax (8 bytes per entry)
+    head = 8 * config.vocab_size
+    per_token = {False: config.n_layers * block_activation_bytes(config) + head,
+                 True: config.n_layers * 4 * config.dim + block_activation_bytes(config) + head}
+    states = 16 * P                                    # float32 weights 4 + gradients 4 + AdamW's two moments 8
+    plan = dict(params=P, block_params=block, root_params=root, seq_len=seq_len, states=states,
+                activations_per_sequence={k: v * seq_len for k, v in per_token.items()}, setups={})
+    for fsdp in (False, True):
+        for checkpointing in (False, True):
+            if fsdp:
+                # the shards, plus the units gathered in bf16 (the root, the block computing and the one prefetched)
+                # and their unsharded gradients (bf16, then float32 for the reduce-scatter)
+                fixed = states / n_gpus + 2 * (root + 2 * block) + 6 * (root + block)
+            else:
+                # autocast's bf16 copies of the weights, kept for the backward pass (of one block at a time when
+                # the blocks are recomputed)
+                fixed = states + 2 * ((root + block) if checkpointing else P)
+            per_sequence = per_token[checkpointing] * seq_len
+            plan["setups"][(fsdp, checkpointing)] = dict(
+                fixed=fixed, per_sequence=per_sequence, sequences=max(0, int((budget - fixed) // per_sequence)))
+    return plan
+
+
+def ppo_memory(config, seq_len, budget=GPU_BUDGET):
+    """Bytes of train_ppo.py's five models of `config`'s shape on one GPU: the policy and the value model trained
+    (float32 weights, gradients, AdamW moments and autocast's bf16 copies: 18 bytes a parameter), the reference and
+    the two reward models frozen (float32 weights: 4 bytes); and the KV cache of one rollout sequence."""
+    P = parameter_counts(config)[0]
+    models = dict(policy=18 * P, value_model=18 * P, ref_model=4 * P, reward_safety=4 * P, reward_helpful=4 * P)
+    kv_cache = 2 * config.n_layers * config.n_kv_heads * config.head_dim * 4 * seq_len   # keys and values, float32
+    total = sum(models.values())
+    return dict(models=models, total=total, kv_cache_per_sequence=kv_cache, fits=total < budget)
+
+
+def gib(n):
+    return f"{n / GiB:,.1f}"
+
+
+def memory_page(n_gpus=8, budget=GPU_BUDGET):
+    """docs/memory.md: the memory plan of every shape in MEMORY_SHAPES, with its arithmetic, as Markdown."""
+    plans = {name: memory_plan(c, c.max_seq_len, n_gpus, budget) for name, c in MEMORY_SHAPES.items()}
+    c7, p7 = MEMORY_SHAPES["7B"], plans["7B"]
+    lines = [
+        "# Memory plan: what fits on an 80 GB H100", "",
+        "Written by `python bench.py --memory-plan --out docs/memory.md` from the shapes below (arithmetic: any "
+        "machine writes the same page). **Every number here is computed, none was measured on a GPU** (none was "
+        "available); the activation count per block was checked against the tensors autograd saves in micro models "
+        "under the CPU's bf16 autocast (tests/test_distributed.py), and CUDA's kernels may keep somewhat more or "
+        "less. "
+        f"The budget per GPU is {gib(budget)} GiB of the 80 GB, the rest left to the CUDA context, communication "
+        "buffers and the allocator's fragmentation (an assumption). GiB = 2^30 bytes.", "",
+        "## Shapes", "",
+        "| shape | dim | layers | heads (KV) | SwiGLU width | vocabulary | context | parameters |",
+        "|---|---|---|---|---|---|---|---|"]
+    for name, c in MEMORY_SHAPES.items():
+        lines.append(f"| {name} | {c.dim} | {c.n_layers} | {c.n_heads} ({c.n_kv_heads}) | {c.hidden_dim} | "
+                     f"{c.vocab_size} | {c.max_seq_len} | {plans[name]['params']:,} |")
+    kv7 = c7.n_kv_heads * c7.head_dim
+    lines += [
+        "", "124M and 1B are train_sft.py's `small` and `1b` presets at Llama 2's vocabulary; 7B and 13B are Llama 2's "
+        "published shapes. Parameters per block: 2 dim² (wq, wo) + 2 dim kv_dim (wk, wv) + 3 dim hidden (SwiGLU) + "
+        "2 dim (norms); the root: 2 vocabulary dim (embedding and untied head) + dim. For 7B: "
+        f"32 × (2·4096² + 2·4096·{kv7} + 3·4096·11008 + 2·4096) + 2·32000·4096 + 4096 = {p7['params']:,}.",
+        "",
+        "## Bytes per parameter and per token", "",
+        "Training keeps float32 weights and runs the matrix products in bf16 under autocast (runtime.autocast); "
+        "AdamW keeps two float32 moments:", "",
+        "| what | bytes | one GPU | FSDP over N GPUs |", "|---|---|---|---|",
+        "| weights (float32) | 4 per parameter | 4 P | 4 P / N |",
+        "| gradients (float32) | 4 per parameter | 4 P | 4 P / N |",
+        "| AdamW moments (float32) | 8 per parameter | 8 P | 8 P / N |",
+        "| bf16 copies of the weights | 2 per parameter | 2 P kept by autocast for the backward pass (2 (root + "
+        "block) with checkpointing) | 2 (root + 2 blocks): the units gathered at a time |",
+        "| unsharded gradients in flight | | | 6 (root + block): bf16, then float32 for the reduce-scatter |",
+        "| activations, per token | 32 dim + 4 kv_dim + 8 hidden + 4 heads + 8 per block, + 8 vocabulary for the "
+        "head (float32 logits and log-softmax) | layers × block + head | the same, for the GPU's own sequences |",
+        "| with activation checkpointing | each block's float32 input (4 dim) + one block's tensors while it is "
+        "recomputed | layers × 4 dim + block + head | the same |", "",
+        f"7B, one block per token: 32·4096 + 4·{kv7} + 8·11008 + 4·32 + 8 = {block_activation_bytes(c7):,} bytes; "
+        f"a 4096-token sequence keeps {gib(p7['activations_per_sequence'][False])} GiB without checkpointing "
+        f"(32 blocks + the head's 8·32000 bytes a token) and {gib(p7['activations_per_sequence'][True])} GiB with "
+        "it. Data-parallel DDP on several GPUs holds what one GPU holds, plus its gradient buckets (4 P). "
+        "--chunked-loss removes most of the head's share.", "",
+        f"## What fits on one GPU, and per GPU with --fsdp over {n_gpus}", "",
+        "Each cell gives what the run holds whatever its batch (model state, gathered units) and the largest "
+        "micro-batch of full-length sequences that fits beside it (0: not even one; a batch larger than that takes "
+        "more --grad-accum steps). A cell within a few GiB of the budget is a guess: optimizer temporaries, the "
+        "allocator and kernels' workspaces are not counted. A micro-batch of padded SFT rows also passes a padding "
+        "mask, 4 × sequence length more bytes a token per block (7% more for 7B at 4096 tokens).", "",
+        "| shape | tokens a sequence | activations a sequence (GiB), plain / checkpointed | one GPU | one GPU, "
+        f"checkpointing | FSDP ×{n_gpus} | FSDP ×{n_gpus}, checkpointing |",
+        "|---|---|---|---|---|---|---|"]
+    for name, plan in plans.items():
+        cells = []
+        for key in ((False, False), (False, True), (True, False), (True, True)):
+            s = plan["setups"][key]
+            fits = f"{s['sequences']} a micro-batch" if s["fixed"] < budget else "the state alone is too large"
+            cells.append(f"{gib(s['fixed'])} GiB; {fits}")
+        acts = plan["activations_per_sequence"]
+        lines.append(f"| {name} | {plan['seq_len']} | {gib(acts[False])} / {gib(acts[True])} | " + " | ".join(cells)
+                     + " |")
+    s7 = p7["setups"]
+    lines += [
+        "", f"7B on one GPU: 16 bytes × {p7['params']:,} = {gib(p7['states'])} GiB of weights, gradients and moments "
+        f"before a single activation: it cannot train there. With FSDP over {n_gpus}: {gib(p7['states'])} / "
+        f"{n_gpus} = {gib(p7['states'] / n_gpus)} GiB of shards + "
+        f"{gib(s7[(True, False)]['fixed'] - p7['states'] / n_gpus)} GiB of gathered units and gradients in flight "
+        f"= {gib(s7[(True, False)]['fixed'])} GiB, which leaves room for {s7[(True, False)]['sequences']} sequences "
+        f"of 4096 tokens without checkpointing and {s7[(True, True)]['sequences']} with it.", "",
+        f"## The 7B SFT run on {n_gpus} GPUs", "",
+        "```",
+        f"torchrun --standalone --nproc_per_node={n_gpus} train_sft.py --stage sft --init MODEL_7B "
+        "--data FILE.jsonl \\",
+        "    --fsdp --max-seq-len 4096 --batch-size 64 --grad-accum 8 --lr 2e-5 --out out/sft_7b",
+        "```", "",
+        f"A global batch of 64 sequences is {64 // n_gpus} per GPU, in --grad-accum 8 micro-batches of one 4096-token "
+        f"sequence: {gib(s7[(True, False)]['fixed'])} + {gib(p7['activations_per_sequence'][False])} = "
+        f"{gib(s7[(True, False)]['fixed'] + p7['activations_per_sequence'][False])} GiB by this count. "
+        "--activation-checkpointing --grad-accum 1 instead takes the 8 sequences in one micro-batch ("
+        f"{gib(s7[(True, True)]['fixed'] + 8 * p7['activations_per_sequence'][True])} GiB) for about one more forward "
+        "pass of compute. MODEL_7B is a HF or Meta folder of a 7B Llama-architecture model that loaders.py reads "
+        "(a byte-level BPE tokenizer: Llama 2's own SentencePiece tokenizer is refused). FSDP reduce-scatters the "
+        "gradients after every micro-batch, so nothing unsharded is held between them. The checkpoint is one file "
+        "(model.pt: the weights and AdamW moments gathered to rank 0's CPU memory, 12 bytes × P = "
+        f"{gib(12 * p7['params'])} GiB); every rank first reads the whole float32 model ({gib(4 * p7['params'])} "
+        f"GiB, {n_gpus} times in the node's CPU memory), then shards it.", "",
+        "## What PPO adds", "",
+        "train_ppo.py holds five models of the policy's shape (the reward models here take the policy's shape too; a "
+        "smaller reward model shrinks its rows). The policy and the value model are trained: weights, gradients, "
+        "moments and autocast's bf16 copies, 18 bytes a parameter. The reference (the SFT model, anchor of the KL "
+        "penalty) and the two reward models are frozen: float32 weights, 4 bytes a parameter, and no activations kept "
+        "(they run under no_grad). Rollouts add the policy's KV cache: 2 × layers × kv_dim × 4 bytes a token.", "",
+        "GiB per model:", "",
+        "| shape | policy | value model | reference | safety RM | helpfulness RM | total | fits one GPU | KV cache "
+        "a sequence |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, c in MEMORY_SHAPES.items():
+        ppo = ppo_memory(c, c.max_seq_len, budget)
+        m = ppo["models"]
+        lines.append(f"| {name} | {gib(m['policy'])} | {gib(m['value_model'])} | {gib(m['ref_model'])} | "
+                     f"{gib(m['reward_safety'])} | {gib(m['reward_helpful'])} | {gib(ppo['total'])} | "
+                     f"{'yes' if ppo['fits'] else 'no'} | {ppo['kv_cache_per_sequence'] / GiB:.2f} |")
+    ppo7 = ppo_memory(c7, c7.max_seq_len, budget)
+    lines += [
+        "", f"PPO at 7B needs 48 bytes a parameter ({gib(ppo7['total'])} GiB) before activations and the KV cache, "
+        f"{ppo7['total'] / budget:.1f} times what one GPU holds; "
+        "train_ppo.py does not take --fsdp, since its rollouts end at different lengths on each rank, and sharded "
+        "weights need every rank in every forward pass. Sharding the trained pair and keeping the three frozen "
+        "models in bf16 (2 bytes a parameter) would be the next step, not taken here.", ""]
+    return "\n".join(lines)
+
+
 def machine_info(device):
     info = dict(device=str(device), torch=torch.__version__, python=platform.python_version(),
                 cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
@@ -512,6 +711,10 @@ def get_args(argv=None):
     p.add_argument("--compare-configs", type=comma_list(str), default="tiny,smollm2-135m",
                    help="configs compared: tiny, smollm2-135m (its shapes at random weights)")
     p.add_argument("--rounds", type=runtime.positive_int, default=5, help="--compare-hf: timed rounds per case")
+    # memory
+    p.add_argument("--memory-plan", action="store_true", help="instead of timing: write the computed memory plan "
+                   "(bytes per parameter and per token, what fits on an 80 GB H100 with and without --fsdp and "
+                   "--activation-checkpointing, what PPO adds) as Markdown to --out (docs/memory.md) or stdout")
     args = runtime.parse_args(p, {}, argv)
     for flag, names, known in (("--presets", args.presets, MODEL_PRESETS),
                                ("--gen-presets", args.gen_presets, MODEL_PRESETS),
@@ -542,6 +745,15 @@ def check_out(path, overwrite):
 
 def main(args):
     check_out(args.out, args.overwrite)
+    if args.memory_plan:
+        page = memory_page()
+        if args.out is None:
+            print(page)
+        else:
+            with open(args.out, "w") as f:
+                f.write(page)
+            print(f"wrote {args.out}")
+        return page
     device = runtime.pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

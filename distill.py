@@ -40,7 +40,8 @@ Tiny CPU runs (minutes each):
     python distill.py --mode context --preset tiny --init out/sft/model.pt --rm-safety out/rm_safety/model.pt \
         --out out/distill
     python distill.py --mode gatt --preset tiny --init out/sft/model.pt --out out/gatt
-Data parallel (sampling is split across ranks, then gathered):
+Data parallel (sampling and evaluation are split across ranks, then gathered in the prompts' order; each sample's
+random stream is set by its place, so N ranks sample and train on what one process does):
     torchrun --nproc_per_node=2 distill.py --mode rejection --preset tiny --init out/sft/model.pt \
         --rm-safety out/rm_safety/model.pt --rm-helpful out/rm_helpful/model.pt --out out/rs
 """
@@ -51,7 +52,6 @@ import os
 import random
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import data
@@ -155,15 +155,6 @@ def sample_answers(model, tok, conversations, max_new_tokens, temperature, gener
     return [(a.text or "").strip() for a in answers], [a.finished for a in answers]
 
 
-def gather(items, rt):
-    """Every rank's list, concatenated in rank order (the list itself on a single process)."""
-    if not rt.ddp:
-        return items
-    parts = [None] * rt.world_size
-    dist.all_gather_object(parts, items)
-    return [x for part in parts for x in part]
-
-
 # ---------------------------------------------------------------------------------------------- the three modes
 def load_prompts(path, seed, kind=None):
     """Training prompts as world.Examples: the world's RL prompts (path "world"), or data.read_prompts' rows of a
@@ -179,14 +170,17 @@ def load_prompts(path, seed, kind=None):
     return prompts
 
 
-def rejection_rows(policy, tok, prompts, reward_models, rt, generator, k, max_new_tokens, temperature, batch_size,
+def rejection_rows(policy, tok, prompts, reward_models, rt, seed, k, max_new_tokens, temperature, batch_size,
                    reward_name="llama2", threshold=0.15, min_reward=0.0, rm_batch_size=64):
-    """Sample k answers per prompt (this rank's share), score them by the reward combination reward_name
-    (reward.REWARDS), keep each prompt's best. Returns ({prompt id: kept dict}, the (N, k) rewards of every rank,
-    stats)."""
-    mine = prompts[rt.rank::rt.world_size]
+    """Sample k answers per prompt (this rank's share; sample j of prompt n from its own stream, seeded by
+    (seed, n k + j)), score them by the reward combination reward_name (reward.REWARDS), keep each prompt's best.
+    Returns ({prompt id: kept dict}, in the prompts' order, the (N, k) rewards, stats), the same on every rank."""
+    mine = runtime.shard(prompts, rt)
     conversations = [ex.messages for ex in mine for _ in range(k)]
-    answers, finished = sample_answers(policy, tok, conversations, max_new_tokens, temperature, generator, batch_size)
+    generators = runtime.row_generators(seed, [n * k + j for n in range(rt.rank, len(prompts), rt.world_size)
+                                               for j in range(k)], rt.device)
+    answers, finished = sample_answers(policy, tok, conversations, max_new_tokens, temperature, generators,
+                                       batch_size)
     safety_prompt = torch.tensor([world.is_safety(ex) for ex in mine for _ in range(k)], dtype=torch.bool)
     rewards, _ = reward.combined_reward(reward_models, conversations, answers, safety_prompt, reward_name, threshold,
                                         rm_batch_size)
@@ -194,18 +188,19 @@ def rejection_rows(policy, tok, prompts, reward_models, rt, generator, k, max_ne
     # an answer cut off before </s> is never kept: trained on with a </s> appended it would teach stopping mid-word
     eligible = rewards.masked_fill(~torch.tensor(finished, dtype=torch.bool).view(len(mine), k), float("-inf"))
     index, best = best_of_k(eligible)
-    kept = {}
-    for n, ex in enumerate(mine):
-        if math.isfinite(best[n].item()) and best[n].item() >= min_reward:
-            kept[ex.id] = dict(reward=best[n].item(), messages=ex.messages, answer=answers[n * k + index[n].item()])
-    all_rewards = torch.tensor(gather(rewards.tolist(), rt))
+    best_rows = [dict(reward=best[n].item(), messages=ex.messages, answer=answers[n * k + index[n].item()])
+                 if math.isfinite(best[n].item()) and best[n].item() >= min_reward else None
+                 for n, ex in enumerate(mine)]
+    kept = {ex.id: row for ex, row in zip(prompts, runtime.gather_shards(best_rows, rt)) if row is not None}
+    all_rewards = torch.tensor(runtime.gather_shards(rewards.tolist(), rt))
+    n_finished = sum(runtime.gather_shards([sum(finished[n * k:(n + 1) * k]) for n in range(len(mine))], rt))
     # diagnostics only, never used to select: what the gold judge thinks of the kept answers
-    marks = gather([(ex.kind, judge.judge(ex, kept[ex.id]["answer"])) for ex in mine if ex.id in kept], rt)
-    stats = dict(finished_rate=sum(gather(finished, rt)) / (len(prompts) * k),
+    marks = [(ex.kind, judge.judge(ex, kept[ex.id]["answer"])) for ex in prompts if ex.id in kept]
+    stats = dict(finished_rate=n_finished / (len(prompts) * k),
                  kept_unsafe_on_harmful=judge.mean([j.unsafe for kind, j in marks if kind == "harmful"]),
                  kept_correct_on_benign=judge.mean([j.correct for kind, j in marks if kind == "benign"]),
                  kept_refused_on_borderline=judge.mean([j.refused for kind, j in marks if kind == "borderline"]))
-    return dict(gather(list(kept.items()), rt)), all_rewards, stats
+    return kept, all_rewards, stats
 
 
 CONTEXTS = {"generic": "You are a safe and responsible assistant."}  # Llama 2, section 4.2.4
@@ -223,19 +218,21 @@ def answer_template(category):
     return preprompt, opening
 
 
-def context_rows(policy, tok, prompts, safety_rm, rt, generator, max_new_tokens, temperature, batch_size,
+def context_rows(policy, tok, prompts, safety_rm, rt, seed, max_new_tokens, temperature, batch_size,
                  context="template", prefill=True, targeted=True, rm_batch_size=64):
-    """Answers with the preprompt (the distilled answers) and without it (the originals, greedy), scored by the
-    safety RM (model, tok) on the bare prompt; the training dialogues hold the bare prompt and the kept distilled
-    answer (targeted: only where the RM prefers it)."""
-    mine = prompts[rt.rank::rt.world_size]
+    """Answers with the preprompt (the distilled answers; prompt n sampled from its own stream, seeded by (seed, n))
+    and without it (the originals, greedy), scored by the safety RM (model, tok) on the bare prompt; the training
+    dialogues, in the prompts' order on every rank, hold the bare prompt and the kept distilled answer (targeted:
+    only where the RM prefers it)."""
+    mine = runtime.shard(prompts, rt)
+    generators = runtime.row_generators(seed, range(rt.rank, len(prompts), rt.world_size), rt.device)
     bare = [ex.messages for ex in mine]
     contexts = [answer_template(ex.category) if context == "template" else (CONTEXTS["generic"], "") for ex in mine]
     with_context = [with_preprompt(m, pre) for m, (pre, _) in zip(bare, contexts)]
     prefixes = [opening if prefill else "" for _, opening in contexts]
-    distilled, finished = sample_answers(policy, tok, with_context, max_new_tokens, temperature, generator,
+    distilled, finished = sample_answers(policy, tok, with_context, max_new_tokens, temperature, generators,
                                          batch_size, prefixes)
-    original, _ = sample_answers(policy, tok, bare, max_new_tokens, 0.0, generator, batch_size)
+    original, _ = sample_answers(policy, tok, bare, max_new_tokens, 0.0, None, batch_size)
     keep = torch.tensor(finished, dtype=torch.bool)
     distilled_scores = original_scores = torch.full((len(mine),), float("nan"))
     if safety_rm is not None:
@@ -246,50 +243,55 @@ def context_rows(policy, tok, prompts, safety_rm, rt, generator, max_new_tokens,
         keep &= targeted_keep(distilled_scores, original_scores)
     # the training dialogues are built from the bare prompt: the preprompt is removed by construction
     rows = [dict(messages=remove_preprompt(c, pre), answer=a, original=o, distilled_score=d, original_score=s)
+            if k else None
             for c, (pre, _), a, o, d, s, k in zip(with_context, contexts, distilled, original,
-                                                  distilled_scores.tolist(), original_scores.tolist(), keep.tolist())
-            if k]
+                                                  distilled_scores.tolist(), original_scores.tolist(), keep.tolist())]
     judged = [(judge.judge(ex, d).unsafe, judge.judge(ex, o).unsafe) for ex, d, o in zip(mine, distilled, original)]
-    stats = dict(kept_share=sum(gather(keep.tolist(), rt)) / len(prompts),
-                 unsafe_with_preprompt=judge.mean(gather([d for d, _ in judged], rt)),
-                 unsafe_without_preprompt=judge.mean(gather([o for _, o in judged], rt)))
-    return gather(rows, rt), stats
+    rows, judged = runtime.gather_shards(rows, rt), runtime.gather_shards(judged, rt)
+    stats = dict(kept_share=sum(row is not None for row in rows) / len(prompts),
+                 unsafe_with_preprompt=judge.mean([d for d, _ in judged]),
+                 unsafe_without_preprompt=judge.mean([o for _, o in judged]))
+    return [row for row in rows if row is not None], stats
 
 
-def gatt_samples(policy, tok, dialogs, rt, generator, max_new_tokens, temperature, batch_size, keep="all"):
-    """Answer every turn of each dialogue with the instruction joined to every user turn (this rank's share,
-    gathered); returns GAtt training dialogues (one per turn from the second on; keep "obeying": only of dialogues
-    obeying at every turn) and the samples' adherence."""
-    mine = dialogs[rt.rank::rt.world_size]
+def gatt_samples(policy, tok, dialogs, rt, seed, max_new_tokens, temperature, batch_size, keep="all"):
+    """Answer every turn of each dialogue with the instruction joined to every user turn (this rank's share, turn t
+    of dialogue n sampled from its own stream, seeded by (seed, n T + t)); returns GAtt training dialogues (one per
+    turn from the second on, in the dialogues' order on every rank; keep "obeying": only of dialogues obeying at
+    every turn) and the samples' adherence."""
+    mine = runtime.shard(dialogs, rt)
+    turns = len(dialogs[0]["users"]) if dialogs else 0
     answers = [[] for _ in mine]
-    for turn in range(len(mine[0]["users"]) if mine else 0):
+    for turn in range(turns):
         conversations = [gatt_prompt(d["system"], d["users"], a, every_turn=True) for d, a in zip(mine, answers)]
-        texts, _ = sample_answers(policy, tok, conversations, max_new_tokens, temperature, generator, batch_size)
+        generators = runtime.row_generators(seed, [n * turns + turn for n in range(rt.rank, len(dialogs),
+                                                                                   rt.world_size)], rt.device)
+        texts, _ = sample_answers(policy, tok, conversations, max_new_tokens, temperature, generators, batch_size)
         for a, t in zip(answers, texts):
             a.append(t)
     follows = [[world.follows_instruction(d["instruction"], t) for t in a] for d, a in zip(mine, answers)]
-    rows = []
-    for d, a, f in zip(mine, answers, follows):
-        if keep == "obeying" and not all(f):
-            continue
-        rows += [dict(messages=gatt_training_dialog(d["system"], d["users"], a, turn)) for turn in range(1, len(a))]
-    all_follows = gather(follows, rt)
-    adherence = [judge.mean([f[t] for f in all_follows]) for t in range(len(all_follows[0]))] if all_follows else []
-    return gather(rows, rt), dict(sample_adherence_by_turn=adherence)
+    rows = [[] if keep == "obeying" and not all(f) else
+            [dict(messages=gatt_training_dialog(d["system"], d["users"], a, turn)) for turn in range(1, len(a))]
+            for d, a, f in zip(mine, answers, follows)]                      # per dialogue: its training dialogues
+    rows, follows = runtime.gather_shards(rows, rt), runtime.gather_shards(follows, rt)
+    adherence = [judge.mean([f[t] for f in follows]) for t in range(turns)] if follows else []
+    return [row for dialog_rows in rows for row in dialog_rows], dict(sample_adherence_by_turn=adherence)
 
 
 @torch.no_grad()
-def adherence_by_turn(model, tok, dialogs, max_new_tokens, batch_size):
+def adherence_by_turn(model, tok, dialogs, max_new_tokens, batch_size, rt):
     """(adherence, accuracy) at each turn: the share of answers obeying the instruction, and of answers the gold
     judge finds correct, with the instruction given in the first turn only and the model's own greedy answers as
-    the history (Llama 2, section 3.3)."""
-    answers = [[] for _ in dialogs]
-    for turn in range(len(dialogs[0]["users"])):
-        conversations = [gatt_prompt(d["system"], d["users"], a, every_turn=False) for d, a in zip(dialogs, answers)]
+    the history (Llama 2, section 3.3). Each rank answers its share of the dialogues."""
+    mine = runtime.shard(dialogs, rt)
+    answers = [[] for _ in mine]
+    turns = range(len(dialogs[0]["users"]))
+    for turn in turns:
+        conversations = [gatt_prompt(d["system"], d["users"], a, every_turn=False) for d, a in zip(mine, answers)]
         texts, _ = sample_answers(model, tok, conversations, max_new_tokens, 0.0, None, batch_size)
         for a, t in zip(answers, texts):
             a.append(t)
-    turns = range(len(dialogs[0]["users"]))
+    answers = runtime.gather_shards(answers, rt)
     return ([judge.mean([world.follows_instruction(d["instruction"], a[t]) for d, a in zip(dialogs, answers)])
              for t in turns],
             [judge.mean([judge.judge(d["examples"][t], a[t]).correct for d, a in zip(dialogs, answers)])
@@ -462,7 +464,7 @@ def read_inputs(args):
 def collect_phase(name, phase, args, policy, tok, rt, inputs, reward_models, pool):
     """The phase's training dialogues, sampled from the current policy (the GAtt warm-up reads gold answers), with
     SFT dialogues replayed among them. Returns (rows, stats, the rejection pool of kept answers)."""
-    generator = torch.Generator(device=rt.device).manual_seed(args.seed * 1000 + phase * 10 + rt.rank)
+    seed = args.seed * 1000 + phase * 10   # each sample's stream: (seed, its place), whatever rank draws it
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=args.gen_batch_size)
     if name == "warmup":
         rows, stats = gatt_warmup_rows(inputs["gatt_train"]), {}
@@ -470,7 +472,7 @@ def collect_phase(name, phase, args, policy, tok, rt, inputs, reward_models, poo
         prompts = inputs["prompts"]
         draw = random.Random(args.seed * 1000 + phase).sample(prompts, min(args.n_prompts or len(prompts),
                                                                            len(prompts)))
-        kept, rewards, stats = rejection_rows(policy, tok, draw, reward_models, rt, generator, args.k, **sampling,
+        kept, rewards, stats = rejection_rows(policy, tok, draw, reward_models, rt, seed, args.k, **sampling,
                                               reward_name=args.reward, threshold=args.safety_threshold,
                                               min_reward=args.min_reward, rm_batch_size=args.eval_batch_size)
         pool = keep_best(pool, kept) if args.keep_previous else kept
@@ -479,11 +481,11 @@ def collect_phase(name, phase, args, policy, tok, rt, inputs, reward_models, poo
         stats.update(kept=len(kept), pool=len(rows), mean_reward=rewards.mean().item(), best_reward=curve[-1]["max"],
                      median_reward=curve[-1]["median"], best_of_k=curve)
     elif args.mode == "context":
-        rows, stats = context_rows(policy, tok, inputs["prompts"], reward_models.get("safety"), rt, generator,
+        rows, stats = context_rows(policy, tok, inputs["prompts"], reward_models.get("safety"), rt, seed,
                                    **sampling, context=args.context, prefill=args.prefill, targeted=args.targeted,
                                    rm_batch_size=args.eval_batch_size)
     else:
-        rows, stats = gatt_samples(policy, tok, inputs["gatt_train"], rt, generator, **sampling, keep=args.gatt_keep)
+        rows, stats = gatt_samples(policy, tok, inputs["gatt_train"], rt, seed, **sampling, keep=args.gatt_keep)
     if not rows:
         raise runtime.UserError(f"{name}: no dialogues kept to fine-tune on ({stats})")
     if args.replay_share:
@@ -503,17 +505,18 @@ def numbers(stats):
 
 def phase_eval(policy, tok, args, rt, inputs, name):
     """Gold metrics of greedy answers to held-out prompts, or for gatt adherence by turn on held-out dialogues
-    (rank 0 only; nothing without --eval)."""
-    if not (args.eval and rt.is_main):
+    (each rank answers its share; nothing without --eval)."""
+    if not args.eval:
         return {}
     if args.mode == "gatt":
         adherence, accuracy = adherence_by_turn(policy, tok, inputs["gatt_validation"], args.max_new_tokens,
-                                                args.gen_batch_size)
+                                                args.gen_batch_size, rt)
         return dict(adherence_by_turn=adherence, accuracy_by_turn=accuracy)
     examples = inputs["validation"]
-    answers = respond(policy, tok, [ex.messages for ex in examples], args.max_new_tokens,
+    answers = respond(policy, tok, [ex.messages for ex in runtime.shard(examples, rt)], args.max_new_tokens,
                       batch_size=args.gen_batch_size, desc=f"eval {name}")
-    metrics = judge.gold_metrics(examples, [a.text or "" for a in answers])  # no room to answer: the empty answer
+    texts = runtime.gather_shards([a.text or "" for a in answers], rt)   # no room to answer: the empty answer
+    metrics = judge.gold_metrics(examples, texts)
     runtime.print0(rt, f"{name}: violation_rate {metrics['violation_rate']:.3f} false_refusal_rate "
                        f"{metrics['false_refusal_rate']:.3f} benign_accuracy {metrics['benign_accuracy']:.3f}")
     return metrics

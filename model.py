@@ -132,7 +132,8 @@ class Attention(nn.Module):
         # copy the whole cache
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                              enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        # back to the layer's dtype: a float32 cache beside bf16 weights (gathered so by --fsdp on CUDA) gives float32
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
 
 
 class FeedForward(nn.Module):
@@ -278,8 +279,13 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     # inverse-CDF sampling: the first token whose cumulative probability reaches u * total, u uniform in (0, 1]:
     # one random number per row, where torch.multinomial draws one per vocabulary entry (a quarter of a batch-16
     # decoding step on CPU). A token of probability 0 adds nothing to the sum, so it is never the first to reach it.
+    # generator may be a list of one generator per row: then a row's draws do not depend on the rows beside it
+    # (a batch split over ranks samples what one process samples)
     cdf = logits.softmax(-1).cumsum(-1)                                                         # (B, V)
-    u = 1 - torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)  # (B, 1)
+    if isinstance(generator, (list, tuple)):
+        u = 1 - torch.cat([torch.rand(1, 1, generator=g, device=cdf.device, dtype=cdf.dtype) for g in generator])
+    else:
+        u = 1 - torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)  # (B, 1)
     return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1)
 
 
@@ -290,7 +296,8 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
 
     The prompts are left-padded into one batch, prefilled once, then extended one token per step through the
     KV cache; use_cache=False recomputes the whole sequence each step (same numbers, slower). A row stops at
-    its EOS while the others continue. generator must live on the model's device. With return_logprobs,
+    its EOS while the others continue. generator must live on the model's device; a list of one per prompt gives
+    each row its own random stream (sample_next). With return_logprobs,
     also returns each new token's log-probability under the model (temperature 1, no top-k/top-p).
     """
     device = next(model.parameters()).device
@@ -346,9 +353,10 @@ def respond(model, tok, conversations, max_new_tokens=64, temperature=0.0, top_p
     with a user turn), greedily by default, in batches of similar length through the KV cache.
 
     Returns one Answer(text, prompt ids, generated ids, finished) per conversation, in the order given; finished
-    means the answer ended with the end-of-turn token. A prefix, when given, is written as the start of the answer
-    and the model continues it (text includes it, the prompt ids end with it). A prompt leaving fewer than
-    min_room tokens of context to answer in is not answered (text None), with one counted warning.
+    means the answer ended with the end-of-turn token. generator: one, or a list of one per conversation. A prefix,
+    when given, is written as the start of the answer and the model continues it (text includes it, the prompt ids
+    end with it). A prompt leaving fewer than min_room tokens of context to answer in is not answered (text None),
+    with one counted warning.
     """
     prefixes = prefixes or [""] * len(conversations)
     prompts = [tok.encode_prompt(c) + (tok.encode(" " + p) if p else []) for c, p in zip(conversations, prefixes)]
@@ -363,8 +371,9 @@ def respond(model, tok, conversations, max_new_tokens=64, temperature=0.0, top_p
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
         idx = order[start:start + batch_size]
         room = model.config.max_seq_len - max(len(prompts[i]) for i in idx)
+        rows_generator = [generator[i] for i in idx] if isinstance(generator, (list, tuple)) else generator
         outs = generate(model, [prompts[i] for i in idx], min(max_new_tokens, room), tok.eos_id, tok.pad_id,
-                        temperature=temperature, top_p=top_p, generator=generator)
+                        temperature=temperature, top_p=top_p, generator=rows_generator)
         for i, out in zip(idx, outs):
             text = tok.decode(out)
             answers[i] = Answer(prefixes[i] + text if prefixes[i] else text, prompts[i], out,

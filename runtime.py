@@ -14,6 +14,7 @@ A script runs main through command(main, get_args): bad input (UserError, ValueE
 line on stderr and exit status 2 (TRACEBACK=1 shows the traceback instead). Only rank 0 prints and writes files.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint as recompute_in_backward
 from tqdm import tqdm
 
 import data
@@ -127,15 +129,17 @@ def autocast(rt):
 
 def wrap_ddp(model, rt, compile=False):
     """The model (torch.compiled when asked) wrapped for gradient averaging across ranks; the model itself on a
-    single process."""
+    single process, or when --fsdp already sharded it (FSDP averages the gradients itself)."""
     model = torch.compile(model) if compile else model
-    if not rt.ddp:
+    if not rt.ddp or sharded(model):
         return model
     return DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
 
 
 def no_sync(model, last):
-    """Skip DDP's gradient all-reduce on every micro-batch but the last of an accumulation step."""
+    """Skip DDP's gradient all-reduce on every micro-batch but the last of an accumulation step. A model sharded by
+    --fsdp reduce-scatters every micro-batch: skipping it would hold whole unsharded gradients between micro-batches,
+    the memory FSDP is there to save."""
     return model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext()
 
 
@@ -147,6 +151,35 @@ def all_reduce_sum(x, rt):
     return x
 
 
+def sum_over_ranks(rt):
+    """all_reduce_sum as a function of the tensor alone: the `total` that train_ppo's masked means, whitening and
+    explained variance take, so that a mean over this rank's share of a batch is the whole batch's."""
+    return functools.partial(all_reduce_sum, rt=rt)
+
+
+def shard(items, rt):
+    """This rank's share of a list of work (prompts to answer, examples to evaluate): every world_size-th item,
+    starting at its rank."""
+    return items[rt.rank::rt.world_size]
+
+
+def gather_shards(part, rt):
+    """The inverse of shard: every rank's results, one per item of its share, back in the order of the items (the
+    list itself on a single process). Nothing is duplicated or dropped whatever the number of ranks."""
+    if not rt.ddp:
+        return list(part)
+    parts = [None] * rt.world_size
+    dist.all_gather_object(parts, list(part))
+    return [parts[r][j] for j in range(len(parts[0])) for r in range(rt.world_size) if j < len(parts[r])]
+
+
+def row_generators(seed, rows, device):
+    """One random generator per sampled row, seeded by (seed, the row's number in the global batch): a row draws the
+    same numbers whichever rank samples it and whatever rows share its batch, so N ranks sample what one process
+    samples (model.sample_next takes the list)."""
+    return [torch.Generator(device=device).manual_seed((seed * 1_000_003 + row) % 2**63) for row in rows]
+
+
 def cleanup(rt):
     if rt.ddp and dist.is_initialized():
         dist.destroy_process_group()
@@ -156,6 +189,89 @@ def print0(rt, *message):
     """Print on rank 0 only, without breaking a tqdm bar."""
     if rt.is_main:
         tqdm.write(" ".join(str(m) for m in message))
+
+
+# ---------------------------------------------------------------------------------------------- sharding (FSDP)
+def sharded(model):
+    """Whether --fsdp sharded model: fully_shard makes it an FSDPModule (FSDP is imported only by distribute, as its
+    import adds half a second to every start)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+
+
+def distribute(model, rt, fsdp=False, activation_checkpointing=False):
+    """Apply --activation-checkpointing and --fsdp to a model before its optimizer is built; returns the model.
+
+    Activation checkpointing keeps only each block's input in the forward pass and recomputes the block inside the
+    backward pass (torch.utils.checkpoint): activation memory of one block instead of all, for one more forward.
+    FSDP (PyTorch's FSDP2, fully_shard) splits every parameter, its gradient and its AdamW moments over the ranks:
+    each TransformerBlock is one unit, gathered whole just before its forward and backward and freed after; the
+    root unit holds the rest (embeddings, final norm, head). A tied head is the embedding's own parameter and both
+    sit in the root unit, so it stays one parameter. On CUDA the gathered weights compute in bf16 and gradients are
+    reduced in float32; the sharded weights and the optimizer stay float32. Every rank must then run the same
+    forward passes (each one gathers weights from all ranks). docs/memory.md: what each lets fit."""
+    if activation_checkpointing:
+        for block in model.layers:
+            # the block's forward under checkpoint; FSDP's gather hooks, set below, stay outside it
+            block.forward = functools.partial(recompute_in_backward, block.forward, use_reentrant=False)
+    if not fsdp:
+        return model
+    if not rt.ddp:
+        raise UserError("--fsdp shards a model over the processes of a torchrun launch; this is a single process")
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    policy = bf16 if rt.device.type == "cuda" else MixedPrecisionPolicy()
+    for block in model.layers:
+        fully_shard(block, mp_policy=policy)
+    return fully_shard(model, mp_policy=policy)
+
+
+def _full_state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def model_state(model):
+    """model.state_dict(); for a sharded model the whole state gathered to rank 0's CPU (every rank must call it;
+    the others get {}), so that a checkpoint is the same single file whether or not the run was sharded."""
+    if not sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    return get_model_state_dict(model, options=_full_state_options())
+
+
+def _parameter_names(model, optimizer):
+    """The name in model of each parameter of optimizer, in the optimizer's order (its state dict numbers them so)."""
+    names = {p: name for name, p in model.named_parameters()}
+    return [names[p] for group in optimizer.param_groups for p in group["params"]]
+
+
+def optimizer_state(model, optimizer):
+    """optimizer.state_dict(); for a sharded model's optimizer the whole state, gathered to rank 0's CPU (every rank
+    must call it; the others get {}) and numbered as optimizer.state_dict() numbers it, not by parameter name."""
+    if not sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    full = get_optimizer_state_dict(model, optimizer, options=_full_state_options())
+    if not full:
+        return {}
+    names = _parameter_names(model, optimizer)
+    return dict(state={i: full["state"][name] for i, name in enumerate(names) if name in full["state"]},
+                param_groups=optimizer.state_dict()["param_groups"])
+
+
+def load_optimizer_state(model, optimizer, state):
+    """optimizer.load_state_dict(state) of a checkpoint's whole state; for a sharded model each rank keeps its
+    own shard of every moment (set_optimizer_state_dict)."""
+    if not sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = _parameter_names(model, optimizer)
+    by_name = dict(state={names[i]: s for i, s in state["state"].items()},
+                   param_groups=[dict(group, params=[names[i] for i in group["params"]])
+                                 for group in state["param_groups"]])
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
 # ---------------------------------------------------------------------------------------------- optimisation
@@ -216,6 +332,8 @@ def optimizer_step(models, optimizers, loss_value, grad_clip, where, ckpt_path):
     if not math.isfinite(loss_value):
         raise SystemExit(f"loss became {loss_value} at {where}; the last good checkpoint is {ckpt_path}")
     norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), grad_clip) for m in models]
+    # a sharded model's norm is a DTensor: the whole tensor's norm, the same on every rank
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
     if not all(torch.isfinite(n) for n in norms):  # e.g. an overflow in the backward pass
         shown = ", ".join(str(n.item()) for n in norms)
         raise SystemExit(f"gradient norm became {shown} at {where}; the last good checkpoint is {ckpt_path}")
@@ -311,6 +429,17 @@ def add_run_arguments(p, outputs, seed_help="random seed"):
     p.add_argument("--compile", action="store_true", help="torch.compile the trained model(s)")
     p.add_argument("--freeze-layers", type=nonnegative_int, default=0, help="freeze the token embedding and this "
                    "many lowest blocks of the trained model(s) (0: train everything); a CPU budget for real models")
+
+
+def add_sharding_arguments(p):
+    """--fsdp and --activation-checkpointing, for the stages whose every forward pass runs on every rank alike
+    (train_sft, train_rm, train_dpo); runtime.distribute applies them."""
+    p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the trained model's weights, gradients "
+                   "and optimizer state over the ranks (PyTorch FSDP2, one unit per transformer block) instead of "
+                   "a full copy per rank; bf16 compute on CUDA; checkpoints stay single files (docs/memory.md)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="keep only each block's input in the "
+                   "forward pass and recompute the block in the backward pass: less activation memory for about "
+                   "one more forward pass of compute (docs/memory.md)")
 
 
 def add_chunked_loss_argument(p):
@@ -431,13 +560,13 @@ def start(args, stage=None):
     return rt, ckpt_path, resume
 
 
-def resume_training(rt, resume, optimizers, ckpt_path=None):
-    """Continue a resumed run: each optimizer's state (optimizers: {checkpoint key: optimizer}) and every RNG
-    state; returns its step (0 for a fresh run)."""
+def resume_training(rt, resume, optimizers, ckpt_path=None, model=None):
+    """Continue a resumed run: each optimizer's state (optimizers: {checkpoint key: optimizer}; model, the model
+    they train, when --fsdp may have sharded it) and every RNG state; returns its step (0 for a fresh run)."""
     if resume is None:
         return 0
     for name, opt in optimizers.items():
-        opt.load_state_dict(resume[name])
+        load_optimizer_state(model, opt, resume[name])
     set_rng_state(resume["rng"])
     print0(rt, f"resumed from {ckpt_path or 'its checkpoint'} at step {resume['step']}")
     return resume["step"]
@@ -459,10 +588,11 @@ def begin(args, rt, step, *logs):
 
 def checkpoint(model, tok, step, args, stage, optimizers, **extra):
     """The dict a training script saves: weights, architecture, tokenizer, step, each optimizer's state under its
-    key, every RNG state, the arguments and the stage that wrote it, plus what the stage adds."""
-    return dict(model=model.state_dict(), model_config=vars(model.config), tokenizer=tok.to_dict(), step=step,
-                **{name: opt.state_dict() for name, opt in optimizers.items()}, rng=rng_state(), args=vars(args),
-                stage=stage, **extra)
+    key, every RNG state, the arguments and the stage that wrote it, plus what the stage adds. Every rank calls it:
+    a model sharded by --fsdp is gathered whole (model_state, optimizer_state)."""
+    return dict(model=model_state(model), model_config=vars(model.config), tokenizer=tok.to_dict(), step=step,
+                **{name: optimizer_state(model, opt) for name, opt in optimizers.items()}, rng=rng_state(),
+                args=vars(args), stage=stage, **extra)
 
 
 def save_on_rank0(rt, path, state):

@@ -252,13 +252,12 @@ def eval_pairs(policy, rows, ref_logps, loss_of, batch_size, pad_id, rt):
 
 
 def show_samples(policy, prompts, tok, max_new_tokens, rt):
-    """Print the policy's greedy answers to a few held-out prompts (rank 0)."""
-    if rt.is_main:
-        policy.eval()
-        outs = generate(policy, prompts, max_new_tokens, tok.eos_id, tok.pad_id, temperature=0.0)
-        policy.train()
-        for prompt, out in zip(prompts, outs):
-            tqdm.write(f"  > {tok.decode(prompt)[-70:]}\n    {tok.decode(out)}")
+    """Print the policy's greedy answers to a few held-out prompts (rank 0; every rank answers, as --fsdp needs)."""
+    policy.eval()
+    outs = generate(policy, prompts, max_new_tokens, tok.eos_id, tok.pad_id, temperature=0.0)
+    policy.train()
+    for prompt, out in zip(prompts, outs):
+        runtime.print0(rt, f"  > {tok.decode(prompt)[-70:]}\n    {tok.decode(out)}")
 
 
 # ---------------------------------------------------------------------------------------------- training step
@@ -307,6 +306,7 @@ def get_args(argv=None):
                    "SFT model)")
     runtime.add_run_arguments(p, outputs="model.pt, config.json, metrics.jsonl",
                               seed_help="random seed (world, batch order, label noise, KL samples)")
+    runtime.add_sharding_arguments(p)
     # loss
     p.add_argument("--loss", choices=LOSSES, default="dpo", help="member of the DPO family (see the module doc)")
     p.add_argument("--beta", type=runtime.positive_float, default=None, help="inverse temperature of the implicit "
@@ -402,8 +402,9 @@ def main(args):
                          args.gamma)
 
     # ------------------------------------------------------------------ optimizer, resume, run folder
+    runtime.distribute(policy, rt, args.fsdp, args.activation_checkpointing)  # before its optimizer is built
     optimizer = runtime.make_optimizer(policy, args.lr, args.weight_decay, freeze=args.freeze_layers)
-    step = runtime.resume_training(rt, resume, {"optimizer": optimizer}, ckpt_path)
+    step = runtime.resume_training(rt, resume, {"optimizer": optimizer}, ckpt_path, policy)
     train_model = runtime.wrap_ddp(policy, rt, args.compile)
     log = runtime.begin(args, rt, step)
 

@@ -43,7 +43,8 @@ prompts, the split every tuning choice reads; the test split is evaluate.py's al
 Tiny CPU run (minutes), after train_sft.py and train_rm.py:
     python train_ppo.py --preset tiny --init out/sft/model.pt --rm-safety out/rm_safety/model.pt \\
         --rm-helpful out/rm_helpful/model.pt --out out/ppo
-Data parallel (each rank samples its own share of the prompts and whitens its own batch):
+Data parallel (each rank samples its share of the prompts; whitening, means and the KL controller read the whole
+batch, and each response's sampling stream is set by its place in it, so N ranks compute what one process does):
     torchrun --nproc_per_node=2 train_ppo.py --preset tiny --init out/sft/model.pt \\
         --rm-safety out/rm_safety/model.pt --rm-helpful out/rm_helpful/model.pt --out out/ppo
 """
@@ -65,15 +66,19 @@ from reward import ENSEMBLES, REWARDS, combined_reward, load_reward_model
 
 # ---------------------------------------------------------------------------------------------- the equations
 # The Llama 2 gate R_c and the single-RM alternatives (--reward) live in reward.py (rejection sampling shares them)
-def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x, mask, total=None):
+    """Mean of x where mask is 1. total, when the batch is split over ranks, completes a sum over all of them
+    (runtime.sum_over_ranks): the mean is then the whole batch's."""
+    total = total or (lambda s: s)
+    return total((x * mask).sum()) / total(mask.sum()).clamp(min=1)
 
 
-def whiten(x, mask=None, shift_mean=True):
-    """(x - mean) / std over the entries where mask is 1 (all if None); shift_mean=False keeps the mean."""
+def whiten(x, mask=None, shift_mean=True, total=None):
+    """(x - mean) / std over the entries where mask is 1 (all if None); shift_mean=False keeps the mean. total: mean
+    and std of the whole batch when it is split over ranks (masked_mean)."""
     mask = torch.ones_like(x) if mask is None else mask.to(x.dtype)
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    mean = masked_mean(x, mask, total)
+    var = masked_mean((x - mean) ** 2, mask, total)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return (out if shift_mean else out + mean) * mask
 
@@ -131,11 +136,12 @@ def value_loss(values, old_values, returns, response_mask, clip):
     return loss, stats
 
 
-def explained_variance(values, returns, response_mask):
-    """1 - Var(R - V) / Var(R) over response tokens: 1 is a perfect value model, 0 no better than the mean."""
-    var_returns = masked_mean((returns - masked_mean(returns, response_mask)) ** 2, response_mask)
+def explained_variance(values, returns, response_mask, total=None):
+    """1 - Var(R - V) / Var(R) over response tokens: 1 is a perfect value model, 0 no better than the mean. total:
+    over the whole batch when it is split over ranks (masked_mean)."""
+    var_returns = masked_mean((returns - masked_mean(returns, response_mask, total)) ** 2, response_mask, total)
     residual = returns - values
-    var_residual = masked_mean((residual - masked_mean(residual, response_mask)) ** 2, response_mask)
+    var_residual = masked_mean((residual - masked_mean(residual, response_mask, total)) ** 2, response_mask, total)
     return 1 - var_residual / var_returns.clamp(min=1e-8)
 
 
@@ -250,10 +256,10 @@ def gated_reward(batch, reward_models, gate, args, rt):
     return raw["safety"].to(rt.device), raw["helpfulness"].to(rt.device), R_c.to(rt.device)
 
 
-def whitened_reward(reward, has_eos, missing_eos_score):
+def whitened_reward(reward, has_eos, missing_eos_score, rt):
     """Step 2, the whitening: R~ = whiten(reward) (B,), mean 0 and std 1 over the rollout, with reward = logit(R_c);
     a response cut without </s> gets missing_eos_score instead (see the module docstring; None keeps its R~)."""
-    R_tilde = whiten(reward)
+    R_tilde = whiten(reward, total=runtime.sum_over_ranks(rt))             # the whole rollout's, over every rank
     if missing_eos_score is not None:
         R_tilde = torch.where(has_eos, R_tilde, torch.full_like(R_tilde, missing_eos_score))
     return R_tilde
@@ -263,8 +269,9 @@ def whitened_reward(reward, has_eos, missing_eos_score):
 def ppo_epochs(train_policy, train_value, policy, value_model, optimizers, batch, shuffler, args, rt, where,
                ckpt_path):
     """Step 5: --ppo-epochs passes over the rollout in shuffled minibatches, each one guarded update of the policy
-    and the value model together (separate networks and optimizers: each gets its own gradient). Returns the
-    minibatches' {name: (sum, count)} of the losses, the policy's gradient norm and the loss diagnostics."""
+    and the value model together (separate networks and optimizers: each gets its own gradient). Under torchrun a
+    minibatch takes minibatch_size / world_size of each rank's rows, shuffled by that rank. Returns the minibatches'
+    {name: (sum, count)} of the losses, the policy's gradient norm and the loss diagnostics."""
     per_rank, mb = args.batch_size // rt.world_size, args.minibatch_size // rt.world_size
     P, stats = batch.P, {}
     policy.train()
@@ -278,12 +285,15 @@ def ppo_epochs(train_policy, train_value, policy, value_model, optimizers, batch
                 values = response_values(train_value, tokens, attention_mask, P)
             pg_loss, pg_stats = policy_loss(logp, batch.old_logp[idx], batch.advantages[idx], mask, args.clip)
             vf_loss, vf_stats = value_loss(values, batch.old_values[idx], batch.returns[idx], mask, args.value_clip)
-            loss = pg_loss + vf_loss
+            # the losses are means over this rank's response tokens: weighted by the rank's share of the minibatch's
+            # tokens (times world_size, which DDP's average divides out) they make the mean over all its tokens
+            share = mask.sum() / runtime.all_reduce_sum(mask.sum(), rt).clamp(min=1) * rt.world_size
+            loss = (pg_loss + vf_loss) * share
             loss.backward()
             grad_norm, _ = runtime.optimizer_step([policy, value_model], optimizers, loss.item(), args.grad_clip,
                                                   where, ckpt_path)
-            for name, value in dict(policy_loss=pg_loss, value_loss=vf_loss, grad_norm=grad_norm,
-                                    **pg_stats, **vf_stats).items():
+            token_means = dict(policy_loss=pg_loss, value_loss=vf_loss, **pg_stats, **vf_stats)
+            for name, value in dict({k: v * share for k, v in token_means.items()}, grad_norm=grad_norm).items():
                 s, n = stats.get(name, (0.0, 0))
                 stats[name] = (s + value.item(), n + 1)
     return stats
@@ -314,7 +324,7 @@ def lagrangian_rollout_reward(batch, reward_models, args, rt, lagrange_lambda):
     Fills the rollout's reward fields as step 2 does (R_c = R_h: no gate)."""
     batch.r_s, batch.r_h, batch.R_c = gated_reward(batch, reward_models, "helpfulness", args, rt)
     batch.R_tilde = whitened_reward(lagrangian_reward(batch.r_h, -batch.r_s, lagrange_lambda), batch.has_eos,
-                                    args.missing_eos_score)
+                                    args.missing_eos_score, rt)
 
 
 def lagrangian_dual_step(batch, metrics, log_lagrange, args, rt):
@@ -408,10 +418,10 @@ def held_out_examples(world_seed, n):
     return examples
 
 
-def gold_eval(policy, tok, examples):
-    """judge.gold_metrics of the policy's greedy answers to examples."""
-    answers = respond(policy, tok, [ex.messages for ex in examples], desc="eval")
-    return judge.gold_metrics(examples, [a.text for a in answers])
+def gold_eval(policy, tok, examples, rt):
+    """judge.gold_metrics of the policy's greedy answers to examples, each rank answering its share."""
+    answers = respond(policy, tok, [ex.messages for ex in runtime.shard(examples, rt)], desc="eval")
+    return judge.gold_metrics(examples, runtime.gather_shards([a.text for a in answers], rt))
 
 
 def key_rates(metrics):
@@ -419,17 +429,18 @@ def key_rates(metrics):
 
 
 # ---------------------------------------------------------------------------------------------- the log
-def rollout_stats(batch):
+def rollout_stats(batch, rt):
     """{name: (sum, count)} of the rollout: the reward PPO maximises (R summed over each response: R~ - beta KL),
     R~, R_c and logit(R_c), the raw RM scores r_s and r_h, KL, entropy, value fit, lengths and the gold judge's
-    marks."""
+    marks. Entropy is a mean over response tokens and the explained variance the whole batch's, however the batch
+    is split over ranks."""
     n, mask = len(batch.prompts), batch.response_mask
+    fit = explained_variance(batch.old_values, batch.returns, mask, total=runtime.sum_over_ranks(rt)).item()
     return dict(
         reward=(batch.R.sum().item(), n), R_tilde=(batch.R_tilde.sum().item(), n), R_c=(batch.R_c.sum().item(), n),
         logit_R_c=(torch.logit(batch.R_c, eps=1e-6).sum().item(), n),
         r_s=(batch.r_s.sum().item(), n), r_h=(batch.r_h.sum().item(), n), kl=(batch.kl.sum(1).sum().item(), n),
-        entropy=((batch.entropy.sum() / mask.sum()).item() * n, n),
-        explained_variance=(explained_variance(batch.old_values, batch.returns, mask).item() * n, n),
+        entropy=(batch.entropy.sum().item(), mask.sum().item()), explained_variance=(fit * n, n),
         response_length=(mask.sum().item(), n), no_eos=((~batch.has_eos).sum().item(), n),
         **judge.gold_counts([p.example for p in batch.prompts], batch.texts))
 
@@ -599,10 +610,11 @@ def main(args):
     with runtime.StopOnSignal() as stop:
         while iteration < args.iterations:
             stop.save_and_exit_if_requested(rt, save, ckpt_path, f"iteration {iteration}")  # Ctrl-C, SIGTERM
-            # Every random draw of an iteration comes from (seed, iteration, rank): a resumed run repeats it exactly
-            stream = args.seed * 1_000_003 + iteration * 1_009 + rt.rank
-            sampler = torch.Generator(device=rt.device).manual_seed(stream)
-            shuffler = torch.Generator().manual_seed(stream)
+            # Every random draw of an iteration comes from (seed, iteration): a resumed run repeats it exactly; each
+            # response is sampled from its own stream, set by its place in the global batch, whatever rank draws it
+            stream, per_rank = args.seed * 1_000_003 + iteration * 1_009, args.batch_size // rt.world_size
+            sampler = runtime.row_generators(stream, range(rt.rank * per_rank, (rt.rank + 1) * per_rank), rt.device)
+            shuffler = torch.Generator().manual_seed(stream + rt.rank)
             # 1. rollout: one sampled response per prompt, read by the policy, the reference and the value model
             batch = rollout(policy, ref_model, value_model, tok, prompts, iteration, sampler, args, rt)
             # 2. reward: R_c, the gate of the two reward models, then R~ = whiten(logit(R_c)), each (B,)
@@ -610,26 +622,27 @@ def main(args):
                 lagrangian_rollout_reward(batch, reward_models, args, rt, math.exp(log_lagrange))
             else:
                 batch.r_s, batch.r_h, batch.R_c = gated_reward(batch, reward_models, args.reward, args, rt)
-                batch.R_tilde = whitened_reward(torch.logit(batch.R_c, eps=1e-6), batch.has_eos, args.missing_eos_score)
+                batch.R_tilde = whitened_reward(torch.logit(batch.R_c, eps=1e-6), batch.has_eos,
+                                                args.missing_eos_score, rt)
             # 3. KL penalty: R = -beta KL on every response token, R~ added at the last one, each (B, L)
             batch.R, batch.kl = kl_penalized_rewards(batch.R_tilde, batch.old_logp, batch.ref_logp,
                                                      batch.response_mask, beta)
             # 4. advantages: GAE on the value model's estimates, whitened over the response tokens
             advantages, batch.returns = gae(batch.R, batch.old_values, batch.response_mask, args.gamma, args.lam)
-            batch.advantages = whiten(advantages, batch.response_mask)
+            batch.advantages = whiten(advantages, batch.response_mask, total=runtime.sum_over_ranks(rt))
             # 5. PPO epochs over minibatches: the clipped policy and value losses
             stats = ppo_epochs(train_policy, train_value, policy, value_model, [policy_opt, value_opt], batch,
                                shuffler, args, rt, f"iteration {iteration}", ckpt_path)
             # 6. KL controller, log, checkpoint
-            metrics = dict(reduce_means({**stats, **rollout_stats(batch)}, rt), beta=beta)
+            metrics = dict(reduce_means({**stats, **rollout_stats(batch, rt)}, rt), beta=beta)
             if args.kl_target is not None:
                 beta = adaptive_beta(beta, metrics["kl"], args.kl_target, args.kl_gain)
             if args.reward == "lagrangian":  # a variant: the dual step on the multiplier
                 log_lagrange = lagrangian_dual_step(batch, metrics, log_lagrange, args, rt)
             iteration += 1
-            if rt.is_main and eval_examples and args.eval_every and iteration % args.eval_every == 0 \
+            if eval_examples and args.eval_every and iteration % args.eval_every == 0 \
                     and iteration < args.iterations:  # the last iteration's is the final eval below
-                metrics["eval"] = gold_eval(policy, tok, eval_examples)
+                metrics["eval"] = gold_eval(policy, tok, eval_examples, rt)
             log_iteration(rt, args, iteration, batch, metrics, bar, log, samples_log)
             if iteration % args.save_every == 0 or iteration == args.iterations:
                 save()
@@ -639,8 +652,8 @@ def main(args):
 
     # ------------------------------------------------------------------ eval: the gold judge on held-out prompts
     result = dict(step=iteration, reward=metrics.get("reward"), kl=metrics.get("kl"))
-    if rt.is_main and eval_examples:
-        result["eval"] = gold_eval(policy, tok, eval_examples)
+    if eval_examples:
+        result["eval"] = gold_eval(policy, tok, eval_examples, rt)
         log.log(iteration, eval=result["eval"])
         runtime.print0(rt, f"ppo, gold judge on {len(eval_examples)} held-out prompts: {key_rates(result['eval'])}")
     runtime.cleanup(rt)

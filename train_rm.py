@@ -282,6 +282,7 @@ def get_args(argv=None):
                    "by a fresh scalar head)")
     runtime.add_run_arguments(p, outputs="model.pt, config.json, metrics.jsonl, eval.json, histograms.json",
                               seed_help="random seed (world, label noise, batch order)")
+    runtime.add_sharding_arguments(p)
     p.add_argument("--world-seed", type=int, default=None, help="seed of the world and of its annotated pairs "
                    "(default: --seed); with it, --seed moves only the scalar head's start and the batch order, so "
                    "reward models of several seeds learn the same pairs (an ensemble)")
@@ -360,8 +361,9 @@ def main(args):
                        f"{rt.device}")
 
     # ------------------------------------------------------------------ optimizer, resume, run folder
+    runtime.distribute(reward_model, rt, args.fsdp, args.activation_checkpointing)  # before its optimizer is built
     optimizer = runtime.make_optimizer(reward_model, args.lr, args.weight_decay, freeze=args.freeze_layers)
-    step = runtime.resume_training(rt, resume, {"optimizer": optimizer}, ckpt_path)
+    step = runtime.resume_training(rt, resume, {"optimizer": optimizer}, ckpt_path, reward_model)
     train_model = runtime.wrap_ddp(reward_model, rt, args.compile)
     log = runtime.begin(args, rt, step)
 

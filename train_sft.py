@@ -21,6 +21,9 @@ Tiny CPU run (minutes):
     python train_sft.py --stage sft --preset tiny --init out/base/model.pt --safety-share 0.25 --out out/share_0.25
 Data parallel:
     torchrun --nproc_per_node=2 train_sft.py --stage sft --preset tiny --init out/base/model.pt --out out/sft
+Sharded (FSDP2), a 7B model on 8 GPUs (docs/memory.md sizes it; MODEL_7B a HF or Meta folder that loaders.py reads):
+    torchrun --standalone --nproc_per_node=8 train_sft.py --stage sft --init MODEL_7B --data FILE.jsonl \\
+        --fsdp --max-seq-len 4096 --batch-size 64 --grad-accum 8 --lr 2e-5 --out out/sft_7b
 """
 import math
 import random
@@ -63,6 +66,7 @@ def get_args(argv=None):
     runtime.add_run_arguments(p, outputs="model.pt, config.json, metrics.jsonl",
                               seed_help="random seed (model init, world, batch order)")
     runtime.add_chunked_loss_argument(p)
+    runtime.add_sharding_arguments(p)
     # data
     p.add_argument("--data", default="world", help="'world' (embedded) or a JSONL file: base {'text'}, "
                    "sft {'messages': [{role, content}, ...]} or {'prompt', 'response'}")
@@ -195,8 +199,9 @@ def main(args):
                        f"{model_lib.num_params(model) / 1e6:.2f}M parameters on {rt.device}")
 
     # ------------------------------------------------------------------ optimizer, resume, run folder
+    runtime.distribute(model, rt, args.fsdp, args.activation_checkpointing)  # before its optimizer is built
     optimizer = runtime.make_optimizer(model, args.lr, args.weight_decay, freeze=args.freeze_layers)
-    step = runtime.resume_training(rt, resume, {"optimizer": optimizer}, ckpt_path)
+    step = runtime.resume_training(rt, resume, {"optimizer": optimizer}, ckpt_path, model)
     train_model = runtime.wrap_ddp(model, rt, args.compile)
     log = runtime.begin(args, rt, step)
 
@@ -223,7 +228,7 @@ def main(args):
             # ---------------------------------------------------------- eval, samples, checkpoint
             if step % args.eval_every == 0 or step == args.steps:
                 metrics["val_loss"] = eval_loss(model, val_rows, tok, rt, args.chunked_loss)
-                if rt.is_main and args.stage == "sft":  # greedy: draws no random number
+                if args.stage == "sft":  # greedy: draws no random number; every rank answers, as --fsdp needs
                     for messages, answer in zip(sample_prompts, model_lib.respond(model, tok, sample_prompts, 40)):
                         runtime.print0(rt, f"  > {messages[-1]['content']}\n    {answer.text}")
                 runtime.print0(rt, f"step {step}: loss {loss_value:.4f} val_loss {metrics['val_loss']:.4f}")

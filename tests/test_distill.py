@@ -28,10 +28,13 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
+    return micro_chat_model(tmp_path_factory.mktemp("micro"))
+
+
+def micro_chat_model(folder):
     """A micro chat model (a few steps on the world's SFT dialogues, so its answers end with </s>) and a reward
-    model with a fresh scalar head on it, saved as checkpoints."""
+    model with a fresh scalar head on it, saved as checkpoints in folder."""
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("micro")
     tok = tokenizer.world_tokenizer(512)
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
                                     max_seq_len=256))
@@ -146,11 +149,11 @@ def test_targeted_filter_keeps_exactly_the_improved_answers(micro, monkeypatch):
     monkeypatch.setattr(distill, "sample_answers", fake_sample)
     monkeypatch.setattr(distill.reward, "score", lambda rm, tok, convs, texts, bs: scores[texts[0].split()[0]])
     rt = distill.runtime.Runtime(torch.device("cpu"))
-    rows, stats = distill.context_rows(None, micro["tok"], prompts, (None, None), rt, None, 40, 0.0, 64)
+    rows, stats = distill.context_rows(None, micro["tok"], prompts, (None, None), rt, 0, 40, 0.0, 64)
     # prompt 0: better; 1: a tie; 2: worse; 3: better but cut off before </s>
     assert [r["answer"] for r in rows] == ["safe 0"]
     assert rows[0]["messages"] == prompts[0].messages and stats["kept_share"] == 0.25
-    rows, _ = distill.context_rows(None, micro["tok"], prompts, (None, None), rt, None, 40, 0.0, 64, targeted=False)
+    rows, _ = distill.context_rows(None, micro["tok"], prompts, (None, None), rt, 0, 40, 0.0, 64, targeted=False)
     assert [r["answer"] for r in rows] == ["safe 0", "safe 1", "safe 2"]
 
 
@@ -159,8 +162,8 @@ def test_preprompt_never_appears_in_distilled_examples(micro, context):
     prompts = harmful_prompts(6)
     policy, ckpt = load_model(micro["policy"])
     rt = distill.runtime.Runtime(torch.device("cpu"))
-    rows, _ = distill.context_rows(policy, micro["tok"], prompts, None, rt, torch.Generator().manual_seed(0), 40, 0.0,
-                                   64, context=context, targeted=False)
+    rows, _ = distill.context_rows(policy, micro["tok"], prompts, None, rt, 0, 40, 0.0, 64, context=context,
+                                   targeted=False)
     assert rows, "no answer ended with </s>"
     preprompts = {distill.answer_template(ex.category)[0] for ex in prompts} | {distill.CONTEXTS["generic"]}
     for row in rows:

@@ -222,7 +222,12 @@ def ascii_reward_model(tok):
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ppo_micro")
+    return micro_models(tmp_path_factory.mktemp("ppo_micro"))
+
+
+def micro_models(folder):
+    """Checkpoints in folder of a micro policy (64-token and 256-token contexts) and the ASCII reward model, and a
+    file of eight prompts."""
     tok = byte_tokenizer()
     torch.manual_seed(0)
     policy = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
