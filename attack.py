@@ -63,6 +63,7 @@ import benchmarks
 import data
 import judge
 import loaders
+import report
 import runtime
 import world
 from model import masked_nll, respond, target_logprobs
@@ -650,7 +651,7 @@ def plots(done, args, about):
     ax.set(xscale="symlog", xlabel="prefilled compliance tokens k", ylabel="violation rate (%)",
            title="Prefill attack (95% intervals)")
     ax.legend(fontsize=7)
-    written.append(_save(fig, plt, os.path.join(args.out, "prefill.png")))
+    written.append(report.save_png(fig, plt, os.path.join(args.out, "prefill.png")))
     fig, ax = plt.subplots(figsize=(6, 4))
     for s in names:
         if f"{s}/kl" in done:
@@ -659,7 +660,7 @@ def plots(done, args, about):
     ax.axvline(args.depth + 0.5, color="grey", lw=0.5)
     ax.set(xlabel="answer token t", ylabel="KL (nats)", title="Per-token KL along harmful compliances")
     ax.legend(fontsize=7)
-    written.append(_save(fig, plt, os.path.join(args.out, "kl.png")))
+    written.append(report.save_png(fig, plt, os.path.join(args.out, "kl.png")))
     fig, ax = plt.subplots(figsize=(6, 4))
     n = max(args.ns)
     labels = ["none"] + [f"harmful {k}" for k in args.ns] + [f"benign {args.benign_n}", f"harmful {n}\nconstrained"]
@@ -670,15 +671,8 @@ def plots(done, args, about):
     ax.set_xticks(range(len(keys)), labels, fontsize=8)
     ax.set(ylabel="violation rate (%)", title=f"Fine-tuning attack ({args.ft_steps} steps of {args.ft_batch})")
     ax.legend(fontsize=7)
-    written.append(_save(fig, plt, os.path.join(args.out, "finetune.png")))
+    written.append(report.save_png(fig, plt, os.path.join(args.out, "finetune.png")))
     return written
-
-
-def _save(fig, plt, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -156,7 +156,7 @@ def as_dialog(row, where):
     return messages
 
 
-def _jsonl_lines(path):
+def jsonl_lines(path):
     """(line number, parsed object) of a JSONL file, plain or gzip-compressed (.gz), blank lines skipped;
     malformed JSON or a row that is not an object raises ValueError naming path:line."""
     opener = gzip.open if path.endswith(".gz") else open
@@ -178,7 +178,7 @@ def read_jsonl(path, required=(), with_lines=False):
     raises ValueError naming path:line, and so does a file without rows. with_lines: (line number, row) pairs,
     so that later checks can name the line too."""
     rows = []
-    for lineno, row in _jsonl_lines(path):
+    for lineno, row in jsonl_lines(path):
         missing = [k for k in required if k not in row]
         if missing:
             raise ValueError(f"{path}:{lineno}: missing field {', '.join(map(repr, missing))}")
@@ -251,7 +251,7 @@ def read_preference_jsonl(path):
      optional "margin": number (the ranking loss's m, used as given), optional "strength": one of
      PREFERENCE_STRENGTHS (m from train_rm's margin table)}."""
     pairs, skipped = [], Counter()
-    for lineno, row in _jsonl_lines(path):
+    for lineno, row in jsonl_lines(path):
         where = f"{path}:{lineno}"
         prompt = _field(row, "prompt", (str, list), where)
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
@@ -299,7 +299,7 @@ def read_hh_rlhf(path):
     chosen == rejected are skipped with a counted warning.
     """
     pairs, skipped = [], Counter()
-    for lineno, row in _jsonl_lines(path):
+    for lineno, row in jsonl_lines(path):
         where = f"{path}:{lineno}"
         chosen, rejected = hh_transcript(_field(row, "chosen", str, where)), \
             hh_transcript(_field(row, "rejected", str, where))
@@ -326,7 +326,7 @@ def read_pku_saferlhf(path, objective):
         raise ValueError(f"objective must be 'safety' or 'helpfulness', got {objective!r}")
     label = "safer_response_id" if objective == "safety" else "better_response_id"
     pairs, skipped = [], Counter()
-    for lineno, row in _jsonl_lines(path):
+    for lineno, row in jsonl_lines(path):
         where = f"{path}:{lineno}"
         prompt = _field(row, "prompt", str, where)
         responses = [_field(row, "response_0", str, where), _field(row, "response_1", str, where)]
@@ -349,7 +349,7 @@ def read_preferences(path, objective="helpfulness", fmt="auto"):
     """Preference pairs from a file in format "jsonl" (generic), "hh" (HH-RLHF) or "pku" (PKU-SafeRLHF, labels
     for `objective`); "auto" looks at the first row: response_0 -> pku, prompt -> jsonl, else hh."""
     if fmt == "auto":
-        _, first = next(_jsonl_lines(path), (0, {}))
+        _, first = next(jsonl_lines(path), (0, {}))
         fmt = "pku" if "response_0" in first else "jsonl" if "prompt" in first else "hh"
     readers = {"jsonl": read_preference_jsonl, "hh": read_hh_rlhf,
                "pku": lambda p: read_pku_saferlhf(p, objective)}

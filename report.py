@@ -358,21 +358,7 @@ def pyplot():
 def read_log(path):
     """The rows of a training log (a stage's metrics.jsonl), [] when there is none; a malformed line is a
     ValueError naming path:line."""
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{i}: expected a JSON object, got {line.strip():.60}")
-            rows.append(row)
-    return rows
+    return [row for _, row in data.jsonl_lines(path)] if os.path.exists(path) else []
 
 
 def training_curve(path):
@@ -1387,7 +1373,8 @@ def bench_tables(bench):
     machine = ", ".join(f"{k} {v}" for k, v in bench.get("machine", {}).items())
     parts = [f"Machine: {machine}."]
     if bench.get("compare_hf"):
-        parts += ["### Against transformers (this project's tokens/s over transformers')", rows_table(bench["compare_hf"])]
+        parts += ["### Against transformers (this project's tokens/s over transformers')",
+                  rows_table(bench["compare_hf"])]
     for part in ("train", "generate"):
         for name, rows in bench.get(part, {}).items():
             parts += [f"### {part}: {name}", rows_table(rows)]
