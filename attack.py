@@ -627,7 +627,7 @@ def defence_summary(done, stage, args):
     return out
 
 
-def plots(done, args, about):
+def attack_plots(done, args, about):
     """prefill.png, kl.png, finetune.png; [] with a reason when matplotlib is absent."""
     try:
         import matplotlib
@@ -823,7 +823,7 @@ def main(args):
     with open(os.path.join(args.out, "attack.md"), "w", encoding="utf-8") as f:
         f.write(report)
     print(report)
-    written = [] if args.no_plots else plots(results.done, args, results.about)
+    written = [] if args.no_plots else attack_plots(results.done, args, results.about)
     print("wrote", ", ".join([results.path, os.path.join(args.out, "attack.md"), results.generations] + written))
 
 

@@ -54,6 +54,7 @@ import time
 import numpy as np
 import torch
 
+import data
 import judge
 import loaders
 import reward
@@ -364,9 +365,9 @@ def bon_study(args, proxy, gold):
 
 
 # ---------------------------------------------------------------------------------------------- RL curves
-def read_log(folder):
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        return [r for r in (json.loads(line) for line in f) if "kl" in r]
+def kl_rows(folder):
+    """The rows of a PPO run's metrics.jsonl that log its KL to the reference."""
+    return [r for _, r in data.jsonl_lines(os.path.join(folder, "metrics.jsonl")) if "kl" in r]
 
 
 def evaluate_kept(args, folder):
@@ -509,7 +510,7 @@ def lambda_columns(lambdas):
     return sorted({steps[0], steps[len(steps) // 4], steps[len(steps) // 2], steps[3 * len(steps) // 4], steps[-1]})
 
 
-def plots(args, bon, rl, lambdas):
+def overopt_plots(args, bon, rl, lambdas):
     """bon_<variant>.png, rl_<run>.png and lambda.png in OUT; a printed note when matplotlib is missing."""
     try:
         import matplotlib
@@ -718,7 +719,7 @@ def main(args):
         f.write("\n".join(lines))
     atomic_json(os.path.join(args.out, "overopt.json"), results)
     print("\n".join(lines))
-    written = [] if args.no_plots else plots(args, bon, rl, lambdas)
+    written = [] if args.no_plots else overopt_plots(args, bon, rl, lambdas)
     print(f"overopt.py: wrote {os.path.join(args.out, 'overopt.md')}, overopt.json"
           + "".join(f", {os.path.basename(p)}" for p in written))
     return results
@@ -757,7 +758,7 @@ def evaluate_constrained(args):
         aggregate = json.load(f)
     lambdas = {}
     for seed in args.seeds:
-        rows = read_log(runs["lagrangian", seed][0])
+        rows = kl_rows(runs["lagrangian", seed][0])
         lambdas[seed] = ([r["step"] for r in rows], [r["lambda"] for r in rows], [r["cost"] for r in rows])
     return aggregate, lambdas
 

@@ -917,7 +917,7 @@ def figure(fig, plt, title, why_not):
     return f'<figure><figcaption>{esc(title)}</figcaption>\n{svg(fig, plt)}</figure>\n'
 
 
-def plots(run, plt):
+def plot_section(run, plt):
     """The evaluation's plots: trade-off, RM scores, reward vs KL, the benchmarks' trade-off, the sweep."""
     generations = run.answers[0][2] if run.answers else []
     out = ""
@@ -1018,7 +1018,7 @@ def write_report(folder):
     parts = [f"<h1>{esc(title)}</h1>\n<p class=\"legend\">Written by <code>python report.py {esc(folder)}</code>"
              f"{'' if os.path.isabs(folder) else ' in ' + esc(os.getcwd())}.</p>\n", NAV,
              "".join(notice(m) for m in run.missing),
-             '<h2 id="tables">Evaluation</h2>\n', headline(run), '<h2 id="plots">Plots</h2>\n', plots(run, plt),
+             '<h2 id="tables">Evaluation</h2>\n', headline(run), '<h2 id="plots">Plots</h2>\n', plot_section(run, plt),
              '<h2 id="answers-section">Answers</h2>\n', browse,
              f'<h2>Training</h2>\n<div id="training">{training(run, plt)}</div>\n']
     page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>\n"

@@ -167,7 +167,7 @@ def held_out_eval(reward_model, tok, held_out, w, batch_size):
     return result, scores
 
 
-def write_report(args, rt, step, result, scores):
+def write_eval(args, rt, step, result, scores):
     """eval.json (and histograms.json of the world's style scores) in OUT, and the accuracies printed; rank 0."""
     if not rt.is_main:
         return
@@ -407,7 +407,7 @@ def main(args):
 
     # ------------------------------------------------------------------ final evaluation
     result, scores = final if final is not None else held_out_eval(reward_model, tok, held_out, w, args.eval_batch_size)
-    write_report(args, rt, step, result, scores)
+    write_eval(args, rt, step, result, scores)
     runtime.cleanup(rt)
     return dict(loss=metrics.get("loss"), train_accuracy=metrics.get("accuracy"), step=step,
                 val_accuracy=result["accuracy"], **{f"val_{k}": v for k, v in result.items() if k != "accuracy"})
