@@ -43,6 +43,7 @@ only by this command.
     python report.py out --docs docs
     python report.py --study safety_depth out/attack --docs docs
 """
+import datetime
 import html
 import io
 import json
@@ -1223,9 +1224,17 @@ def run_log(run):
 
 
 def provenance(run, facts):
+    """Which command, commit and machine made the run, when, and how long it took (whole minutes, from the log)."""
     said = lambda key: facts.get(key) or "(not in the run's pipeline.log)"
+    took = ""
+    try:
+        start, end = (datetime.datetime.strptime(facts.get(k, ""), "%Y-%m-%d %H:%M UTC")
+                      for k in ("started", "finished"))
+        took = f" ({(end - start).total_seconds() / 60:.0f} min)"
+    except ValueError:
+        pass
     return (f"Run folder `{os.path.basename(os.path.normpath(run))}`, made by `{said('command')}` at commit "
-            f"{said('commit')} on {said('machine')}; started {said('started')}, finished {said('finished')}. "
+            f"{said('commit')} on {said('machine')}; started {said('started')}, finished {said('finished')}{took}. "
             f"Written by `python report.py {os.path.basename(os.path.normpath(run))} --docs docs`.")
 
 

@@ -511,7 +511,7 @@ def test_docs_are_written_from_the_run_folder(one_seed, tmp_path):
     readme = (docs.parent / "README.md").read_text()
     assert readme.startswith("prose before headline\n") and readme.endswith("prose after\n")
     assert ("bash pipeline.sh --out run` at commit abc1234 on 2 cores (x86_64), no GPU; started 2026-01-01 10:00 "
-            "UTC, finished 2026-01-01 10:11 UTC") in readme
+            "UTC, finished 2026-01-01 10:11 UTC (11 min)") in readme
     for stage, m in rows.items():  # each stage's row holds its violation rate and interval, as metrics.json says
         viol = f"{100 * m['violation_rate']:.1f} [{100 * m['violation_rate_ci'][0]:.1f}-" \
                f"{100 * m['violation_rate_ci'][1]:.1f}]"
