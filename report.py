@@ -1177,10 +1177,13 @@ GAMING_COLUMNS = [("viol%", "violation_rate", None, "rate"), ("FR-border%", "fal
                   ("acc%", "benign_accuracy", None, "rate"), ("no-ans%", "no_answer_rate", None, "rate"),
                   ("confused%", "confused_refusal_rate", None, "rate"), ("gold safety", "gold_safety", None, "num"),
                   ("gold helpfulness", "gold_helpfulness", None, "num")]
-# --study NAME SOURCE: (the page, the file of SOURCE that holds the tool's own tables; None: SOURCE is that file)
-STUDIES = {"safety_depth": ("safety_depth.md", "attack.md"), "safety_depth_smollm2": ("safety_depth.md", "attack.md"),
-           "overopt": ("overopt.md", "overopt.md"), "overopt_constrained": ("overopt.md", "overopt.md"),
-           "speed": ("speed.md", None)}
+# --study NAME SOURCE: (the page, the file of SOURCE that holds the tool's own tables, None: SOURCE is that file;
+# the prefix its plots get in docs/)
+STUDIES = {"safety_depth": ("safety_depth.md", "attack.md", "attack_"),
+           "safety_depth_smollm2": ("safety_depth.md", "attack.md", "attack_smollm2_"),
+           "overopt": ("overopt.md", "overopt.md", "overopt_"),
+           "overopt_constrained": ("overopt.md", "overopt.md", "overopt_constrained_"),
+           "speed": ("speed.md", None, None)}
 STAGE_DONE = re.compile(r"^== (\S+): done in (\d+) s$")     # pipeline.sh's line at the end of each stage
 RUN_FACT = re.compile(r"^== (command|commit|machine|started|finished): (.*)$")  # and its lines about the run
 
@@ -1355,7 +1358,7 @@ def write_docs(run, docs):
 def write_study(name, source, docs):
     """docs/PAGE's block NAME from a study's output: attack.py's attack.md, overopt.py's overopt.md (in the folder
     `source`), or bench.py's JSON file (`source` itself) as tables."""
-    page, file = STUDIES[name]
+    page, file, prefix = STUDIES[name]
     path = source if file is None else os.path.join(source, file)
     if not os.path.isfile(path):
         raise runtime.UserError(f"{path}: missing (run the study into {source} first)")
@@ -1364,8 +1367,12 @@ def write_study(name, source, docs):
     else:
         with open(path, encoding="utf-8") as f:
             tables = f.read()
+    written = []
+    for plot in sorted(f for f in os.listdir(source) if f.endswith(".png")) if file is not None else []:
+        written.append(shutil.copyfile(os.path.join(source, plot), os.path.join(docs, prefix + plot)))
+        tables += f"\n\n![{plot[:-4]}]({prefix + plot})"
     note = f"Written by `python report.py --study {name} {source} --docs docs` from `{path}`."
-    return [write_blocks(os.path.join(docs, page), {name: note + "\n\n" + tables})]
+    return [write_blocks(os.path.join(docs, page), {name: note + "\n\n" + tables})] + written
 
 
 def rows_table(rows):

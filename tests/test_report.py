@@ -534,9 +534,11 @@ def test_a_study_page_is_written_from_its_folder_and_a_missing_block_is_an_error
     study = tmp_path / "attack"
     study.mkdir()
     (study / "attack.md").write_text("| stage | k=0 |\n|---|---:|\n| ppo | 39.6 |\n")
+    (study / "prefill.png").write_bytes(b"png")
     report.main(report.get_args(["--study", "safety_depth", str(study), "--docs", str(docs)]))
     page = (docs / "safety_depth.md").read_text()
     assert "| ppo | 39.6 |" in page and page.endswith("prose after\n")
+    assert "![prefill](attack_prefill.png)" in page and (docs / "attack_prefill.png").read_bytes() == b"png"
     (docs / "speed.md").write_text("<!-- generated:speed -->\n<!-- /generated:speed -->\n")
     bench = dict(machine=dict(threads=2), compare_hf=[dict(config="tiny", work="train", ratio_median=1.0612)],
                  train=dict(tiny=[dict(batch_size=32, tokens_per_s=18241.3)]), generate={}, ppo={})
