@@ -124,7 +124,7 @@ machine() {  # cores, processor and GPU of this machine, in one line
   local cpu gpu
   cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ *//')
   gpu=$(nvidia-smi -L 2>/dev/null | head -n 1)
-  echo "$(nproc) cores ($(uname -m)${cpu:+, $cpu}), ${gpu:-no GPU}"
+  echo "$(env -u OMP_NUM_THREADS nproc) cores ($(uname -m)${cpu:+, $cpu}), ${gpu:-no GPU}"
 }
 commit=$(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo "unknown (not a git checkout)")
 [[ -z $(git -C "$here" status --porcelain --untracked-files=no 2>/dev/null) ]] || commit+=" with uncommitted changes"

@@ -76,6 +76,12 @@ def test_stages_run_in_order_then_are_reused(tmp_path):
         assert (out / stage / "model.pt").exists() and not (out / stage / ".running").exists()
     assert (out / "eval" / "metrics.json").exists()
     assert summary(result).splitlines()[-1] == f"== report: {out}/report.html" and (out / "report.html").exists()
+    # pipeline.log: what the docs pages cite; the machine's cores whatever threads the stages are given
+    log = (out / "pipeline.log").read_text().splitlines()
+    assert log[0] == "== command: bash pipeline.sh" and log[1].startswith("== commit: ")
+    assert log[2].startswith(f"== machine: {len(os.sched_getaffinity(0))} cores (")
+    assert [line.split(":")[0] for line in log[4:-1]] == [f"== {stage}" for stage in STAGES]
+    assert log[3].startswith("== started: 20") and log[-1].startswith("== finished: 20")
 
     # everything finished: a second run trains nothing, prints the saved table and writes the report again
     calls, result = run_pipeline(tmp_path)
