@@ -1268,8 +1268,9 @@ def first_last(path, key):
 
 
 def stage_logs(run):
-    """A row per seed of what each stage's own logs say: the RMs' held-out accuracy, PPO's optimised reward and KL
-    to the reference from the first iteration to the last, DPO's held-out preference accuracy at the end, and the
+    """A row per seed of what each stage's own logs say: the RMs' held-out accuracy, PPO's gated RM score
+    logit(R_c) and KL to the reference from the first iteration to the last (the optimised reward R is whitened,
+    so its batch mean shows only the KL penalty), DPO's held-out preference accuracy at the end, and the
     first rejection-sampling iteration's mean best reward at K = 1 and at the largest K."""
     show = lambda x: "-" if x is None else f"{x:.3f}"
     rows = []
@@ -1277,14 +1278,14 @@ def stage_logs(run):
         rm = [read_json(p).get("accuracy") if os.path.isfile(p) else None
               for p in (os.path.join(folder, f, "eval.json") for f in ("rm_safety", "rm_helpful"))]
         ppo = os.path.join(folder, "ppo", "metrics.jsonl")
-        (r0, r1), (k0, k1) = first_last(ppo, "reward"), first_last(ppo, "kl")
+        (r0, r1), (k0, k1) = first_last(ppo, "logit_R_c"), first_last(ppo, "kl")
         dpo = first_last(os.path.join(folder, "dpo", "metrics.jsonl"), "val_accuracy")[1]
         best = os.path.join(folder, "rs", "best_of_k.json")
         curve = next(iter(read_json(best).values()), []) if os.path.isfile(best) else []
         bok = f"{show(curve[0]['max'])} -> {show(curve[-1]['max'])} (K={curve[-1]['k']})" if curve else "-"
         rows.append(f"| {label} | {show(rm[0])} | {show(rm[1])} | {show(r0)} -> {show(r1)} | {show(k0)} -> "
                     f"{show(k1)} | {show(dpo)} | {bok} |")
-    head = ["| seed | RM safety, held-out acc. | RM helpfulness, held-out acc. | PPO reward R, first -> last "
+    head = ["| seed | RM safety, held-out acc. | RM helpfulness, held-out acc. | PPO logit(R_c), first -> last "
             "| PPO KL, first -> last | DPO held-out acc. | best of K, mean max reward |", "|---|" + "---:|" * 6]
     return "\n".join(head + rows)
 
