@@ -23,7 +23,8 @@ RUN (a folder pipeline.sh wrote) writes RUN/report.html, one self-contained page
   with the refusal detector's verdict); filters by kind, risk category, attack vector and rung, with their counts;
   each stage's answers per label; what changed against SFT (on harmful prompts complied -> refused, refused ->
   complied, other -> complied, complied -> other; on the others answered -> refused, a new false refusal, and
-  refused -> answered), each count a filter.
+  refused -> answered), each count a filter; and each stage's most repeated answers (one text given to many
+  prompts is a memorised answer, whatever its label).
   The answers are one JSON blob that a small script shows a page of 100 prompts at a time;
 - each stage's training curves (loss, reward, KL, PPO's gold violations along training) from its metrics.jsonl,
   and the reward models' held-out accuracy.
@@ -655,6 +656,7 @@ CURVES = (("loss", ("loss", "val_loss")), ("PPO: the optimised reward R and the 
           ("gold judge on held-out prompts", ("eval.violation_rate", "eval.false_refusal_rate")),
           ("accuracy", ("accuracy", "val_accuracy")), ("DPO reward margin", ("margin",)))
 PAGE_ROWS = 100  # prompts shown at a time: the page draws only those, however many answers it holds
+REPEATS = 3      # each stage's most repeated answers shown: one text given to many prompts is a memorised answer
 
 
 @dataclass
@@ -954,6 +956,15 @@ def training(run, plt):
     return out
 
 
+def repeated_answers(s):
+    """{stage: [(count, text)]}: each stage's REPEATS most frequent answer texts in the set, given twice or more."""
+    out = {}
+    for i, stage in enumerate(s["stages"]):
+        texts = Counter(p["answers"][i][0] for p in s["prompts"] if p["answers"][i])
+        out[stage] = [(count, text) for text, count in texts.most_common(REPEATS) if count > 1]
+    return out
+
+
 def browser_controls(sets):
     """Per answer set, the filters with their counts, each stage's label counts and what changed against the
     baseline: static HTML (what the page counts is readable without a script); the script shows one set's."""
@@ -986,6 +997,12 @@ def browser_controls(sets):
                     f'<td><button data-stage="{esc(stage)}" data-change="{key}">{len(found[key])}</button></td>'
                     for key, _, _ in CHANGES) + "</tr>\n"
             out += "</table>\n"
+        repeats = [(stage, count, text) for stage, found in repeated_answers(s).items() for count, text in found]
+        if repeats:
+            out += '<table class="repeats"><tr><th>most repeated answers</th><th>prompts</th><th>the same answer to ' \
+                   "each of them</th></tr>\n"
+            out += "".join(f"<tr><th>{esc(stage)}</th><td>{count}</td><td>{esc(text[:160])}</td></tr>\n"
+                           for stage, count, text in repeats) + "</table>\n"
         out += "</div>\n"
     return out
 

@@ -368,6 +368,16 @@ def test_the_page_shows_every_stage_and_counts_what_generations_jsonl_holds(one_
     assert ppo.split("</figure>")[0].count("<svg") == 1 and "gold judge on held-out prompts" in ppo
 
 
+def test_the_page_counts_each_stages_most_repeated_answers(one_seed):
+    rows = data.read_jsonl(str(one_seed / "eval" / "generations.jsonl"))
+    table = next(t for t in read_page(one_seed).tables if t["cls"] == "repeats")
+    shown = [(stage, int(count), text) for stage, count, text in table["rows"][1:]]
+    expected = [(stage, count, text.strip()[:160]) for stage in dict.fromkeys(r["stage"] for r in rows)
+                for text, count in Counter(r["response"] for r in rows if r["stage"] == stage).most_common(3)
+                if count > 1]
+    assert shown == expected and shown
+
+
 def test_missing_parts_are_announced_on_the_page(one_seed):
     notices = " ".join(read_page(one_seed).notices)
     for words in ("One seed", "No safety-data sweep", "Not evaluated (no row in eval/metrics.json): base, rs, distill",
