@@ -688,6 +688,12 @@ def graded(rows):
     return any(k in m for m in rows.values() for k in ("violation_rate", "refusal_rate", "n_seeds"))
 
 
+def seed_folders(folder):
+    """[(k, RUN/seed<k>)] of the seeds of a run that have an evaluation, in seed order; [] for a one-seed run."""
+    return sorted((int(d[4:]), os.path.join(folder, d)) for d in os.listdir(folder)
+                  if re.fullmatch(r"seed\d+", d) and os.path.isfile(os.path.join(folder, d, "eval", "metrics.json")))
+
+
 def read_run(folder):
     """The Run of a folder pipeline.sh wrote: OUT/eval/metrics.json is required; the rest is shown where it is."""
     if not os.path.isdir(folder):
@@ -697,9 +703,8 @@ def read_run(folder):
         raise runtime.UserError(f"{path}: not found; the report shows a run's evaluation (pipeline.sh, or evaluate.py "
                                 f"--out {os.path.join(folder, 'eval')})")
     rows, missing = read_metrics(path), []
-    seeds = sorted((int(d[4:]), d) for d in os.listdir(folder)
-                   if re.fullmatch(r"seed\d+", d) and os.path.isfile(os.path.join(folder, d, "eval", "metrics.json")))
-    runs = [(f"seed {k}", os.path.join(folder, d)) for k, d in seeds] or [("", folder)]
+    seeds = seed_folders(folder)
+    runs = [(f"seed {k}", path) for k, path in seeds] or [("", folder)]
     if not seeds and graded(rows):
         missing.append("One seed: no spread over seeds (pipeline.sh --seeds N runs N of them).")
     answers, benchmark_answers = [], []
@@ -1274,13 +1279,12 @@ def stage_times(seconds):
 
 def seed_runs(run):
     """[(seed label, folder)] of a run: RUN/seed0, RUN/seed1, ... or the run itself when it has one seed."""
-    seeds = sorted((f for f in os.listdir(run) if re.fullmatch(r"seed\d+", f)), key=lambda f: int(f[4:]))
-    return [(f, os.path.join(run, f)) for f in seeds] or [("seed0", run)]
+    return [(f"seed{k}", path) for k, path in seed_folders(run)] or [("seed0", run)]
 
 
 def first_last(path, key):
     """(first, last) logged value of key in a metrics.jsonl; (None, None) where it is absent."""
-    values = [row[key] for row in read_log(path) if _number(row.get(key))] if os.path.isfile(path) else []
+    values = [row[key] for row in read_log(path) if _number(row.get(key))]
     return (values[0], values[-1]) if values else (None, None)
 
 
