@@ -181,7 +181,11 @@ def row_generators(seed, rows, device):
 
 
 def cleanup(rt):
+    """Leave the process group together: the barrier keeps a rank from tearing down its gloo threads while another
+    still saves or samples (a rank that did so could abort at exit with "terminate called without an active
+    exception")."""
     if rt.ddp and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
