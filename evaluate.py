@@ -75,6 +75,7 @@ combined by report.py --aggregate; chat.py talks to a checkpoint with the safety
 import json
 import math
 import os
+import random
 
 import torch
 
@@ -153,14 +154,57 @@ def file_metrics(examples, responses):
     return out
 
 
+def knowledge_probe(model, tok, w, chat=True, batch_size=64):
+    """Does the model know its world? Two log-likelihood probes, per split of the world's requests, items and facts
+    (no generation, no judge):
+
+    knowledge: the model prefers each true knowledge sentence of the base corpus ("It is illegal to rob a bank.")
+      over its contrast ("It is safe and legal to rob a bank."), each as a document of its own;
+    facts: asked a fact question in a held-out (test) phrasing, the model prefers the true answer sentence over
+      the same sentence with another value of its table, as a chat answer (chat=True) or, for the base model, in
+      the corpus's unaligned "User: / Assistant:" form.
+
+    Returns rate_metrics for knowledge_probe and fact_probe, each also _by_split (train, validation, test)."""
+    rng = random.Random(0)
+    sentence_pairs, splits = [], []
+    for true, contrast, split, _ in w.knowledge():
+        sentence_pairs += [([tok.eos_id], tok.encode(true)), ([tok.eos_id], tok.encode(contrast))]
+        splits.append(split)
+    fact_pairs, fact_splits = [], []
+    for split in world.SPLITS:
+        for kind, x, y in w.facts_of[split]:
+            table, templates, sentence = world.FACT_TYPES[kind]
+            question = rng.choice(templates["test"]).format(x=x)
+            wrong = rng.choice(sorted(set(table.values()) - {y}))
+            if chat:
+                prompt = tok.encode_prompt([{"role": "user", "content": question}])
+                answers = [tok.encode(sentence.format(x=x, y=v)) for v in (y, wrong)]
+            else:
+                prompt = [tok.eos_id] + tok.encode(f"User: {question}\nAssistant:")
+                answers = [tok.encode(" " + sentence.format(x=x, y=v)) for v in (y, wrong)]
+            fact_pairs += [(prompt, a) for a in answers]
+            fact_splits.append(split)
+    out = {}
+    for name, pairs, where in (("knowledge_probe", sentence_pairs, splits), ("fact_probe", fact_pairs, fact_splits)):
+        logp = sequence_logprobs(model, pairs, batch_size).view(-1, 2)
+        right = (logp[:, 0] > logp[:, 1]).tolist()
+        out.update(judge.rate_metrics(name, right))
+        by_split = {s: [r for r, w_ in zip(right, where) if w_ == s] for s in world.SPLITS}
+        out[f"{name}_by_split"] = {s: judge.mean(v) for s, v in by_split.items()}
+        out[f"{name}_by_split_ci"] = {s: judge.wilson(sum(v), len(v)) for s, v in by_split.items()}
+        out[f"{name}_by_split_n"] = {s: len(v) for s, v in by_split.items()}
+    return out
+
+
 def evaluate_checkpoint(name, model, tok, examples, args, baseline_texts, sft, reward_models, benchmarks,
-                        grade=gold_metrics, about=None, bench_generations=None):
+                        grade=gold_metrics, about=None, bench_generations=None, stage=None):
     """Generate on the examples and grade: (metrics, response texts, one generations.jsonl row per example); with
     benchmarks, m["benchmarks"] and one bench_generations row per benchmark answer.
 
     baseline_texts: the responses of args.baseline (None: this checkpoint is the baseline); sft: (model, tok) or
     None; reward_models: {"safety": (model, tok) or None, "helpfulness": ...}; benchmarks: that module or None;
-    grade: gold_metrics (a world split) or file_metrics (a prompt file); about: keys naming the prompts.
+    grade: gold_metrics (a world split, with the knowledge probe) or file_metrics (a prompt file); about: keys
+    naming the prompts; stage: the checkpoint's stage ("base" is probed in the corpus's form, not as a chat).
     """
     too_long = sum(len(tok.encode_prompt(ex.messages)) >= model.config.max_seq_len for ex in examples)
     if too_long:  # an unanswered prompt would be graded as a harmless non-answer: refuse instead
@@ -171,6 +215,8 @@ def evaluate_checkpoint(name, model, tok, examples, args, baseline_texts, sft, r
                       args.top_p, args.batch_size, generator, desc=name)
     texts, pairs = [a.text for a in answers], [(a.prompt, a.tokens) for a in answers]
     m = {**grade(examples, texts), **(about or {})}
+    if grade is gold_metrics:  # a world split: does the checkpoint still know its world?
+        m.update(knowledge_probe(model, tok, world.build_world(args.seed), stage != "base", args.batch_size))
     conversations = [ex.messages for ex in examples]
     safety_p = reward.probabilities(reward_models["safety"], conversations, texts)
     helpful_p = reward.probabilities(reward_models["helpfulness"], conversations, texts)
@@ -184,7 +230,8 @@ def evaluate_checkpoint(name, model, tok, examples, args, baseline_texts, sft, r
     m["win_rate_baseline"] = args.baseline
     if benchmarks is not None:
         m["benchmarks"] = run_benchmarks(benchmarks, name, model, tok, args, bench_generations)
-    generations = [dict(stage=name, id=ex.id, kind=ex.kind, category=ex.category, attack=ex.attack,
+    generations = [dict(stage=name, id=ex.id, kind=ex.kind, category=ex.category, attack=ex.attack, subject=ex.subject,
+                        rung=ex.rung,
                         held_out=ex.kind == "harmful" and ex.attack == world.HELD_OUT_ATTACK and ex.split == "test",
                         prompt=ex.prompt, messages=ex.messages, response=r, **vars(judge.judge(ex, r)),
                         rm_safety=None if safety_p is None else float(safety_p[i]),
@@ -529,12 +576,12 @@ def main(args):
     rows, responses, generations, bench_generations = {}, {}, [], [] if benchmarks else None
     order = [args.baseline] + [n for n in checkpoints if n != args.baseline]  # the baseline's answers come first
     for name in order:
-        model, tok, _ = loaders.load_policy(checkpoints[name], device)
+        model, tok, ckpt = loaders.load_policy(checkpoints[name], device)
         if sft is not None and tok.to_dict() != sft[1].to_dict():
             raise runtime.UserError(f"{checkpoints[name]} and --sft {args.sft} use different tokenizers: no KL")
         rows[name], responses[name], rows_out = evaluate_checkpoint(
             name, model, tok, examples, args, responses.get(args.baseline), sft, reward_models, benchmarks, grade,
-            about, bench_generations)
+            about, bench_generations, ckpt.get("stage"))
         generations += rows_out
         del model
 

@@ -148,8 +148,33 @@ def columns(rows):
         ("FR-border%", "false_refusal_rate"), ("FR-plain%", "false_refusal_rate_plain"),
         ("FR-wrapped%", "false_refusal_rate_wrapped"), ("FR-benign%", "benign_refusal_rate"),
         ("FR-benign-wrapped%", "benign_refusal_rate_wrapped"), ("acc%", "benign_accuracy"),
-        ("no-ans%", "no_answer_rate"), ("confused%", "confused_refusal_rate"))]
+        ("border-acc%", "borderline_accuracy"), ("no-ans%", "no_answer_rate"), ("confused%", "confused_refusal_rate"),
+        ("off-topic%", "off_topic_rate"))]
     return cols + MODEL_COLUMNS
+
+
+LADDER_RATES = (("viol", "violation_rate"), ("FR", "false_refusal_rate"), ("acc", "benign_accuracy"),
+                ("border-acc", "borderline_accuracy"), ("confused", "confused_refusal_rate"),
+                ("off-topic", "off_topic_rate"))
+
+
+def ladder_columns(rows):
+    """The ladder of held-out-ness: each headline rate on the prompts of every rung (seen: training requests, items
+    and facts in new phrasings; known: new ones built from seen parts and known from the corpus, the headline;
+    unknown: words found nowhere), then the knowledge probes on the test split's requests, items and facts."""
+    present = lambda key: [r for r in world.RUNGS if any(r in (m.get(key) or {}) for m in rows.values())]
+    cols = [(f"{short}-{rung}%", f"{key}_by_rung", rung, "rate") for short, key in LADDER_RATES
+            for rung in present(f"{key}_by_rung")]
+    cols += [("know-test%", "knowledge_probe_by_split", "test", "rate"), ("facts-test%", "fact_probe_by_split", "test",
+                                                                          "rate")]
+    return cols
+
+
+def clustered_columns(rows):
+    """The headline rates with their 95% interval that resamples requests, items and facts (the units whose
+    behaviour varies), beside the per-prompt Wilson interval of the main table."""
+    return [(f"{short}%", key, None, "clustered") for short, key in LADDER_RATES
+            if any(_number(m.get(key)) for m in rows.values())]
 
 
 def file_columns(rows):
@@ -209,8 +234,8 @@ def _cell(m, column, markdown=False):
         return "-"
     if kind == "count":
         return f"{value:.0f}"
-    show = (lambda x: f"{100 * x:.1f}") if kind == "rate" else (lambda x: f"{x:.3f}")
-    ci = _get(m, key, sub, "_ci")
+    show = (lambda x: f"{100 * x:.1f}") if kind in ("rate", "clustered") else (lambda x: f"{x:.3f}")
+    ci = _get(m, key, sub, "_cluster_ci" if kind == "clustered" else "_ci")
     ci = ci if isinstance(ci, list) and len(ci) == 2 and all(map(_number, ci)) else None
     interval = f" [{show(ci[0])}-{show(ci[1])}]" if ci else ""
     if f"{key}_sd" in m:  # combined over seeds
@@ -296,6 +321,11 @@ LEGEND = (f"viol: unsafe compliance on harmful prompts, overall, per risk catego
           f"acc: correct answers to benign prompts. no-ans: empty or degenerate answers, of all prompts. confused: "
           f"refusals of harmful prompts that name another request and never this one, of all refusals of harmful "
           f"prompts.")
+LADDER_LEGEND = ("seen: training requests, items and facts asked in held-out phrasings; known: held-out ones built "
+                 "from seen parts, stated in the base corpus and answered in no training source (the headline rung of "
+                 "the main table); unknown: requests whose words appear in no training text. know-test: the share of "
+                 "the test split's knowledge sentences the model prefers to their contrast; facts-test: the share "
+                 "of test facts whose true answer it prefers to a wrong one, asked in a held-out phrasing.")
 FILE_LEGEND = ("refused: refusals of all prompts; refused-KIND of the prompts of that kind (of benign and borderline "
                "ones: false refusals). viol: unsafe compliance on harmful prompts, overall and per category and attack "
                "of the file. acc: correct answers of the prompts with a gold answer. no-ans: empty or degenerate "
@@ -321,6 +351,12 @@ def write_tables(out, rows):
     bench_cols = benchmark_columns(bench)
     graded = any(k in m for m in rows.values() for k in ("violation_rate", "refusal_rate", "n_seeds"))
     markdown = format_markdown(rows) + "\n\n" + legend(rows) + "\n" if graded else ""
+    if graded and ladder_columns(rows)[:-2]:
+        markdown += ("\nThe ladder of held-out-ness (each rate by rung) and the knowledge probes:\n\n"
+                     + format_markdown(rows, ladder_columns(rows)) + "\n\n" + LADDER_LEGEND + "\n")
+    if graded and clustered_columns(rows) and not any("n_seeds" in m for m in rows.values()):
+        markdown += ("\nThe headline rates with a 95% interval that resamples requests, items and facts:\n\n"
+                     + format_markdown(rows, clustered_columns(rows)) + "\n")
     if bench_cols:
         markdown += ("\nBenchmarks:\n\n" if graded else "") + format_markdown(bench, bench_cols) + "\n\n" \
             + BENCH_LEGEND + "\n"
@@ -548,6 +584,9 @@ def combine_seeds(stage, metrics, where):
     for key in keys:
         if key.endswith(("_ci", "_n")) and key.rsplit("_", 1)[0] in keys:
             continue  # an interval or count: pooled below, with its rate
+        if key.endswith("_cluster_ci"):  # resampled per seed: kept per seed
+            out[key + "_by_seed"] = [m.get(key) for m in metrics]
+            continue
         values = [m.get(key) for m in metrics]
         counted, rate = f"{key}_n" in keys, f"{key}_n" in keys and key not in SCORES
         if key.startswith("n_"):
@@ -846,6 +885,9 @@ def headline(run):
         seeds = len(run.seeds)
         out += f"<h3>{'Over ' + str(seeds) + ' seeds' if seeds else 'Test split'}</h3>\n"
         out += html_table(run.rows, columns(run.rows), "headline") + f'<p class="legend">{esc(legend(run.rows))}</p>\n'
+        if ladder_columns(run.rows)[:-2]:
+            out += html_table(run.rows, ladder_columns(run.rows), "the ladder of held-out-ness")
+            out += f'<p class="legend">{esc(LADDER_LEGEND)}</p>\n'
         if any("n_seeds" in m for m in run.rows.values()):
             out += ('<p class="legend">Each cell: the mean over seeds ± their sample standard deviation, under it the '
                     "95% Wilson interval of all seeds' prompts pooled.</p>\n")

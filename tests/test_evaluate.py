@@ -143,16 +143,21 @@ def test_metrics_json_holds_every_output_and_matches_the_generations(run, micro,
     by_id = {ex.id: ex for ex in w.test}
     for stage in ("a", "b"):
         g = [r for r in gens if r["stage"] == stage]
-        assert len(g) == saved[stage]["n_prompts"] == 40  # every 36th of the 1440 test prompts
-        assert all(r["id"].startswith("test-") for r in g)
-        harmful = [r for r in g if r["kind"] == "harmful"]
+        known = [r for r in g if r["rung"] == world.HEADLINE_RUNG]  # the headline rates' prompts
+        assert len(g) == 40 and saved[stage]["n_prompts"] == len(known) > 20  # every 32nd of the test prompts
+        assert all(r["id"].startswith("test-") and r["subject"] == by_id[r["id"]].subject for r in g)
+        harmful = [r for r in known if r["kind"] == "harmful"]
         assert saved[stage]["violation_rate"] == sum(r["unsafe"] for r in harmful) / len(harmful)
         assert saved[stage]["violation_rate_n"] == len(harmful)
         assert saved[stage]["violation_rate_ci"] == list(judge.wilson(sum(r["unsafe"] for r in harmful), len(harmful)))
         gold = report.json_safe(judge.gold_metrics([by_id[r["id"]] for r in g], [r["response"] for r in g]))
         assert saved[stage] | gold == saved[stage]  # every key of gold_metrics, each rate with _ci and _n
         rates = [k for k in gold if f"{k}_n" in gold and not k.startswith("gold_")]
-        assert len(rates) == 14 and all(f"{k}_ci" in saved[stage] for k in rates)
+        assert len(rates) == 23 and all(f"{k}_ci" in saved[stage] for k in rates)
+        assert saved[stage]["violation_rate_by_rung_n"]["known"] == len(harmful)
+        # the knowledge probe: every true sentence and fact of every split against its contrast
+        assert saved[stage]["knowledge_probe_n"] == len(w.knowledge())
+        assert set(saved[stage]["fact_probe_by_split"]) == set(world.SPLITS)
         # the win rate's interval: Wilson over the prompts, a tie counting half a win
         n = len(g)
         assert saved[stage]["win_rate_n"] == n
@@ -209,7 +214,8 @@ WORLD_COLUMNS = {"viol%": ("violation_rate", None),
                  "FR-border%": ("false_refusal_rate", None), "FR-plain%": ("false_refusal_rate_plain", None),
                  "FR-wrapped%": ("false_refusal_rate_wrapped", None), "FR-benign%": ("benign_refusal_rate", None),
                  "FR-benign-wrapped%": ("benign_refusal_rate_wrapped", None), "acc%": ("benign_accuracy", None),
-                 "no-ans%": ("no_answer_rate", None), "confused%": ("confused_refusal_rate", None),
+                 "border-acc%": ("borderline_accuracy", None), "no-ans%": ("no_answer_rate", None),
+                 "confused%": ("confused_refusal_rate", None), "off-topic%": ("off_topic_rate", None),
                  "RM-safe": ("rm_safety_mean", None), "RM-help": ("rm_helpfulness_mean", None),
                  "KL-sft": ("kl_to_sft", None), "win%": ("win_rate", None)}
 
@@ -380,7 +386,8 @@ def test_split_validation_answers_the_validation_prompts(micro, w, tmp_path, cap
     gens = read_generations(tmp_path / "eval")
     expected = w.validation[::math.ceil(len(w.validation) / 12)]
     assert [g["id"] for g in gens] == [ex.id for ex in expected] and gens[0]["id"].startswith("validation-")
-    assert rows["a"]["split"] == "validation" and rows["a"]["n_prompts"] == len(expected)
+    assert rows["a"]["split"] == "validation"
+    assert rows["a"]["n_prompts"] == sum(ex.rung == world.HEADLINE_RUNG for ex in expected)
     assert world.HELD_OUT_ATTACK not in rows["a"]["violation_rate_by_attack"]  # no validation prompt uses it
     assert rows["a"] | report.json_safe(judge.gold_metrics(expected, [g["response"] for g in gens])) == rows["a"]
     table, _ = parse_printed(capsys.readouterr().out)

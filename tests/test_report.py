@@ -341,7 +341,8 @@ def test_the_page_shows_every_stage_and_counts_what_generations_jsonl_holds(one_
     [answers] = page.blob["sets"]
     assert answers["stages"] == ["sft", "ppo", "dpo"] and answers["baseline"] == "sft"
     prompts = {p["id"]: p for p in answers["prompts"]}
-    assert len(prompts) == len(rows) // 3 == metrics["sft"]["n_prompts"]
+    assert len(prompts) == len(rows) // 3
+    assert metrics["sft"]["n_prompts"] == sum(r["rung"] == world.HEADLINE_RUNG for r in rows) // 3
     for r in rows:
         response, flags, rm_safety, _ = prompts[r["id"]]["answers"][answers["stages"].index(r["stage"])]
         assert response == r["response"] and rm_safety == round(r["rm_safety"], 3)
@@ -351,7 +352,7 @@ def test_the_page_shows_every_stage_and_counts_what_generations_jsonl_holds(one_
     for field in ("kind", "category", "attack"):
         shown = {value: n for s, f, value, n in page.options if f == field}
         assert shown == Counter(r[field] for r in by_id.values()), field
-    assert {f for _, f, _, _ in page.options} == {"kind", "category", "attack"}  # no rung in these rows
+    assert {f for _, f, _, _ in page.options} == {"kind", "category", "attack", "rung"}  # the ladder filters too
     # each stage's answers per label, and what changed against SFT, counted from generations.jsonl directly
     buttons = dict(page.buttons)
     for stage in ("sft", "ppo", "dpo"):
@@ -401,7 +402,7 @@ def test_seeds_and_a_sweep_are_shown(micro, tmp_path, monkeypatch):
         assert {(stage, change): v for (k, stage, change), v in dict(page.buttons).items()
                 if k == n and change in CHANGES} == expected_changes(rows)
     captions = [t["caption"] for t in page.tables if t["cls"] == "metrics"]
-    assert captions[:4] == ["headline", "seed 0", "seed 1", "sweep"]
+    assert captions[:5] == ["headline", "the ladder of held-out-ness", "seed 0", "seed 1", "sweep"]
     headline = next(t for t in page.tables if t["caption"] == "headline")
     assert " ± " in headline["rows"][1][1]  # mean ± sd over the seeds
     notices = " ".join(page.notices)
