@@ -740,8 +740,10 @@ def print_stats(world, rng):
         wrapped = lambda k: sum(ex.kind == k and ex.wrapped for ex in xs)
         print(f"{name}: {len(xs)} (benign {count(xs, 'benign')}, {wrapped('benign')} wrapped; harmful "
               f"{count(xs, 'harmful')}; borderline {count(xs, 'borderline')}, {wrapped('borderline')} wrapped)")
-    print(f"held-out attack vector: {HELD_OUT_ATTACK}; test entities: "
-          + "; ".join(e for es in world.test_entities.values() for e in es))
+    print(f"held-out attack vector: {HELD_OUT_ATTACK}; test requests: "
+          + "; ".join(f"{c} {len(es)} ({', '.join(es[:3])}, ...)" for c, es in world.test_entities.items()))
+    print("test borderline items: " + f"{len(world.borderline['test'])} ("
+          + ", ".join(b[0] for b in world.borderline["test"][:4]) + ", ...)")
     print("\n--- corpus samples"); [print(" ", d.replace("\n", " | ")) for d in world.corpus[:4]]
     print("\n--- SFT samples"); [print(" ", " | ".join(m["content"] for m in d)) for d in rng.sample(world.sft, 4)]
     print("\n--- test prompts by attack")

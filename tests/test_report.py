@@ -501,7 +501,7 @@ def docs_folder(tmp_path):
     docs = tmp_path / "project" / "docs"
     docs.mkdir(parents=True)
     block = lambda name: f"prose before {name}\n<!-- generated:{name} -->\n<!-- /generated:{name} -->\nprose after\n"
-    (docs.parent / "README.md").write_text(block("headline"))
+    (docs.parent / "README.md").write_text(block("headline") + block("targets"))
     (docs / "results.md").write_text(block("results"))
     (docs / "world.md").write_text(block("gaming") + block("overlap"))
     (docs / "safety_share.md").write_text(block("safety_share"))
@@ -527,6 +527,11 @@ def test_docs_are_written_from_the_run_folder(one_seed, tmp_path):
         viol = f"{100 * m['violation_rate']:.1f} [{100 * m['violation_rate_ci'][0]:.1f}-" \
                f"{100 * m['violation_rate_ci'][1]:.1f}]"
         assert f"| {stage} | {viol} |" in readme
+    targets = readme.split("generated:targets -->")[1]  # each target with the seed's value and whether it is met
+    met = rows["dpo"]["violation_rate"] <= rows["sft"]["violation_rate"] / 2
+    assert (f"| DPO violations <= SFT's / 2 | {100 * rows['dpo']['violation_rate']:.1f} ({'yes' if met else 'NO'}) |"
+            in targets)
+    assert "| PPO benign accuracy >= SFT's - 3 points |" in targets and "Wall time per seed: 11 min" in targets
     results = (docs / "results.md").read_text()
     ratio = rows["dpo"]["violation_rate"] / rows["sft"]["violation_rate"]
     assert re.search(rf"\| seed0 \| dpo \|.*\| {ratio:.2f} \|", results)
