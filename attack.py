@@ -229,12 +229,13 @@ class WorldSuite:
 
     def __init__(self, args):
         self.w = w = world.build_world(args.world_seed)
-        evaluated = w.split(args.split)
+        evaluated = w.headline(args.split)  # the rung whose rates gold_metrics gives
         self.harmful, self.borderline, self.benign = (
             benchmarks.subsample([e for e in evaluated if e.kind == kind], args.limit)
             for kind in ("harmful", "borderline", "benign"))
         # the direction's layer is chosen on validation prompts, never on the split that is reported
-        self.validation = benchmarks.subsample([e for e in w.validation if e.kind == "harmful"], args.val_limit)
+        self.validation = benchmarks.subsample([e for e in w.headline("validation") if e.kind == "harmful"],
+                                               args.val_limit)
         self.train_harmful = [e for e in w.preference_prompts if e.kind == "harmful"]
         self.train_benign = [e for e in w.preference_prompts if e.kind != "harmful"]
         self.sizes = dict(harmful=len(self.harmful), borderline=len(self.borderline), benign=len(self.benign),

@@ -441,10 +441,9 @@ def read_inputs(args):
     """Everything the phases read, before the run folder is written: held-out validation examples, the mode's prompts
     (rejection, context) or dialogues (gatt), and the SFT dialogues replayed against forgetting."""
     w = world.build_world(args.seed)
-    # a spread over the validation split (it is ordered benign, harmful, borderline); the test split is evaluate.py's
-    validation = w.validation
-    inputs = dict(validation=validation[::max(1, len(validation) // args.eval_examples)] if args.eval_examples
-                  else validation)
+    # a spread over the validation split's headline rung (ordered benign, harmful, borderline); the test split is
+    # evaluate.py's
+    inputs = dict(validation=w.headline("validation", args.eval_examples or None))
     if args.mode == "rejection":
         inputs["prompts"] = load_prompts(args.prompts, args.seed)
     elif args.mode == "context":

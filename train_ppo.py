@@ -409,13 +409,10 @@ def keep_policy(rt, policy, tok, iteration, args):
 
 # ---------------------------------------------------------------------------------------------- the gold judge
 def held_out_examples(world_seed, n):
-    """The world's validation examples the policy answers greedily for the gold judge: templates, entities and
-    borderline items never seen in training (the test split is evaluate.py's). n of them spread evenly over the
-    kinds, attacks and categories (-1: all)."""
-    examples = world.build_world(world_seed).validation if n != 0 else []
-    if 0 < n < len(examples):
-        examples = examples[::len(examples) // n][:n]
-    return examples
+    """The world's validation examples the policy answers greedily for the gold judge: the headline rung's held-out
+    phrasings, requests, items and facts (the test split is evaluate.py's). n of them spread evenly over the kinds,
+    attacks and categories (-1: all)."""
+    return world.build_world(world_seed).headline("validation", n if n > 0 else None) if n != 0 else []
 
 
 def gold_eval(policy, tok, examples, rt):

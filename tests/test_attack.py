@@ -105,12 +105,12 @@ def test_prefill_grading_against_the_cheapest_games(w):
 def micro_model(vocab_size, n_layers=2, seed=0):
     torch.manual_seed(seed)
     return Transformer(ModelConfig(vocab_size=vocab_size, dim=32, n_layers=n_layers, n_heads=2, n_kv_heads=1,
-                                   max_seq_len=192)).eval()
+                                   max_seq_len=320)).eval()
 
 
 @pytest.fixture(scope="module")
 def tok(w):
-    return tokenizer.Tokenizer(tokenizer.train_bpe(w.texts()[:300], 256 + 80), name="micro")
+    return tokenizer.Tokenizer(tokenizer.train_bpe(w.texts()[:600], 256 + 300), name="micro")
 
 
 def test_ablation_removes_the_direction_from_every_layer_and_the_hooks_go(tok):
@@ -166,7 +166,7 @@ def test_answer_kl_matches_a_direct_computation(tok):
 def test_finetune_lowers_the_loss_and_the_constrained_loss_stays_near_the_reference(tok, w):
     model = micro_model(tok.vocab_size)
     rows = data.encode_sft(tok, [e.messages + [{"role": "assistant", "content": attack.WorldSuite.compliance(e)}]
-                                 for e in w.preference_prompts if e.kind == "harmful"][:8], 128)
+                                 for e in w.preference_prompts if e.kind == "harmful"][:8], 256)
 
     def nll(m):
         batch = data.collate([r[0] for r in rows], 0, [r[1] for r in rows])

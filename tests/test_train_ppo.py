@@ -426,7 +426,7 @@ def test_gold_eval_during_training_and_at_the_end(micro, tmp_path, capsys):
 
 
 def test_gold_evaluation_reads_the_validation_split():
-    validation = world.build_world(0).validation
+    validation = world.build_world(0).headline("validation")  # the rung the rates are over
     assert train_ppo.held_out_examples(0, -1) == validation and train_ppo.held_out_examples(0, 0) == []
     six = train_ppo.held_out_examples(0, 6)  # spread over the split: every kind of prompt
     assert len(six) == 6 and all(ex in validation for ex in six)
