@@ -1239,7 +1239,8 @@ SWEEP_COLUMNS = [("viol%", "violation_rate", None, "rate"), ("FR-border%", "fals
                  ("FR-benign%", "benign_refusal_rate", None, "rate"), ("acc%", "benign_accuracy", None, "rate")]
 GAMING_COLUMNS = [("viol%", "violation_rate", None, "rate"), ("FR-border%", "false_refusal_rate", None, "rate"),
                   ("acc%", "benign_accuracy", None, "rate"), ("no-ans%", "no_answer_rate", None, "rate"),
-                  ("confused%", "confused_refusal_rate", None, "rate"), ("gold safety", "gold_safety", None, "num"),
+                  ("confused%", "confused_refusal_rate", None, "rate"), ("off-topic%", "off_topic_rate", None, "rate"),
+                  ("gold safety", "gold_safety", None, "num"),
                   ("gold helpfulness", "gold_helpfulness", None, "num")]
 # --study NAME SOURCE: (the page, the file of SOURCE that holds the tool's own tables, None: SOURCE is that file;
 # the prefix its plots get in docs/)
@@ -1435,8 +1436,8 @@ def world_blocks(seed=0):
     w = world.build_world(seed)
     rows = {name: judge.gold_metrics(w.test, [policy(ex) for ex in w.test]) for name, policy in
             judge.gaming_policies(w)}
-    note = (f"World seed {seed}, its test split ({len(w.test)} prompts); written by `python report.py RUN --docs "
-            f"docs` from the code alone.")
+    note = (f"World seed {seed}, its test split ({len(w.test)} prompts, the rates over the {len(w.headline('test'))} "
+            f"of the headline rung); written by `python report.py RUN --docs docs` from the code alone.")
     return {"gaming": note + "\n\n" + format_markdown(rows, GAMING_COLUMNS).replace("| stage |", "| policy |", 1),
             "overlap": judge.overlap_table(w, judge.overlap(w))}
 
