@@ -127,6 +127,30 @@ def test_ppo_two_processes_match_one_process(chat, tmp_path):
         load_checkpoint(os.path.join(one, "model.pt"))["beta"], rel=1e-5)
 
 
+def test_a_fresh_run_reproduces_a_run_exactly(chat, tmp_path):
+    """What the README's seed row rests on: on one machine and thread count, a stage run twice from nothing, each in
+    a fresh interpreter, writes the same log and the same weights, and evaluate.py, run twice on the result, the same
+    metrics.json byte for byte. PPO is the stage that samples (every response from its own seeded generator)."""
+    micro = micro_models(tmp_path)
+    argv = ["train_ppo.py", "--init", chat["policy"], "--value-init", "policy", "--rm-safety", micro["rm"],
+            "--rm-helpful", micro["rm"], "--prompts", micro["prompts"], "--iterations", "2", "--batch-size", "8",
+            "--minibatch-size", "4", "--max-new-tokens", "16", "--lr", "3e-3", "--value-lr", "3e-3",
+            "--eval-prompts", "0", "--device", "cpu"]
+    runs = [str(tmp_path / name) for name in ("first", "second")]
+    for out in runs:
+        run_script([*argv, "--out", out])
+    logs = [open(os.path.join(out, "metrics.jsonl")).read() for out in runs]
+    assert logs[0] == logs[1] and logs[0].count("\n") == 2
+    assert_same_weights(weights(runs[0]), weights(runs[1]))
+    evaluations = []
+    for k, out in enumerate(runs * 2):
+        folder = str(tmp_path / f"eval{k}")
+        run_script(["evaluate.py", "--checkpoints", f"sft={chat['policy']}", f"ppo={out}/model.pt", "--limit", "24",
+                    "--max-new-tokens", "16", "--no-plots", "--out", folder])
+        evaluations.append(open(os.path.join(folder, "metrics.json"), "rb").read())
+    assert len(set(evaluations)) == 1 and b'"violation_rate"' in evaluations[0]
+
+
 # ---------------------------------------------------------------------------------------------- distillation
 @pytest.fixture(scope="module")
 def chat(tmp_path_factory):
