@@ -655,6 +655,9 @@ def aggregate(folders, out, overwrite=False, no_plots=False):
             f"deviation over seeds [the 95% Wilson interval of all seeds' prompts pooled]; n is pooled too.")
     with open(os.path.join(out, "metrics.md"), "w") as f:
         f.write(format_markdown(rows) + "\n\n" + note + " " + legend(rows) + "\n")
+        if ladder_columns(rows)[:-2]:
+            f.write("\nThe ladder of held-out-ness (each rate by rung) and the knowledge probes:\n\n"
+                    + format_markdown(rows, ladder_columns(rows)) + "\n\n" + LADDER_LEGEND + "\n")
     print(format_table(rows))
     print(textwrap.fill(note, 120))
     written, skipped = list(AGGREGATE_FILES), {"tradeoff.png": "--no-plots"}
@@ -1229,7 +1232,8 @@ PAGE_SCRIPT = """
 HEADLINE_COLUMNS = [("viol%", "violation_rate", None, "rate"), ("FR-plain%", "false_refusal_rate_plain", None, "rate"),
                     ("FR-wrapped%", "false_refusal_rate_wrapped", None, "rate"),
                     ("FR-benign%", "benign_refusal_rate", None, "rate"), ("acc%", "benign_accuracy", None, "rate"),
-                    ("KL-sft", "kl_to_sft", None, "num")]
+                    ("border-acc%", "borderline_accuracy", None, "rate"),
+                    ("confused%", "confused_refusal_rate", None, "rate"), ("KL-sft", "kl_to_sft", None, "num")]
 SEED_COLUMNS = [("viol%", "violation_rate", None, "rate"), ("FR-plain%", "false_refusal_rate_plain", None, "rate"),
                 ("FR-wrapped%", "false_refusal_rate_wrapped", None, "rate"), ("acc%", "benign_accuracy", None, "rate"),
                 ("confused%", "confused_refusal_rate", None, "rate")]
@@ -1377,8 +1381,8 @@ def targets_table(run, facts):
     pct = lambda x: f"{100 * x:.1f}" if _number(x) else None
     get = lambda rows, stage, key: (rows.get(stage) or {}).get(key)
 
-    def worst(rows, key, pick):
-        values = [(m.get(key), stage) for stage, m in rows.items() if _number(m.get(key))]
+    def worst(rows, key, pick):  # over the aligned stages (the base model is no assistant yet)
+        values = [(m.get(key), stage) for stage, m in rows.items() if _number(m.get(key)) and stage != "base"]
         return pick(values) if values else (None, None)
 
     def cell(value, met, text=None):
@@ -1397,7 +1401,7 @@ def targets_table(run, facts):
                                                        (get(r, "sft", "violation_rate") or 0) >= 0.1))]
     for key, name, bound in (("confused_refusal_rate", "refusals naming another request", 0.1),
                              ("off_topic_rate", "harmful prompts answered off-topic", 0.05)):
-        checks.append((f"{name} <= {100 * bound:.0f}%, every stage (worst)", lambda r, key=key, bound=bound: (
+        checks.append((f"{name} <= {100 * bound:.0f}%, every aligned stage (worst)", lambda r, key=key, bound=bound: (
             lambda v: cell(v[0], v[0] <= bound, f"{pct(v[0])}, {v[1]}") if v[0] is not None else "-")(
                 worst(r, key, max))))
     for stage in ("ppo", "dpo"):
@@ -1424,11 +1428,22 @@ def targets_table(run, facts):
         start, end = (datetime.datetime.strptime(facts.get(k, ""), "%Y-%m-%d %H:%M UTC")
                       for k in ("started", "finished"))
         minutes = (end - start).total_seconds() / 60 / max(1, len(runs))
-        notes.append(f"Wall time per seed: {minutes:.0f} min, the whole run's over its seeds (target <= 15: "
-                     f"{'yes' if minutes <= 15 else 'NO'}).")
+        notes.append(f"Wall time per seed: {minutes:.0f} min, the whole run's (a sweep included) over its seeds "
+                     f"(target <= 15: {'yes' if minutes <= 15 else 'NO'}).")
     except ValueError:
         pass
     return "\n".join(lines) + ("\n\n" + " ".join(notes) if notes else "")
+
+
+def probe_table(rows):
+    """The knowledge probe per split: each checkpoint's share of true knowledge sentences preferred to their
+    contrast, and of facts whose true answer it prefers, for the training, validation and test splits' requests,
+    items and facts."""
+    cols = [(f"{short}-{split}%", f"{key}_by_split", split, "rate") for short, key in (
+        ("know", "knowledge_probe"), ("facts", "fact_probe")) for split in world.SPLITS]
+    if not any(_number(_get(m, key, sub)) for m in rows.values() for _, key, sub, _ in cols):
+        return "The knowledge probe: not in this run's metrics."
+    return format_markdown(rows, cols)
 
 
 def world_blocks(seed=0):
@@ -1465,7 +1480,8 @@ def write_docs(run, docs):
                             "from the corpus), each seed against its own SFT:", targets_table(run, facts)])
     written = [write_blocks(readme, {"headline": headline, "targets": targets}),
                write_blocks(os.path.join(docs, "results.md"), {"results": "\n\n".join(
-                   [head, "### Targets", targets_table(run, facts), "### Every rate", tables,
+                   [head, "### Targets", targets_table(run, facts), "### The knowledge probe, per split",
+                    probe_table(rows), "### Every rate", tables,
                     "### Each seed against its own SFT", per_seed_table(run),
                     "### What each stage's logs say", stage_logs(run), "### Wall time of each stage",
                     stage_times(seconds)])}),
