@@ -192,7 +192,7 @@ def test_prompt_file_rows_become_examples(tmp_path):
 
 
 def test_evaluation_reads_the_validation_split(micro, tmp_path):
-    validation = world.build_world(0).validation
+    validation = world.build_world(0).headline("validation")  # the rung the rates are over
     examples = distill.read_inputs(micro_args(micro, tmp_path, "rejection"))["validation"]
     assert len(examples) == 12 and all(ex in validation for ex in examples)  # --eval-examples 12, spread out
     assert {ex.kind for ex in examples} == {"benign", "harmful", "borderline"}
