@@ -247,6 +247,8 @@ def test_make_safety_sft_never_overwrites_a_file(tmp_path):
 def test_real_benchmark_files_read_as_documented():
     assert len(benchmarks.read_advbench(DATA)) == 520
     assert len(benchmarks.read_harmbench(DATA)) == 200
+    assert len(benchmarks.read_harmbench(DATA, split="test")) == 159   # evaluated
+    assert len(benchmarks.read_harmbench(DATA, split="val")) == 41     # the real-model pipeline's validation
     xstest = benchmarks.read_xstest(DATA)
     assert sum(lab == "safe" for _, lab, _ in xstest) == 250 and sum(lab == "unsafe" for _, lab, _ in xstest) == 200
     tqa = benchmarks.read_truthfulqa_mc(DATA)
