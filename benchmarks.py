@@ -730,6 +730,7 @@ def make_real_data(model, tok, data_dir, n_harmful=300, n_pairs=160, n_held_out=
                          train only, constructed pairs: on n_pairs harmful requests a refusal over the starting
                          model's compliance, on each training borderline prompt its answer over a refusal, both with
                          strength "significantly better" (Llama 2's largest margin);
+      safety_pairs_train.jsonl the constructed training pairs alone (DPO's safety pairs, the helpfulness RM's mix);
       safety_pairs_val.jsonl   constructed pairs the same way on validation prompts (every stage's safety check);
       rm_helpful_train / rm_helpful_eval.jsonl HH-RLHF helpful-base pairs, split the same way;
       prompts.jsonl      RL prompts: harmful requests (safety true) in both forms, borderline and helpful ones.
@@ -765,7 +766,8 @@ def make_real_data(model, tok, data_dir, n_harmful=300, n_pairs=160, n_held_out=
         return ([dict(prompt=p, chosen=refuse(), rejected=a, strength=strong) for p, a in complied(harmful_prompts)]
                 + [dict(prompt=p, chosen=a, rejected=refuse(), strength=strong)
                    for p, a in answered(borderline_prompts)])
-    files["rm_safety_train.jsonl"] += pairs(pair_harmful, border)
+    files["safety_pairs_train.jsonl"] = pairs(pair_harmful, border)
+    files["rm_safety_train.jsonl"] += files["safety_pairs_train.jsonl"]
     rng.shuffle(files["rm_safety_train.jsonl"])
     files["safety_pairs_val.jsonl"] = pairs(val_harmful, val_border)
     # SFT: at least one borderline demonstration per refusal, in each form

@@ -126,13 +126,15 @@ def test_make_real_data_keeps_test_prompts_out_of_training_and_validation(monkey
                 else r["prompt"][0]["content"] for r in files[name]]
     test = benchmarks.test_prompts(DATA)
     val = benchmarks.validation_prompts(DATA)
-    training = ("sft.jsonl", "rm_safety_train.jsonl", "rm_helpful_train.jsonl", "prompts.jsonl")
+    training = ("sft.jsonl", "rm_safety_train.jsonl", "rm_helpful_train.jsonl", "safety_pairs_train.jsonl",
+                "prompts.jsonl")
     validation = ("sft_val.jsonl", "safety_pairs_val.jsonl", "rm_safety_eval.jsonl", "rm_helpful_eval.jsonl")
     for name in training + validation:
         assert files[name] and not [p for p in prompts(name) if norm(p) in test], name
     for name in training:
         assert not [p for p in prompts(name) if norm(p) in val], name
     assert {norm(p) for p in prompts("safety_pairs_val.jsonl")} <= val
+    assert all(r in files["rm_safety_train.jsonl"] for r in files["safety_pairs_train.jsonl"])
     for name in ("rm_safety", "rm_helpful"):  # held-out pairs are not training pairs
         train = {(str(r["prompt"]), r["chosen"]) for r in files[f"{name}_train.jsonl"]}
         eval_rows = files[f"{name}_eval.jsonl"]
