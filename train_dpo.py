@@ -34,7 +34,10 @@ Chosen and rejected answers go through the model in one forward pass, concatenat
 Logged: loss, the implicit rewards beta log(pi/pi_ref) of chosen and rejected (SimPO: beta times the mean
 log-prob), their margin, preference accuracy (margin > 0), and at eval time the held-out loss and accuracy and
 a sampled estimate of KL(pi || pi_ref) (responses drawn from the policy at temperature 1 for held-out prompts).
-The world's held-out pairs are noise-free pairs on its validation prompts; the test split is evaluate.py's.
+The world's held-out pairs are noise-free pairs on its validation prompts; the test split is evaluate.py's. With
+files, every 20th pair is held out, or --val-data and --safety-val-data name held-out files; the held-out loss and
+accuracy are also reported for the safety pairs alone (val_loss_safety, val_accuracy_safety), which
+--max-safety-val-loss and --min-safety-val-accuracy check after training.
 
 Tiny CPU run (minutes):
     python train_dpo.py --preset tiny --init out/sft/model.pt --out out/dpo

@@ -38,7 +38,9 @@ preference data therefore holds the compliances the SFT model actually samples (
 annotators rated samples of its own models (section 3.2.1).
 
 Training-time evaluation (--eval-prompts, --eval-every): the gold judge on greedy answers to the world's validation
-prompts, the split every tuning choice reads; the test split is evaluate.py's alone.
+prompts, the split every tuning choice reads; the test split is evaluate.py's alone. --kl-range and --min-score-rise
+check after training that the run moved: its last KL inside a declared range, its mean R_c risen from the first
+quarter of the iterations to the last.
 
 Tiny CPU run (minutes), after train_sft.py and train_rm.py:
     python train_ppo.py --preset tiny --init out/sft/model.pt --rm-safety out/rm_safety/model.pt \\

@@ -30,6 +30,10 @@ borderline items no training source holds); the test split, with its held-out at
 Deviation from the paper: Llama 2 trains the RM for one epoch, since more overfits; the world's preference set
 is small, so the tiny preset takes a few passes over it.
 
+The scalar head starts from a fresh initialisation while the trunk is already trained: --head-lr gives it its own
+learning rate on the same schedule. --safety-eval-data adds the accuracy on held-out constructed safety pairs
+(safety_pairs_accuracy), which --min-safety-pairs-accuracy checks after training.
+
 The later stages score with reward.py (load_reward_model, score, the Llama 2 gate), which encodes a
 (prompt, response) pair exactly as this script trains on it (reward.encode_scored).
 

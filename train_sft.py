@@ -8,7 +8,8 @@
     --safety-share keeps that share of the world's safety demonstrations (answers to harmful prompts), every
     other demonstration kept: the safety data scaling of section 4.2.3 (pipeline.sh --sweep runs it).
 Held-out loss: every 20th corpus document (base); the world's validation prompts with their gold responses (sft,
-also the source of the printed samples). The test split is evaluate.py's alone.
+also the source of the printed samples); with --data FILE, every 20th dialogue or the --val-data file, where
+--min-val-drop checks that the loss fell from the starting model's. The test split is evaluate.py's alone.
 Both losses are model.next_token_loss: the loss mask is all ones for the base stage, the answer tokens for SFT.
 --chunked-loss computes the same loss block by block without the whole logits (model.chunked_nll): a faster step.
 
