@@ -15,9 +15,9 @@
 #   --out DIR      OUT=DIR       run folder (default out); a relative path is taken from the folder you run this in
 #   --preset NAME  PRESET=NAME   tiny (default), small or 1b: every script's --preset; or smollm2: the real-model
 #                                pipeline below
-#   --scale NAME   SCALE=NAME    smollm2 only: cpu (default; 92 min measured on 2 cores), gpu (bf16 on one CUDA
-#                                GPU, sized for 15 minutes on an H100, not yet run) or micro (a few steps of each
-#                                stage: a check of the wiring)
+#   --scale NAME   SCALE=NAME    smollm2 only: cpu (default; 2 cores, 92 min with earlier, smaller schedules), gpu
+#                                (bf16 on one CUDA GPU, sized for 15 minutes on an H100, not yet run) or micro (a few
+#                                steps of each stage: a check of the wiring)
 #   --data DIR     DATA=DIR      smollm2 only: the real data folder (default ../shared/data; see the README)
 #   --jobs N       JOBS=N        stages run side by side after SFT and in the sweep (default 2 with 2 or more
 #                                cores, else 1)
@@ -409,22 +409,29 @@ write_report() {  # the run in one page, OUT/report.html, once there is an evalu
 # ---------------------------------------------------------------------------------------------- the real model
 SMOLLM2=.gl/SmolLM2-135M-Instruct.Q4_1.gguf
 
-real_sizes() {  # each stage's sizes at SCALE. cpu: 92 minutes on 2 cores, most blocks frozen (--freeze-layers),
-  # sequences of 256 tokens; gpu: bf16 on one CUDA GPU, every block trained, sequences of 512; micro: a few steps
-  # of everything, to check the wiring
+real_sizes() {  # each stage's sizes at SCALE. cpu: 2 cores (92 min with earlier schedules), most blocks frozen
+  # (--freeze-layers), sequences of 256 tokens; gpu: bf16 on one CUDA GPU, every block trained, sequences of 512;
+  # micro: a few steps of everything, to check the wiring
   local common
   case $SCALE in
     cpu) common=(--freeze-layers 20)
-      MAKE_DATA=(--max-tokens 256 --n-harmful 300 --n-held-out 400)
-      SFT=(--steps 150 --batch-size 8 --lr 2e-5 --max-seq-len 256 "${common[@]}")
-      RM=(--steps 120 --batch-size 8 --lr 2e-5 --eval-every 120 --eval-batch-size 16 "${common[@]}")
-      PPO=(--iterations 20 --batch-size 8 --minibatch-size 8 --ppo-epochs 1 --max-new-tokens 48 --lr 5e-6
-           --value-lr 2e-5 --beta 0.05 --eval-prompts 0 "${common[@]}")
-      DPO=(--steps 40 --batch-size 8 --lr 5e-6 --eval-every 40 --val-pairs 64 --ref-on-the-fly "${common[@]}")
+      MAKE_DATA=(--max-tokens 256 --n-harmful 300 --n-held-out 400 --answer-tokens 128)
+      # SFT: a short warm-up (10 of 150 steps), not the tiny world's 50
+      SFT=(--steps 150 --batch-size 8 --lr 2e-5 --warmup 10 --max-seq-len 256 "${common[@]}")
+      # RM: the fresh scalar head at its own rate (the trunk's 2e-5 leaves a zero-initialised head near zero)
+      RM=(--steps 120 --batch-size 8 --lr 2e-5 --head-lr 1e-3 --warmup 6 --eval-every 120 --eval-batch-size 16
+          "${common[@]}")
+      # PPO: 96 tokens hold a refusal and its end token; lambda 1 carries the final score to the first tokens
+      PPO=(--iterations 20 --batch-size 8 --minibatch-size 8 --ppo-epochs 1 --max-new-tokens 96 --lr 2e-5
+           --value-lr 1e-4 --beta 0.05 --gamma 1.0 --lam 1.0 --eval-prompts 0 "${common[@]}")
+      # DPO: half of its pairs constructed safety pairs, a larger rate and beta than the tiny world's
+      DPO=(--steps 60 --batch-size 8 --lr 5e-5 --warmup 4 --beta 0.2 --safety-fraction 0.5 --eval-every 60
+           --val-pairs 64 --ref-on-the-fly "${common[@]}")
       RS=(--n-prompts 64 --k 4 --iterations 1 --steps 16 --batch-size 8 --lr 1e-5 --max-new-tokens 128
           "${common[@]}")
       CD=(--n-prompts 96 --steps 30 --batch-size 8 --lr 1e-5 --max-new-tokens 128 "${common[@]}")
-      EVAL=(--benchmark-limit 100 --bold-limit 8 --bold-domains gender race religious_ideology --batch-size 16) ;;
+      EVAL=(--benchmark-limit 100 --bold-limit 8 --bold-domains gender race religious_ideology --batch-size 16)
+      CHECKS=1 ;;
     gpu) common=(--device cuda)
       MAKE_DATA=(--max-tokens 512 --n-harmful 400 --n-held-out 500 --device cuda)
       SFT=(--steps 400 --batch-size 32 --lr 1e-5 --max-seq-len 512 "${common[@]}")
@@ -435,8 +442,9 @@ real_sizes() {  # each stage's sizes at SCALE. cpu: 92 minutes on 2 cores, most 
       RS=(--n-prompts 256 --k 8 --iterations 1 --steps 20 --batch-size 32 --lr 1e-5 --max-new-tokens 256
           "${common[@]}")
       CD=(--n-prompts 300 --steps 100 --batch-size 32 --lr 1e-5 --max-new-tokens 256 "${common[@]}")
-      EVAL=(--batch-size 64 --device cuda) ;;
-    micro) common=(--freeze-layers 28)
+      EVAL=(--batch-size 64 --device cuda)
+      CHECKS=1 ;;
+    micro) common=(--freeze-layers 28) CHECKS=0  # a few steps move nothing measurable: the checks are off
       MAKE_DATA=(--max-tokens 128 --n-harmful 16 --n-held-out 16)
       SFT=(--steps 2 --batch-size 2 --lr 2e-5 --max-seq-len 128 "${common[@]}")
       RM=(--steps 2 --batch-size 2 --lr 2e-5 --max-train-pairs 8 --max-eval-pairs 8 "${common[@]}")
@@ -447,6 +455,15 @@ real_sizes() {  # each stage's sizes at SCALE. cpu: 92 minutes on 2 cores, most 
       CD=(--n-prompts 8 --steps 1 --batch-size 2 --max-new-tokens 256 --no-targeted "${common[@]}")
       EVAL=(--benchmark-limit 4 --bold-limit 2 --bold-domains gender --batch-size 4 --max-new-tokens 8) ;;
   esac
+  # Each stage's own check that it moved, on validation (failing with one line when not)
+  if [[ $CHECKS == 1 ]]; then
+    SFT_CHECK=(--min-val-drop 0.1)
+    RM_CHECK=(--min-safety-pairs-accuracy 0.9)
+    PPO_CHECK=(--kl-range 0.02 20 --min-score-rise 0.01)
+    DPO_CHECK=(--max-safety-val-loss 0.4 --min-safety-val-accuracy 0.8)
+  else
+    SFT_CHECK=() RM_CHECK=() PPO_CHECK=() DPO_CHECK=()
+  fi
 }
 
 real_pipeline() {  # PRESET=smollm2: every stage from SmolLM2-135M-Instruct on the real data in DATA, into RUN
@@ -456,8 +473,8 @@ real_pipeline() {  # PRESET=smollm2: every stage from SmolLM2-135M-Instruct on t
     echo "== fetching $SMOLLM2"
     $PYTHON loaders.py --fetch-smollm2
   fi
-  # 0. Training files: the SFT mix, HH-RLHF pairs split into train and held-out parts, constructed safety pairs,
-  #    RL prompts; never an evaluation prompt (benchmarks.py's section "real-model training data")
+  # 0. Training and validation files: the SFT mix, HH-RLHF pairs split into train and held-out parts, constructed
+  #    safety pairs, RL prompts; never a test prompt (benchmarks.py's section "real-model training data")
   if [[ ! -f $d/sources.json ]]; then
     OMP_NUM_THREADS=$ALONE_THREADS $PYTHON benchmarks.py --make-real-data "$DATA" --checkpoint "$SMOLLM2" \
       "${MAKE_DATA[@]}" --out "$d" --overwrite
@@ -467,22 +484,26 @@ real_pipeline() {  # PRESET=smollm2: every stage from SmolLM2-135M-Instruct on t
 
   # 1-2. Safety SFT on the balanced mix: refusals, helpful replies, and answers to requests that only sound unsafe
   OMP_NUM_THREADS=$ALONE_THREADS stage sft $PYTHON train_sft.py --stage sft --init "$SMOLLM2" \
-    --data "$d/sft.jsonl" "${SFT[@]}" --out "$RUN/sft"
+    --data "$d/sft.jsonl" --val-data "$d/sft_val.jsonl" "${SFT[@]}" "${SFT_CHECK[@]}" --out "$RUN/sft"
 
-  # 3. Reward models on HH-RLHF (harmless-base for safety, with the constructed pairs; helpful-base), held-out
-  #    accuracy on each file's held-out part
+  # 3. Reward models on HH-RLHF (harmless-base for safety, with the constructed pairs; helpful-base with 10% of the
+  #    constructed pairs), held-out accuracy on each file's held-out part and on held-out constructed safety pairs
   side_by_side rm_safety $PYTHON train_rm.py --objective safety --init "$RUN/sft/model.pt" \
     --data "$d/rm_safety_train.jsonl" --mix-data "$d/rm_helpful_train.jsonl" --eval-data "$d/rm_safety_eval.jsonl" \
-    "${RM[@]}" --out "$RUN/rm_safety"
+    --safety-eval-data "$d/safety_pairs_val.jsonl" "${RM[@]}" "${RM_CHECK[@]}" --out "$RUN/rm_safety"
   side_by_side rm_helpful $PYTHON train_rm.py --objective helpfulness --init "$RUN/sft/model.pt" \
-    --data "$d/rm_helpful_train.jsonl" --eval-data "$d/rm_helpful_eval.jsonl" "${RM[@]}" --out "$RUN/rm_helpful"
+    --data "$d/rm_helpful_train.jsonl" --mix-data "$d/safety_pairs_train.jsonl" --eval-data "$d/rm_helpful_eval.jsonl" \
+    --safety-eval-data "$d/safety_pairs_val.jsonl" "${RM[@]}" "${RM_CHECK[@]}" --out "$RUN/rm_helpful"
   join
 
-  # 4-7. PPO with the Llama 2 gate, DPO on the same pairs, rejection sampling, safety context distillation
+  # 4-7. PPO with the Llama 2 gate, DPO (constructed safety pairs beside helpful-base; held out: validation pairs of
+  #    both), rejection sampling, safety context distillation
   side_by_side ppo $PYTHON train_ppo.py --init "$RUN/sft/model.pt" --rm-safety "$RUN/rm_safety/model.pt" \
-    --rm-helpful "$RUN/rm_helpful/model.pt" --prompts "$d/prompts.jsonl" "${PPO[@]}" --out "$RUN/ppo"
+    --rm-helpful "$RUN/rm_helpful/model.pt" --prompts "$d/prompts.jsonl" "${PPO[@]}" "${PPO_CHECK[@]}" \
+    --out "$RUN/ppo"
   side_by_side dpo $PYTHON train_dpo.py --init "$RUN/sft/model.pt" --data "$d/rm_helpful_train.jsonl" \
-    --safety-data "$d/rm_safety_train.jsonl" "${DPO[@]}" --out "$RUN/dpo"
+    --safety-data "$d/safety_pairs_train.jsonl" --val-data "$d/rm_helpful_eval.jsonl" \
+    --safety-val-data "$d/safety_pairs_val.jsonl" "${DPO[@]}" "${DPO_CHECK[@]}" --out "$RUN/dpo"
   side_by_side rs $PYTHON distill.py --mode rejection --init "$RUN/sft/model.pt" --prompts "$d/prompts.jsonl" \
     --rm-safety "$RUN/rm_safety/model.pt" --rm-helpful "$RUN/rm_helpful/model.pt" --no-eval "${RS[@]}" \
     --out "$RUN/rs"

@@ -331,9 +331,10 @@ FILE_LEGEND = ("refused: refusals of all prompts; refused-KIND of the prompts of
                "of the file. acc: correct answers of the prompts with a gold answer. no-ans: empty or degenerate "
                "answers, of all prompts. confused: refusals of harmful prompts that name another request and never "
                "this one, of all refusals of harmful prompts.")
-BENCH_LEGEND = ("Benchmarks (benchmarks.py): advbench_refusal and harmbench_refusal: GCG's refusal phrases found in "
-                "the answer to a harmful request (an empty answer is no refusal); xstest_false_refusal: XSTest's "
-                "refusal prefixes on its safe prompts, xstest_unsafe_refusal on its unsafe ones; truthfulqa_mc1 and "
+BENCH_LEGEND = ("Benchmarks (benchmarks.py): advbench_refusal and harmbench_refusal: refusals of harmful requests "
+                "by the project's refusal detector (an empty answer is no refusal); xstest_false_refusal: refusals of "
+                "XSTest's safe prompts, xstest_unsafe_refusal of its unsafe ones; NAME_strmatch_*: the same by the "
+                "published string match (GCG's phrases, XSTest's prefixes); truthfulqa_mc1 and "
                 "mc2 by log-likelihood; each in percent with its 95% interval (Wilson; MC2 a mean's normal "
                 "interval). DOMAIN:GROUP: BOLD's mean VADER compound sentiment, in [-1, 1], of the model's "
                 "continuations of that group's prompts, with the normal 95% interval of the mean. n: the items "

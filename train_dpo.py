@@ -34,7 +34,10 @@ Chosen and rejected answers go through the model in one forward pass, concatenat
 Logged: loss, the implicit rewards beta log(pi/pi_ref) of chosen and rejected (SimPO: beta times the mean
 log-prob), their margin, preference accuracy (margin > 0), and at eval time the held-out loss and accuracy and
 a sampled estimate of KL(pi || pi_ref) (responses drawn from the policy at temperature 1 for held-out prompts).
-The world's held-out pairs are noise-free pairs on its validation prompts; the test split is evaluate.py's.
+The world's held-out pairs are noise-free pairs on its validation prompts; the test split is evaluate.py's. With
+files, every 20th pair is held out, or --val-data and --safety-val-data name held-out files; the held-out loss and
+accuracy are also reported for the safety pairs alone (val_loss_safety, val_accuracy_safety), which
+--max-safety-val-loss and --min-safety-val-accuracy check after training.
 
 Tiny CPU run (minutes):
     python train_dpo.py --preset tiny --init out/sft/model.pt --out out/dpo
@@ -46,6 +49,7 @@ Data parallel:
 """
 import math
 import os
+import random
 import warnings
 from dataclasses import dataclass
 
@@ -154,12 +158,25 @@ def load_pairs(args, tok, max_len):
     else:
         # the gate on files: the --safety-data files hold the safety prompts, labelled for safety (HH-RLHF
         # harmless-base, PKU-SafeRLHF's safer response); the --data files the rest, labelled for helpfulness
-        pairs = ([dict(p, safety=False) for path in args.data
-                  for p in data.read_preferences(path, "helpfulness", args.format)]
-                 + [dict(p, safety=True) for path in args.safety_data
-                    for p in data.read_preferences(path, "safety", args.format)])
-        val, train = pairs[::20][:args.val_pairs], [p for i, p in enumerate(pairs) if i % 20]
+        other, safety = read_gated(args.data, args.safety_data, args.format)
+        if args.safety_fraction is not None and safety:
+            n_other = round(len(safety) * (1 - args.safety_fraction) / max(args.safety_fraction, 1e-9))
+            other = random.Random(args.seed).sample(other, min(n_other, len(other)))
+        pairs = other + safety
+        if args.val_data or args.safety_val_data:
+            val_other, val_safety = read_gated(args.val_data, args.safety_val_data, args.format)
+            val = [p for group in (val_other, val_safety)
+                   for p in group[::max(1, math.ceil(len(group) / args.val_pairs))]]
+            train = pairs
+        else:
+            val, train = pairs[::20][:args.val_pairs], [p for i, p in enumerate(pairs) if i % 20]
     return encode(tok, train, max_len), encode(tok, val, max_len)
+
+
+def read_gated(paths, safety_paths, fmt):
+    """(pairs of paths labelled for helpfulness, pairs of safety_paths labelled for safety), each with its flag."""
+    return ([dict(p, safety=False) for path in paths for p in data.read_preferences(path, "helpfulness", fmt)],
+            [dict(p, safety=True) for path in safety_paths for p in data.read_preferences(path, "safety", fmt)])
 
 
 def encode(tok, pairs, max_len):
@@ -236,19 +253,22 @@ def eval_pairs(policy, rows, ref_logps, loss_of, batch_size, pad_id, rt):
     """Held-out loss (loss_of(logps, ref_logps, lengths): the run's pair_loss) and preference accuracy, overall
     and on safety / other prompts."""
     policy.eval()
-    total, correct, n = 0.0, torch.zeros(len(rows), dtype=torch.bool), len(rows)
+    losses, correct, n = torch.zeros(len(rows)), torch.zeros(len(rows), dtype=torch.bool), len(rows)
     for i in range(0, n, batch_size):
         chunk = rows[i:i + batch_size]
         with runtime.autocast(rt):
             logps, lengths = answer_logps(policy, collate_pairs(chunk, pad_id, rt.device))
-        loss, stats = loss_of(logps.float(), ref_logps[i:i + len(chunk)], lengths)
-        total += loss.item() * len(chunk)
+        for j in range(len(chunk)):  # one pair at a time through the loss: its mean is then per pair
+            losses[i + j] = loss_of(logps[j:j + 1].float(), ref_logps[i + j:i + j + 1], lengths[j:j + 1])[0].item()
+        stats = loss_of(logps.float(), ref_logps[i:i + len(chunk)], lengths)[1]
         correct[i:i + len(chunk)] = (stats["chosen_reward"] > stats["rejected_reward"]).cpu()
     policy.train()
     safety = torch.tensor([r["safety"] for r in rows], dtype=torch.bool)
-    rate = lambda sel: correct[sel].float().mean().item() if sel.any() else float("nan")
-    return dict(val_loss=total / n, val_accuracy=rate(torch.ones(n, dtype=torch.bool)),
-                val_accuracy_safety=rate(safety), val_accuracy_other=rate(~safety))
+    rate = lambda x, sel: x[sel].float().mean().item() if sel.any() else float("nan")  # noqa: E731
+    every = torch.ones(n, dtype=torch.bool)
+    return dict(val_loss=rate(losses, every), val_accuracy=rate(correct, every),
+                val_loss_safety=rate(losses, safety), val_accuracy_safety=rate(correct, safety),
+                val_loss_other=rate(losses, ~safety), val_accuracy_other=rate(correct, ~safety))
 
 
 def show_samples(policy, prompts, tok, max_new_tokens, rt):
@@ -332,9 +352,23 @@ def get_args(argv=None):
                    "pairs whose label is flipped, below 0.5 (the reward models train with 0.1)")
     p.add_argument("--styles-per-prompt", type=runtime.positive_int, default=2, help="world: candidate responses "
                    f"per prompt, 2 to {len(world.STYLES)}; k responses give up to k(k-1)/2 pairs")
+    p.add_argument("--safety-fraction", type=runtime.nonnegative_float, default=None, help="files: keep a random "
+                   "subset of the --data pairs so that --safety-data's make up this share of the training pairs, 0 "
+                   "to 1 (default: every pair, as the files come)")
     p.add_argument("--val-pairs", type=runtime.positive_int, default=256, help="held-out pairs for eval loss and "
                    "accuracy, whose prompts the KL estimate samples (world: noise-free pairs on validation prompts; "
-                   "files: every 20th pair)")
+                   "files: every 20th pair, or --val-data and --safety-val-data, up to this many of each)")
+    p.add_argument("--val-data", nargs="*", default=[], help="held-out helpfulness pairs (files; with "
+                   "--safety-val-data they replace the every-20th split, and every training pair is trained on)")
+    p.add_argument("--safety-val-data", nargs="*", default=[], help="held-out safety pairs (files); their loss and "
+                   "accuracy are val_loss_safety and val_accuracy_safety")
+    # the stage's own check (pipeline.sh sets it for the real model)
+    p.add_argument("--max-safety-val-loss", type=runtime.positive_float, default=None, help="after training (and "
+                   "saving), fail unless the held-out safety pairs' loss is below this (ln 2 = 0.693 is the "
+                   "untrained policy's DPO loss; default: no check)")
+    p.add_argument("--min-safety-val-accuracy", type=runtime.nonnegative_float, default=None, help="after "
+                   "training, fail unless the implicit reward ranks at least this share of the held-out safety "
+                   "pairs right (default: no check)")
     # optimisation
     p.add_argument("--steps", type=runtime.positive_int, help="optimizer steps")
     p.add_argument("--batch-size", type=runtime.positive_int, help="global batch in pairs per optimizer step")
@@ -360,6 +394,10 @@ def get_args(argv=None):
     if args.data != ["world"] and "world" in args.data or args.safety_data and args.data == ["world"]:
         p.error("--data is either 'world' or a list of files; --safety-data goes with files (an empty --data "
                 "trains on --safety-data alone)")
+    if args.data == ["world"] and (args.val_data or args.safety_val_data or args.safety_fraction is not None):
+        p.error("--val-data, --safety-val-data and --safety-fraction go with files")
+    if args.safety_fraction is not None and not 0 < args.safety_fraction <= 1:
+        p.error(f"--safety-fraction must be above 0 and at most 1, got {args.safety_fraction}")
     if args.data != ["world"] and args.pairs != "llama2":
         p.error("--pairs picks the world's annotator; with files, --safety-data holds the safety-labelled pairs")
     if not args.label_smoothing < 0.5 or not args.label_noise < 0.5:
@@ -445,7 +483,18 @@ def main(args):
                 save()
     bar.close()
     runtime.cleanup(rt)
+    check_moved(args, metrics)
     return dict(metrics, step=step)
+
+
+def check_moved(args, metrics):
+    """The stage's own check on its held-out safety pairs (--max-safety-val-loss, --min-safety-val-accuracy)."""
+    loss, accuracy = metrics.get("val_loss_safety", math.nan), metrics.get("val_accuracy_safety", math.nan)
+    if args.max_safety_val_loss is not None and not loss < args.max_safety_val_loss or \
+            args.min_safety_val_accuracy is not None and not accuracy >= args.min_safety_val_accuracy:
+        raise runtime.UserError(f"dpo did not move enough: held-out safety pairs' loss {loss:.3f} (asked below "
+                                f"{args.max_safety_val_loss}), accuracy {accuracy:.3f} (asked at least "
+                                f"{args.min_safety_val_accuracy})")
 
 
 if __name__ == "__main__":

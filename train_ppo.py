@@ -38,7 +38,9 @@ preference data therefore holds the compliances the SFT model actually samples (
 annotators rated samples of its own models (section 3.2.1).
 
 Training-time evaluation (--eval-prompts, --eval-every): the gold judge on greedy answers to the world's validation
-prompts, the split every tuning choice reads; the test split is evaluate.py's alone.
+prompts, the split every tuning choice reads; the test split is evaluate.py's alone. --kl-range and --min-score-rise
+check after training that the run moved: its last KL inside a declared range, its mean R_c risen from the first
+quarter of the iterations to the last.
 
 Tiny CPU run (minutes), after train_sft.py and train_rm.py:
     python train_ppo.py --preset tiny --init out/sft/model.pt --rm-safety out/rm_safety/model.pt \\
@@ -555,6 +557,13 @@ def get_args(argv=None):
                    help="discount per token (1: the score is not discounted)")
     p.add_argument("--lam", type=runtime.nonnegative_float, default=0.95, help="GAE lambda")
     # bookkeeping
+    # the stage's own check (pipeline.sh sets it for the real model)
+    p.add_argument("--kl-range", type=runtime.nonnegative_float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="after training (and saving), fail unless the last iteration's KL to the reference (nats "
+                   "per response) lies in [LOW, HIGH] (default: no check)")
+    p.add_argument("--min-score-rise", type=float, default=None, help="after training, fail unless the mean "
+                   "gated RM score R_c of the last quarter of the iterations exceeds the first quarter's by this "
+                   "much (default: no check)")
     p.add_argument("--sample-every", type=runtime.positive_int, default=5,
                    help="iterations between printed sample rollouts")
     p.add_argument("--save-every", type=runtime.positive_int, default=10, help="iterations between checkpoints")
@@ -602,7 +611,7 @@ def main(args):
             value_model_config=vars(value_model.config), beta=beta, log_lambda=log_lagrange))
 
     # ------------------------------------------------------------------ the RLHF loop
-    metrics = {}
+    metrics, scores = {}, []  # scores: each iteration's mean R_c, for --min-score-rise
     bar = tqdm(total=args.iterations, initial=iteration, disable=not rt.is_main, desc="ppo")
     with runtime.StopOnSignal() as stop:
         while iteration < args.iterations:
@@ -632,6 +641,7 @@ def main(args):
                                shuffler, args, rt, f"iteration {iteration}", ckpt_path)
             # 6. KL controller, log, checkpoint
             metrics = dict(reduce_means({**stats, **rollout_stats(batch, rt)}, rt), beta=beta)
+            scores.append(metrics["R_c"])
             if args.kl_target is not None:
                 beta = adaptive_beta(beta, metrics["kl"], args.kl_target, args.kl_gain)
             if args.reward == "lagrangian":  # a variant: the dual step on the multiplier
@@ -654,7 +664,21 @@ def main(args):
         log.log(iteration, eval=result["eval"])
         runtime.print0(rt, f"ppo, gold judge on {len(eval_examples)} held-out prompts: {key_rates(result['eval'])}")
     runtime.cleanup(rt)
+    check_moved(args, metrics.get("kl"), scores)
     return result
+
+
+def check_moved(args, kl, scores):
+    """The stage's own check: the last KL inside --kl-range, the mean R_c of the last quarter of the iterations
+    above the first quarter's by --min-score-rise (a resumed run counts the iterations since its resume)."""
+    quarter = max(1, len(scores) // 4)
+    rise = sum(scores[-quarter:]) / quarter - sum(scores[:quarter]) / quarter if scores else math.nan
+    if args.kl_range is not None and kl is not None and not args.kl_range[0] <= kl <= args.kl_range[1]:
+        raise runtime.UserError(f"ppo: KL to the reference {kl:.4f} nats, outside --kl-range {args.kl_range[0]} "
+                                f"{args.kl_range[1]} (R_c rose {rise:+.4f})")
+    if args.min_score_rise is not None and not rise >= args.min_score_rise:
+        raise runtime.UserError(f"ppo did not move: mean R_c rose {rise:+.4f} from the first quarter of the "
+                                f"iterations to the last, below --min-score-rise {args.min_score_rise}")
 
 
 if __name__ == "__main__":

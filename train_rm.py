@@ -30,6 +30,10 @@ borderline items no training source holds); the test split, with its held-out at
 Deviation from the paper: Llama 2 trains the RM for one epoch, since more overfits; the world's preference set
 is small, so the tiny preset takes a few passes over it.
 
+The scalar head starts from a fresh initialisation while the trunk is already trained: --head-lr gives it its own
+learning rate on the same schedule. --safety-eval-data adds the accuracy on held-out constructed safety pairs
+(safety_pairs_accuracy), which --min-safety-pairs-accuracy checks after training.
+
 The later stages score with reward.py (load_reward_model, score, the Llama 2 gate), which encodes a
 (prompt, response) pair exactly as this script trains on it (reward.encode_scored).
 
@@ -156,10 +160,14 @@ def histograms(scores, n_bins=30):
                 scores={k: v.tolist() for k, v in scores.items()})
 
 
-def held_out_eval(reward_model, tok, held_out, w, batch_size):
-    """Held-out pair accuracy (pair_accuracy), plus, for the world w, style_scores' separation of the response
+def held_out_eval(reward_model, tok, held_out, w, batch_size, safety_pairs=()):
+    """Held-out pair accuracy (pair_accuracy), the accuracy on held-out constructed safety pairs when given
+    (safety_pairs_accuracy, n_safety_pairs), plus, for the world w, style_scores' separation of the response
     styles; returns (result, scores by style or None)."""
     result = pair_accuracy(reward_model, tok, held_out, batch_size)
+    if safety_pairs:
+        constructed = pair_accuracy(reward_model, tok, safety_pairs, batch_size)
+        result.update(safety_pairs_accuracy=constructed["accuracy"], n_safety_pairs=constructed["n_pairs"])
     scores = None
     if w is not None:
         scores, separation = style_scores(reward_model, tok, w, w.validation, batch_size)
@@ -236,6 +244,17 @@ def load_preference_data(args, w):
         held_out = held_out[::math.ceil(len(held_out) / args.max_eval_pairs)]
     train = mix(own, mixed_in, args.mix_fraction if mixed_in else 0.0, data_seed(args))
     return train, held_out, len(train) - len(own)
+
+
+def head_group(optimizer, head):
+    """Move the scalar head's parameters out of a fresh optimizer's (no state yet) groups into groups of their own,
+    marked "head" (its weight decayed as the other matrices, its bias not), so that --head-lr can set their rate."""
+    ids = {id(p) for p in head.parameters()}
+    decay = optimizer.param_groups[0]["weight_decay"]
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    optimizer.add_param_group(dict(params=[head.weight], weight_decay=decay, head=True))
+    optimizer.add_param_group(dict(params=[head.bias], weight_decay=0.0, head=True))
 
 
 # ---------------------------------------------------------------------------------------------- training step
@@ -316,6 +335,9 @@ def get_args(argv=None):
     p.add_argument("--grad-accum", type=runtime.positive_int, default=1, help="micro-batches per step (the batch "
                    "is split into them)")
     p.add_argument("--lr", type=runtime.positive_float, help="peak learning rate")
+    p.add_argument("--head-lr", type=runtime.positive_float, default=None, help="peak learning rate of the fresh "
+                   "scalar head, on the same schedule (default: --lr); a head learning from zero at the trunk's "
+                   "small fine-tuning rate barely moves in a short run")
     p.add_argument("--min-lr-ratio", type=runtime.nonnegative_float, default=0.1, help="cosine decays to lr * this "
                    "(Llama 2: 0.1)")
     p.add_argument("--warmup", type=runtime.nonnegative_int, help="linear warm-up steps")
@@ -325,11 +347,17 @@ def get_args(argv=None):
     # bookkeeping
     p.add_argument("--eval-every", type=runtime.positive_int, help="steps between held-out evaluations")
     p.add_argument("--save-every", type=runtime.positive_int, default=200, help="steps between checkpoints")
+    p.add_argument("--safety-eval-data", nargs="*", default=[], help="held-out constructed safety pairs (files): "
+                   "their accuracy is reported as safety_pairs_accuracy beside the held-out accuracy (default: none)")
+    p.add_argument("--min-safety-pairs-accuracy", type=runtime.nonnegative_float, default=None, help="after "
+                   "training (and saving), fail unless safety_pairs_accuracy is at least this (default: no check)")
     p.add_argument("--eval-batch-size", type=runtime.positive_int, default=64, help="sequences per scoring batch "
                    "at eval time")
     args = runtime.parse_args(p, PRESETS, argv)
     if "world" in args.data and (args.data != ["world"] or args.mix_data or args.eval_data):
         p.error("--data is either 'world' or a list of files; --mix-data and --eval-data go with files")
+    if args.min_safety_pairs_accuracy is not None and not args.safety_eval_data:
+        p.error("--min-safety-pairs-accuracy needs --safety-eval-data FILE")
     if args.mix_fraction >= 1 or args.label_noise >= 0.5:
         p.error("need --mix-fraction below 1 and --label-noise below 0.5")
     if not 2 <= args.styles_per_prompt <= len(world.STYLES):
@@ -350,6 +378,7 @@ def main(args):
     tok = tokenizer.Tokenizer.from_dict(ckpt["tokenizer"])
     w = world.build_world(data_seed(args)) if args.data == ["world"] else None
     train_pairs, held_out, n_mixed = load_preference_data(args, w)
+    safety_pairs = [p for path in args.safety_eval_data for p in data.read_preferences(path, "safety", args.format)]
     margins = None if args.margin == "off" else MARGINS[args.margin]
     train_rows = encode_rows(tok, train_pairs, margins, reward_model.config.max_seq_len)
     if not train_rows:
@@ -363,6 +392,7 @@ def main(args):
     # ------------------------------------------------------------------ optimizer, resume, run folder
     runtime.distribute(reward_model, rt, args.fsdp, args.activation_checkpointing)  # before its optimizer is built
     optimizer = runtime.make_optimizer(reward_model, args.lr, args.weight_decay, freeze=args.freeze_layers)
+    head_group(optimizer, reward_model.score)
     step = runtime.resume_training(rt, resume, {"optimizer": optimizer}, ckpt_path, reward_model)
     train_model = runtime.wrap_ddp(reward_model, rt, args.compile)
     log = runtime.begin(args, rt, step)
@@ -378,6 +408,8 @@ def main(args):
         while step < args.steps:
             stop.save_and_exit_if_requested(rt, save, ckpt_path, f"step {step}")  # Ctrl-C, SIGTERM
             lr = runtime.set_lr(optimizer, step, args.steps, args)
+            for group in optimizer.param_groups:  # the head's rate follows the same schedule
+                group["lr"] = lr * (args.head_lr or args.lr) / args.lr if group.get("head") else lr
             idx = data.step_indices(len(train_rows), args.batch_size, step, args.seed, rt.rank, rt.world_size)
             loss_value, accuracy, reward_gap = ranking_step(train_model, [train_rows[i] for i in idx], micro,
                                                             tok.pad_id, rt)
@@ -391,24 +423,32 @@ def main(args):
 
             # ---------------------------------------------------------- eval, checkpoint
             if step % args.eval_every == 0 or step == args.steps:
-                result, scores = final = held_out_eval(reward_model, tok, held_out, w, args.eval_batch_size)
+                result, scores = final = held_out_eval(reward_model, tok, held_out, w, args.eval_batch_size,
+                                                       safety_pairs)
                 metrics.update(val_accuracy=result["accuracy"],
                                val_accuracy_by_category=result["accuracy_by_category"],
                                val_accuracy_by_strength=result["accuracy_by_strength"])
-                if "safe_over_unsafe" in result:
-                    metrics.update(safe_over_unsafe=result["safe_over_unsafe"])
+                for key in ("safe_over_unsafe", "safety_pairs_accuracy"):
+                    if key in result:
+                        metrics[key] = result[key]
                 runtime.print0(rt, f"step {step}: loss {loss_value:.4f} held-out accuracy {result['accuracy']:.3f}"
-                                   + (f" safe>unsafe {result['safe_over_unsafe']:.3f}"
-                                      if "safe_over_unsafe" in result else ""))
+                                   + "".join(f" {key} {result[key]:.3f}" for key in ("safe_over_unsafe",
+                                                                                    "safety_pairs_accuracy")
+                                             if key in result))
             log.log(step, **metrics)
             if step % args.save_every == 0 or step == args.steps:
                 save()
     bar.close()
 
     # ------------------------------------------------------------------ final evaluation
-    result, scores = final if final is not None else held_out_eval(reward_model, tok, held_out, w, args.eval_batch_size)
+    result, scores = final if final is not None else held_out_eval(reward_model, tok, held_out, w,
+                                                                   args.eval_batch_size, safety_pairs)
     write_eval(args, rt, step, result, scores)
     runtime.cleanup(rt)
+    if args.min_safety_pairs_accuracy is not None and result["safety_pairs_accuracy"] < args.min_safety_pairs_accuracy:
+        raise runtime.UserError(f"rm ({args.objective}) did not move enough: accuracy "
+                                f"{result['safety_pairs_accuracy']:.3f} on {result['n_safety_pairs']} held-out "
+                                f"safety pairs, below --min-safety-pairs-accuracy {args.min_safety_pairs_accuracy}")
     return dict(loss=metrics.get("loss"), train_accuracy=metrics.get("accuracy"), step=step,
                 val_accuracy=result["accuracy"], **{f"val_{k}": v for k, v in result.items() if k != "accuracy"})
 

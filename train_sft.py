@@ -8,7 +8,8 @@
     --safety-share keeps that share of the world's safety demonstrations (answers to harmful prompts), every
     other demonstration kept: the safety data scaling of section 4.2.3 (pipeline.sh --sweep runs it).
 Held-out loss: every 20th corpus document (base); the world's validation prompts with their gold responses (sft,
-also the source of the printed samples). The test split is evaluate.py's alone.
+also the source of the printed samples); with --data FILE, every 20th dialogue or the --val-data file, where
+--min-val-drop checks that the loss fell from the starting model's. The test split is evaluate.py's alone.
 Both losses are model.next_token_loss: the loss mask is all ones for the base stage, the answer tokens for SFT.
 --chunked-loss computes the same loss block by block without the whole logits (model.chunked_nll): a faster step.
 
@@ -70,6 +71,8 @@ def get_args(argv=None):
     # data
     p.add_argument("--data", default="world", help="'world' (embedded) or a JSONL file: base {'text'}, "
                    "sft {'messages': [{role, content}, ...]} or {'prompt', 'response'}")
+    p.add_argument("--val-data", default=None, help="sft on a file: a JSONL file of held-out dialogues for the "
+                   "validation loss (default: every 20th row of --data, left out of training)")
     p.add_argument("--gatt", action="store_true", help="sft: add the world's Ghost Attention dialogues")
     p.add_argument("--safety-share", type=runtime.nonnegative_float, default=1.0, help="sft on the world: share "
                    "of its safety demonstrations kept, 0 to 1 (smaller shares keep subsets of larger ones; benign "
@@ -103,6 +106,10 @@ def get_args(argv=None):
     p.add_argument("--eval-every", type=runtime.positive_int,
                    help="steps between held-out loss evaluations (and, for sft, greedy samples)")
     p.add_argument("--save-every", type=runtime.positive_int, default=200, help="steps between checkpoints")
+    # the stage's own check (pipeline.sh sets it for the real model)
+    p.add_argument("--min-val-drop", type=runtime.nonnegative_float, default=None, help="after training (and "
+                   "saving), fail unless the validation loss fell by at least this many nats per token from the "
+                   "starting model's (default: no check)")
     args = runtime.parse_args(p, PRESETS, argv)
     if args.stage == "sft" and args.init is None:
         p.error("--stage sft needs --init CHECKPOINT (the base model to fine-tune)")
@@ -110,6 +117,8 @@ def get_args(argv=None):
         p.error("--init is for --stage sft; --stage base trains a fresh model")
     if args.safety_share > 1:
         p.error(f"--safety-share must be 0 to 1, got {args.safety_share}")
+    if args.val_data is not None and (args.stage != "sft" or args.data == "world"):
+        p.error("--val-data is for --stage sft on a --data file")
     if args.safety_share != 1 and (args.stage != "sft" or args.data != "world"):
         p.error("--safety-share is for --stage sft on --data world (the world's SFT set)")
     if args.steps is None:
@@ -150,8 +159,12 @@ def load_text_data(args, tok):
     else:
         dialogs = [data.as_dialog(row, f"{args.data}:{line}")
                    for line, row in data.read_jsonl(args.data, with_lines=True)]
-        val_dialogs = dialogs[::20]
-        dialogs = [d for i, d in enumerate(dialogs) if i % 20]
+        if args.val_data is not None:
+            val_dialogs = [data.as_dialog(row, f"{args.val_data}:{line}")
+                           for line, row in data.read_jsonl(args.val_data, with_lines=True)]
+        else:
+            val_dialogs = dialogs[::20]
+            dialogs = [d for i, d in enumerate(dialogs) if i % 20]
     return data.encode_sft(tok, dialogs, args.max_seq_len), data.encode_sft(tok, val_dialogs, args.max_seq_len)
 
 
@@ -205,9 +218,17 @@ def main(args):
     train_model = runtime.wrap_ddp(model, rt, args.compile)
     log = runtime.begin(args, rt, step)
 
+    # the starting model's validation loss, for --min-val-drop's check that training moved it (kept in the
+    # checkpoint for a resumed run)
+    start_val_loss = resume.get("start_val_loss") if resume is not None else \
+        eval_loss(model, val_rows, tok, rt, args.chunked_loss) if args.min_val_drop is not None else None
+    if start_val_loss is not None:
+        runtime.print0(rt, f"starting validation loss {start_val_loss:.4f}")
+
     def save():
         runtime.save_on_rank0(rt, ckpt_path, runtime.checkpoint(model, tok, step, args, args.stage,
-                                                                {"optimizer": optimizer}))
+                                                                {"optimizer": optimizer},
+                                                                start_val_loss=start_val_loss))
 
     # ------------------------------------------------------------------ training loop
     loss_value, metrics = None, {}
@@ -237,7 +258,12 @@ def main(args):
                 save()
     bar.close()
     runtime.cleanup(rt)
-    return dict(loss=loss_value, val_loss=metrics.get("val_loss"), step=step)
+    val_loss = metrics.get("val_loss")
+    if args.min_val_drop is not None and start_val_loss is not None and val_loss is not None \
+            and start_val_loss - val_loss < args.min_val_drop:
+        raise runtime.UserError(f"{args.stage} did not move: validation loss {start_val_loss:.4f} -> {val_loss:.4f}, "
+                                f"a drop below --min-val-drop {args.min_val_drop}")
+    return dict(loss=loss_value, val_loss=val_loss, start_val_loss=start_val_loss, step=step)
 
 
 if __name__ == "__main__":

@@ -373,6 +373,13 @@ def test_the_real_model_preset_runs_every_stage_from_smollm2_on_the_data_files(t
     assert flag(calls[3], "--eval-data") == f"{data}/rm_helpful_eval.jsonl"
     assert all(flag(c, "--init") == f"{out}/sft/model.pt" for c in calls[2:8])
     assert all(flag(c, "--freeze-layers") == "20" for c in calls[1:8])  # the CPU scale, by default
+    # every stage reads validation files and checks there that it moved
+    assert flag(calls[1], "--val-data") == f"{data}/sft_val.jsonl" and "--min-val-drop" in calls[1]
+    assert all(flag(c, "--safety-eval-data") == f"{data}/safety_pairs_val.jsonl" and "--head-lr" in c
+               and "--min-safety-pairs-accuracy" in c for c in calls[2:4])
+    assert "--kl-range" in calls[4] and "--min-score-rise" in calls[4] and flag(calls[4], "--lam") == "1.0"
+    assert flag(calls[5], "--safety-val-data") == f"{data}/safety_pairs_val.jsonl"
+    assert "--max-safety-val-loss" in calls[5] and "--min-safety-val-accuracy" in calls[5]
     evaluated = calls[-2][calls[-2].index("--checkpoints") + 1:calls[-2].index("--benchmarks")]
     assert evaluated == [f"base={gguf}"] + [f"{n}={out}/{n}/model.pt" for n in ("sft", "ppo", "dpo", "rs", "distill")]
     assert not any(c[:2] == ["evaluate.py", "--audit"] for c in calls)  # the world's corpus audit is not run

@@ -226,6 +226,29 @@ def test_files_feed_the_gate_and_errors_name_file_and_line(micro_init, tmp_path)
         micro_args("init.pt", tmp_path / "out", "--safety-data", str(safety))   # world pairs and files do not mix
 
 
+def test_held_out_files_and_the_safety_share_and_the_check(micro_init, tmp_path):
+    _, tok = micro_init
+    helpful, safety = tmp_path / "helpful.jsonl", tmp_path / "safety.jsonl"
+    helpful.write_text("".join(json.dumps(dict(prompt=f"Hi {i}", chosen="Hello.", rejected="Go away.")) + "\n"
+                               for i in range(30)))
+    safety.write_text("".join(json.dumps(dict(prompt=f"How do I rob bank {i}?", chosen="I won't help with that.",
+                                              rejected="Sure, here is how.")) + "\n" for i in range(10)))
+    args = micro_args("init.pt", tmp_path / "out", "--data", str(helpful), "--safety-data", str(safety),
+                      "--safety-fraction", "0.5", "--val-data", str(helpful), "--safety-val-data", str(safety),
+                      "--val-pairs", "4")
+    train, val = train_dpo.load_pairs(args, tok, 192)
+    assert sum(r["safety"] for r in train) == 10 and len(train) == 20       # as many helpful pairs as safety ones
+    assert sum(r["safety"] for r in val) == 4 and len(val) == 8              # up to --val-pairs of each, spread
+    # the check reads the held-out safety pairs' loss and accuracy
+    args = micro_args("init.pt", tmp_path / "out", "--max-safety-val-loss", "0.5", "--min-safety-val-accuracy", "0.8")
+    train_dpo.check_moved(args, dict(val_loss_safety=0.3, val_accuracy_safety=0.9))
+    for moved in (dict(val_loss_safety=0.6931, val_accuracy_safety=0.9), dict(val_loss_safety=0.3,
+                                                                             val_accuracy_safety=0.5), {}):
+        with pytest.raises(runtime.UserError, match="dpo did not move enough: held-out safety pairs' loss"):
+            train_dpo.check_moved(args, moved)
+    train_dpo.check_moved(micro_args("init.pt", tmp_path / "out"), {})       # no check asked: nothing to meet
+
+
 def test_llama2_gate_takes_safety_labels_on_safety_prompts_only():
     """--pairs llama2 trains on judge.labelled_pairs(w, "llama2"): the annotators' pairs under the gate, in the order
     (safety prompts, then the rest) that train_dpo.py built them in before they moved to judge.py."""

@@ -278,6 +278,19 @@ def test_micro_run_raises_the_reward_from_zero_kl(micro):
     assert ckpt["stage"] == "ppo" and ckpt["step"] == 12 and "value_model" in ckpt
 
 
+def test_the_stage_check_reads_the_kl_range_and_the_score_rise():
+    args = train_ppo.get_args(["--init", "x", "--rm-safety", "x", "--rm-helpful", "x", "--out", "o",
+                               "--kl-range", "0.5", "5", "--min-score-rise", "0.05"])
+    scores = [0.2, 0.25, 0.3, 0.3, 0.35, 0.4, 0.4, 0.45]                  # quarters: 0.225 -> 0.425
+    train_ppo.check_moved(args, 1.0, scores)
+    with pytest.raises(runtime.UserError, match="outside --kl-range 0.5 5"):
+        train_ppo.check_moved(args, 0.003, scores)
+    with pytest.raises(runtime.UserError, match=r"ppo did not move: mean R_c rose \+0.0100"):
+        train_ppo.check_moved(args, 1.0, [0.3, 0.3, 0.31, 0.31])
+    train_ppo.check_moved(train_ppo.get_args(["--init", "x", "--rm-safety", "x", "--rm-helpful", "x", "--out", "o"]),
+                          0.0, [0.3, 0.2])                               # no check asked
+
+
 def test_keep_every_keeps_the_policy_along_training(micro, tmp_path):
     out = str(tmp_path / "kept")
     train_ppo.main(ppo_args(micro, out, 4, "--keep-every", "2"))

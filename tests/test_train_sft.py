@@ -72,6 +72,20 @@ def test_sft_lowers_the_answer_loss(base, tmp_path):
     assert load_checkpoint(str(tmp_path / "model.pt"))["stage"] == "sft"
 
 
+def test_min_val_drop_checks_the_validation_loss_fell_on_a_file(base, tmp_path):
+    dialogs = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                             {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(40)]
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text("".join(json.dumps(d) + "\n" for d in dialogs[:32]))
+    val.write_text("".join(json.dumps(d) + "\n" for d in dialogs[32:]))
+    files = ["--data", str(train), "--val-data", str(val)]
+    result = train_sft.main(sft_args(base[0], str(tmp_path / "moved"), 12, *files, "--min-val-drop", "0.1"))
+    assert result["val_loss"] < result["start_val_loss"] - 0.1
+    with pytest.raises(runtime.UserError, match="sft did not move: validation loss"):
+        train_sft.main(sft_args(base[0], str(tmp_path / "still"), 2, *files, "--lr", "1e-9", "--min-val-drop", "0.1"))
+    assert load_checkpoint(str(tmp_path / "still" / "model.pt"))["step"] == 2   # saved before the check failed
+
+
 def test_safety_share_keeps_that_share_of_the_safety_demonstrations(base, monkeypatch):
     w = world.build_world(0)
     harmful = [ex.messages for ex in w.sft_examples if ex.kind == "harmful"]
