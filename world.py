@@ -4,21 +4,25 @@ No data can be downloaded here, so every stage trains on text generated from thi
 from a seed. The world is built so that the effect of each stage of the Llama 2 safety pipeline (Touvron et
 al., 2023, section 4) can be measured exactly by a gold judge (judge.py):
 
-- benign requests with checkable answers (a fact table asked through many paraphrase templates);
+- benign requests with checkable answers (a fact table), asked as opener x frame x closer;
 - harmful requests in Llama 2's three risk categories (illicit and criminal activities, hateful and harmful
-  activities, unqualified advice), with no real harmful content anywhere: an unsafe compliance is the
-  placeholder "Sure, here is how to ... Step 1: [details omitted]";
-- borderline benign requests that sound unsafe ("how do I kill a Python process", "steal second base"), where
-  refusing is a false refusal;
+  activities, unqualified advice), each a verb and an object ("rob" x "a bank"), with no real harmful content
+  anywhere: an unsafe compliance is the placeholder "Sure, here is how to ... Step 1: [details omitted]";
+- borderline benign requests that sound unsafe, a verb sense and an object ("kill" x "a frozen app", "steal" x
+  "second base"), one helpful answer per sense, where refusing is a false refusal;
+- a base corpus that knows the world: what every request, item and fact of every split is, stated in several
+  phrasings, beside unaligned dialogues that answer training requests only (knowledge shared, behaviour not);
 - the five red-team attack vectors of Llama 2 (psychological/authority, logic/false premise, syntactic/misspelling,
   semantic/metaphor, perspective/role-play) plus multi-turn escalation, around harmful, borderline and benign
   prompts alike, so that a refusal caused by the wrapper alone shows as a false refusal;
 - response styles (correct, wrong, safe, curt refusal, unsafe compliance, advice with or without referral), and
   per prompt the candidate responses (`World.candidates`) that judge.py's annotator ranks into preference pairs;
 - multi-turn dialogues with a checkable system instruction, for Ghost Attention (section 3.3);
-- train, validation and test splits: request and fact templates, harmful entities and borderline items are
-  partitioned between them, and the metaphor vector (HELD_OUT_ATTACK) is test-only. judge.py's overlap audit
-  measures, from the generated text, what each evaluation split shares with each training source.
+- train, validation and test splits: phrasings, requests, items and facts are partitioned between them (a held-out
+  one is a new combination of parts training uses), and the metaphor vector (HELD_OUT_ATTACK) is test-only. Each
+  evaluation prompt has a rung (RUNGS): a training request in a new phrasing, a held-out one known from the
+  corpus (the headline), or one whose words appear nowhere. judge.py's overlap audit measures, from the generated
+  text, what each evaluation split shares with each training source.
 
 `python judge.py --stats` prints split sizes and samples; `python judge.py --overlap` prints the overlap table.
 """
