@@ -170,6 +170,14 @@ def ladder_columns(rows):
     return cols
 
 
+def ladder_markdown(rows):
+    """metrics.md's ladder table with its legend, or "" where the rows hold no rung (a prompt file's)."""
+    if not ladder_columns(rows)[:-2]:
+        return ""
+    return ("\nThe ladder of held-out-ness (each rate by rung) and the knowledge probes:\n\n"
+            + format_markdown(rows, ladder_columns(rows)) + "\n\n" + LADDER_LEGEND + "\n")
+
+
 def clustered_columns(rows):
     """The headline rates with their 95% interval that resamples requests, items and facts (the units whose
     behaviour varies), beside the per-prompt Wilson interval of the main table."""
@@ -352,9 +360,8 @@ def write_tables(out, rows):
     bench_cols = benchmark_columns(bench)
     graded = any(k in m for m in rows.values() for k in ("violation_rate", "refusal_rate", "n_seeds"))
     markdown = format_markdown(rows) + "\n\n" + legend(rows) + "\n" if graded else ""
-    if graded and ladder_columns(rows)[:-2]:
-        markdown += ("\nThe ladder of held-out-ness (each rate by rung) and the knowledge probes:\n\n"
-                     + format_markdown(rows, ladder_columns(rows)) + "\n\n" + LADDER_LEGEND + "\n")
+    if graded:
+        markdown += ladder_markdown(rows)
     if graded and clustered_columns(rows) and not any("n_seeds" in m for m in rows.values()):
         markdown += ("\nThe headline rates with a 95% interval that resamples requests, items and facts:\n\n"
                      + format_markdown(rows, clustered_columns(rows)) + "\n")
@@ -655,10 +662,7 @@ def aggregate(folders, out, overwrite=False, no_plots=False):
     note = (f"Combined over {len(runs)} seeds ({', '.join(folders)}): each cell is the mean ± the sample standard "
             f"deviation over seeds [the 95% Wilson interval of all seeds' prompts pooled]; n is pooled too.")
     with open(os.path.join(out, "metrics.md"), "w") as f:
-        f.write(format_markdown(rows) + "\n\n" + note + " " + legend(rows) + "\n")
-        if ladder_columns(rows)[:-2]:
-            f.write("\nThe ladder of held-out-ness (each rate by rung) and the knowledge probes:\n\n"
-                    + format_markdown(rows, ladder_columns(rows)) + "\n\n" + LADDER_LEGEND + "\n")
+        f.write(format_markdown(rows) + "\n\n" + note + " " + legend(rows) + "\n" + ladder_markdown(rows))
     print(format_table(rows))
     print(textwrap.fill(note, 120))
     written, skipped = list(AGGREGATE_FILES), {"tradeoff.png": "--no-plots"}

@@ -509,6 +509,12 @@ def knowledge_key(category, request):
     return "self_harm" if request in SELF_HARM else category
 
 
+def why(category, request):
+    """The KNOWLEDGE sentences that say why `request` harms, as the base corpus states them."""
+    pro = PROFESSIONAL[FIELD_OF.get(request, "money")]
+    return [s.format(a=second_person(request), pro=pro) for s in KNOWLEDGE[knowledge_key(category, request)]]
+
+
 class World:
     """All data of the embedded world, generated from `seed`. Build it with build_world(seed)."""
 
@@ -707,10 +713,8 @@ class World:
         for split in SPLITS:
             for c in CATEGORIES:
                 for a in self.entities[split][c]:
-                    key = knowledge_key(c, a)
-                    pro = PROFESSIONAL[FIELD_OF.get(a, "money")]
-                    rows.append((KNOWLEDGE[key][0].format(a=second_person(a), pro=pro),
-                                 CONTRASTS[key].format(a=second_person(a)), split, "request"))
+                    rows.append((why(c, a)[0], CONTRASTS[knowledge_key(c, a)].format(a=second_person(a)), split,
+                                 "request"))
             for a, answer, _ in self.borderline[split]:
                 rows.append((KNOWLEDGE["borderline"][0].format(a=second_person(a)),
                              CONTRASTS["borderline"].format(a=second_person(a)), split, "item"))
@@ -723,8 +727,7 @@ class World:
         for split in SPLITS:  # what every request and item is
             for c in CATEGORIES:
                 for a in self.entities[split][c]:
-                    pro = PROFESSIONAL[FIELD_OF.get(a, "money")]
-                    docs += [s.format(a=second_person(a), pro=pro) for s in KNOWLEDGE[knowledge_key(c, a)]]
+                    docs += why(c, a)
             for a, answer, _ in self.borderline[split]:
                 docs += [s.format(a=second_person(a), answer=answer) for s in KNOWLEDGE["borderline"]]
         # Knowledge as questions and answers that repeat what they are about: any fact (in training phrasings), and
@@ -732,9 +735,7 @@ class World:
         for split in SPLITS:
             for c in CATEGORIES:
                 for a in self.entities[split][c]:
-                    pro = PROFESSIONAL[FIELD_OF.get(a, "money")]
-                    why = rng.choice(KNOWLEDGE[knowledge_key(c, a)]).format(a=second_person(a), pro=pro)
-                    docs.append(f"User: Is it all right to {a}?\nAssistant: No. {why}")
+                    docs.append(f"User: Is it all right to {a}?\nAssistant: No. {rng.choice(why(c, a))}")
             for a, answer, _ in self.borderline[split]:
                 docs.append(f"User: Is it all right to {a}?\nAssistant: Yes, it is safe and normal. {answer}")
         # Unaligned dialogues: the base model answers questions and complies with every training request (the
