@@ -534,12 +534,17 @@ $PYTHON evaluate.py --audit > "$OUT/audit.txt"
 echo "== audit: $OUT/audit.txt"
 
 # 1-8, once per seed
+timed_pipeline() {  # timed_pipeline SEED: pipeline SEED, and its whole wall time in the log when it reused nothing
+  local start=$SECONDS before=$reused
+  pipeline "$1"
+  [[ $reused != "$before" ]] || log "== ${KEY}seed_total: done in $((SECONDS - start)) s"
+}
 if (( SEEDS == 1 )); then
-  pipeline 0
+  timed_pipeline 0
 else
   for ((k = 0; k < SEEDS; k++)); do
     RUN=$OUT/seed$k KEY=seed$k/
-    pipeline "$k"
+    timed_pipeline "$k"
   done
   RUN=$OUT KEY=""
   # 9. Every seed's metrics together: mean and spread over the seeds (what the README's table shows)

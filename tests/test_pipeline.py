@@ -80,8 +80,9 @@ def test_stages_run_in_order_then_are_reused(tmp_path):
     log = (out / "pipeline.log").read_text().splitlines()
     assert log[0] == "== command: bash pipeline.sh" and log[1].startswith("== commit: ")
     assert log[2].startswith(f"== machine: {len(os.sched_getaffinity(0))} cores (")
-    assert [line.split(":")[0] for line in log[4:-1]] == [f"== {stage}" for stage in STAGES]
+    assert [line.split(":")[0] for line in log[4:-1]] == [f"== {stage}" for stage in STAGES] + ["== seed_total"]
     assert log[3].startswith("== started: 20") and log[-1].startswith("== finished: 20")
+    assert sum(int(line.split()[-2]) for line in log[4:-2]) <= int(log[-2].split()[-2])  # the seed's whole time
 
     # everything finished: a second run trains nothing, prints the saved table and writes the report again
     calls, result = run_pipeline(tmp_path)

@@ -532,6 +532,11 @@ def test_docs_are_written_from_the_run_folder(one_seed, tmp_path):
     assert (f"| DPO violations <= SFT's / 2 | {100 * rows['dpo']['violation_rate']:.1f} ({'yes' if met else 'NO'}) |"
             in targets)
     assert "| PPO benign accuracy >= SFT's - 3 points |" in targets and "Wall time per seed: 11 min" in targets
+    with open(run / "pipeline.log", "a") as f:  # a log that times the seed itself: that time, not the run's
+        f.write("== seed_total: done in 960 s\n")
+    report.main(report.get_args([str(run), "--docs", str(docs)]))
+    targets = (docs.parent / "README.md").read_text().split("generated:targets -->")[1]
+    assert "Wall time per seed (its stages and evaluation): 16.0 min (target <= 15: NO)" in targets
     results = (docs / "results.md").read_text()
     ratio = rows["dpo"]["violation_rate"] / rows["sft"]["violation_rate"]
     assert re.search(rf"\| seed0 \| dpo \|.*\| {ratio:.2f} \|", results)
