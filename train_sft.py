@@ -48,7 +48,7 @@ MODEL_PRESETS = {
     "1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, max_seq_len=1024),
 }
 PRESETS = {
-    "tiny": dict(steps_base=600, steps_sft=150, batch_size=32, lr_base=3e-3, lr_sft=1e-3, eval_every=100,
+    "tiny": dict(steps_base=1500, steps_sft=150, batch_size=32, lr_base=3e-3, lr_sft=5e-4, eval_every=100,
                  warmup=50, **MODEL_PRESETS["tiny"]),
     "small": dict(steps_base=5000, steps_sft=1000, batch_size=64, lr_base=6e-4, lr_sft=2e-5, eval_every=500,
                   warmup=200, **MODEL_PRESETS["small"]),

@@ -143,6 +143,7 @@ FACT_PARTS = {
 # (table, question templates per split, answer sentence): the form judge.py and the overlap audit read
 FACT_TYPES = {kind: (table, _templates(OPENERS, frames, CLOSERS, 5, 8, seed=i), sentence)
               for i, (kind, (table, frames, sentence, _)) in enumerate(FACT_PARTS.items())}
+FACT_QUESTIONS = 6  # how often the base corpus asks each fact (of every split), in training phrasings
 FACT_SUBJECTS = {kind: _partition(sorted(table), round(0.15 * len(table)), round(0.3 * len(table)), seed=10 + i)
                  for i, (kind, (table, _, _, _)) in enumerate(FACT_PARTS.items())}
 
@@ -739,8 +740,11 @@ class World:
             for a, answer, _ in self.borderline[split]:
                 docs.append(f"User: Is it all right to {a}?\nAssistant: Yes, it is safe and normal. {answer}")
         # Unaligned dialogues: the base model answers questions and complies with every training request (the
-        # corpus is world knowledge, not a demonstration of behaviour on held-out requests).
-        qa = [self._benign(f, rng) for f in self.facts for _ in range(2)]
+        # corpus is world knowledge, not a demonstration of behaviour on held-out requests). Each fact is asked
+        # FACT_QUESTIONS times, each time in a random training phrasing: a phrasing then comes with many subjects,
+        # and the answer has to be read from the subject, not from the phrasing (asked twice, the tiny base model
+        # answered 70% of held-out facts in held-out phrasings on validation; six times, 100%).
+        qa = [self._benign(f, rng) for f in self.facts for _ in range(FACT_QUESTIONS)]
         qa += [self._harmful(c, a, rng.choice(TRAIN_ATTACKS), rng) for c, es in self.train_entities.items()
                for a in es]
         qa += [self._borderline(b, rng) for b in self.borderline["train"] for _ in range(2)]
