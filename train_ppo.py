@@ -477,9 +477,11 @@ def log_iteration(rt, args, iteration, batch, metrics, bar, log, samples_log):
 PRESETS = {
     # tiny: a few CPU minutes on the 1M-parameter SFT model, chosen by watching the gold metrics (--eval-every):
     # minibatches of 16 (4 epochs) made the greedy answers to benign prompts drift (accuracy -5 to -10 points),
-    # minibatches of 64 (2 epochs, as Llama 2's 64) keep them; beta 0.02-0.05 drifted to 4-10 nats of KL.
+    # minibatches of 64 (2 epochs, as Llama 2's 64) keep them; beta 0.02-0.05 drifted to 4-10 nats of KL. On the
+    # validation split (seed 0, from an SFT model leaving 12.8% violations): beta 0.2 lowered them to 7.2%, beta 0.1
+    # to 4.4% at 0.9 nats of KL, 25 iterations at beta 0.2 to 2.8% (70 s more per run); false refusals alike.
     "tiny": dict(iterations=15, batch_size=128, minibatch_size=64, ppo_epochs=2, lr=5e-5, value_lr=3e-4,
-                 beta=0.2, max_new_tokens=64),
+                 beta=0.1, max_new_tokens=64),
     "small": dict(iterations=200, batch_size=256, minibatch_size=64, ppo_epochs=2, lr=1e-5, value_lr=3e-5,
                   beta=0.01, max_new_tokens=128),
     # Llama 2 (section 3.2.3): batch 512, minibatch 64, one gradient step per minibatch, lr 1e-6, beta 0.01
