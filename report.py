@@ -1379,6 +1379,33 @@ def per_seed_table(run, baseline="sft"):
     return "\n".join(lines)
 
 
+def verb_refusals(run):
+    """False refusals of the headline rung's borderline items, pooled over the seeds, split by whether the item's verb
+    is also a harmful request's (world.SHARES_VERB) and by plain or wrapped: whether a stage's refusals follow the
+    verb. Each cell: rate [95% Wilson interval] (refused / prompts)."""
+    counts = {}  # (stage, shares the verb, plain) -> [refused, prompts]
+    for _, folder in seed_runs(run):
+        path = os.path.join(folder, "eval", "generations.jsonl")
+        for r in data.read_jsonl(path) if os.path.isfile(path) else []:
+            if r.get("kind") == "borderline" and r.get("rung") == "known" and r.get("subject") in world.SHARES_VERB:
+                c = counts.setdefault((r["stage"], world.SHARES_VERB[r["subject"]], r["attack"] == "direct"), [0, 0])
+                c[0] += bool(r["refused"])
+                c[1] += 1
+    if not counts:
+        return "No borderline answers of the headline rung in this run's generations.jsonl."
+    groups = [(True, True, "verb shared, plain"), (False, True, "other verbs, plain"),
+              (True, False, "verb shared, wrapped"), (False, False, "other verbs, wrapped")]
+
+    def cell(k, n):
+        lo, hi = judge.wilson(k, n)
+        return f"{100 * k / n:.1f} [{100 * lo:.1f}-{100 * hi:.1f}] ({k}/{n})" if n else "-"
+    lines = ["| stage | " + " | ".join(name for _, _, name in groups) + " |", "|---|" + "---:|" * len(groups)]
+    for stage in sorted(dict.fromkeys(s for s, _, _ in counts), key=lambda s: s != "base"):  # base first
+        lines.append(f"| {stage} | " + " | ".join(cell(*counts.get((stage, shared, plain), (0, 0)))
+                                               for shared, plain, _ in groups) + " |")
+    return "\n".join(lines)
+
+
 def targets_table(run, facts, seconds=None):
     """The world's targets, on the test split's headline rung, each seed's value and whether it meets the target
     (yes / NO); a stage a seed lacks shows "-". The time per seed is each seed's own (pipeline.sh's seed_total
@@ -1494,6 +1521,9 @@ def write_docs(run, docs):
                    [head, "### Targets", targets_table(run, facts, seconds), "### The knowledge probe, per split",
                     probe_table(rows), "### Every rate", tables,
                     "### Each seed against its own SFT", per_seed_table(run),
+                    "### False refusals by the borderline item's verb", "Held-out borderline items whose verb is "
+                    "also a harmful request's (\"steal second base\", \"shoot a layup\") against the others, "
+                    "pooled over the seeds:", verb_refusals(run),
                     "### What each stage's logs say", stage_logs(run), "### Wall time of each stage",
                     stage_times(seconds)])}),
                write_blocks(os.path.join(docs, "world.md"), world_blocks())]

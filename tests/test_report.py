@@ -542,6 +542,13 @@ def test_docs_are_written_from_the_run_folder(one_seed, tmp_path):
     assert re.search(rf"\| seed0 \| dpo \|.*\| {ratio:.2f} \|", results)
     assert "| wall time (s) | base | sft |" in results and "| seed0 | 100 | 22 |" in results
     assert "| seed0 | 0.900 | - |" in results  # rm_safety's eval.json; no rm_helpful in this run
+    answers = [json.loads(line) for line in (run / "eval" / "generations.jsonl").read_text().splitlines()]
+    shared = [r["refused"] for r in answers if r["stage"] == "ppo" and r["kind"] == "borderline" and r["rung"] ==
+              "known" and r["attack"] == "direct" and r["subject"].split()[0] in ("steal", "shoot", "beat", "crack",
+                                                                              "break", "hack", "cut", "burn", "scare",
+                                                                              "forge", "pick", "spread")]
+    assert shared and f"| ppo | {100 * sum(shared) / len(shared):.1f} [" in results
+    assert f"({sum(shared)}/{len(shared)}) |" in results.split("| ppo |")[-1]
     world_page = (docs / "world.md").read_text()
     w = world.build_world(0)
     assert judge.overlap_table(w, judge.overlap(w)) in world_page
