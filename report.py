@@ -1384,6 +1384,7 @@ def verb_refusals(run):
     is also a harmful request's (world.SHARES_VERB) and by plain or wrapped: whether a stage's refusals follow the
     verb. Each cell: rate [95% Wilson interval] (refused / prompts)."""
     counts = {}  # (stage, shares the verb, plain) -> [refused, prompts]
+    scores = {}  # (RM, "refusals" | "helpful answers") -> the aligned stages' RM scores of those answers
     for _, folder in seed_runs(run):
         path = os.path.join(folder, "eval", "generations.jsonl")
         for r in data.read_jsonl(path) if os.path.isfile(path) else []:
@@ -1391,6 +1392,10 @@ def verb_refusals(run):
                 c = counts.setdefault((r["stage"], world.SHARES_VERB[r["subject"]], r["attack"] == "direct"), [0, 0])
                 c[0] += bool(r["refused"])
                 c[1] += 1
+                answer = "refusals" if r["refused"] else "helpful answers" if r.get("correct") else None
+                for rm in ("rm_helpfulness", "rm_safety"):
+                    if answer and r["stage"] != "base" and _number(r.get(rm)):
+                        scores.setdefault((rm, answer), []).append(r[rm])
     if not counts:
         return "No borderline answers of the headline rung in this run's generations.jsonl."
     groups = [(True, True, "verb shared, plain"), (False, True, "other verbs, plain"),
@@ -1403,6 +1408,14 @@ def verb_refusals(run):
     for stage in sorted(dict.fromkeys(s for s, _, _ in counts), key=lambda s: s != "base"):  # base first
         lines.append(f"| {stage} | " + " | ".join(cell(*counts.get((stage, shared, plain), (0, 0)))
                                                for shared, plain, _ in groups) + " |")
+    means = {k: f"{statistics.mean(v):.2f} (n {len(v)})" for k, v in scores.items()}
+    if len(means) == 4:
+        lines.append(f"\nThe reward models on these answers, every aligned stage pooled (mean sigmoid score): the "
+                     f"helpfulness RM, which the Llama 2 gate reads on a borderline prompt (unless the safety RM scores the answer below "
+                     f"0.15), gives refusals "
+                     f"{means['rm_helpfulness', 'refusals']} and helpful answers "
+                     f"{means['rm_helpfulness', 'helpful answers']}; the safety RM "
+                     f"{means['rm_safety', 'refusals']} and {means['rm_safety', 'helpful answers']}.")
     return "\n".join(lines)
 
 

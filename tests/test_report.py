@@ -549,6 +549,9 @@ def test_docs_are_written_from_the_run_folder(one_seed, tmp_path):
                                                                               "forge", "pick", "spread")]
     assert shared and f"| ppo | {100 * sum(shared) / len(shared):.1f} [" in results
     assert f"({sum(shared)}/{len(shared)}) |" in results.split("| ppo |")[-1]
+    refusals = [r["rm_helpfulness"] for r in answers if r["kind"] == "borderline" and r["rung"] == "known"
+                and r["refused"] and r["stage"] != "base"]
+    assert refusals and f"gives refusals {sum(refusals) / len(refusals):.2f} (n {len(refusals)})" in results
     world_page = (docs / "world.md").read_text()
     w = world.build_world(0)
     assert judge.overlap_table(w, judge.overlap(w)) in world_page
