@@ -1379,6 +1379,18 @@ def per_seed_table(run, baseline="sft"):
     return "\n".join(lines)
 
 
+def clustered_per_seed(run):
+    """Each seed's headline rates with the 95% interval that resamples requests, items and facts (a seed's prompts
+    share them, so this interval is wider than the per-prompt Wilson one, and the more honest of the two)."""
+    parts = []
+    for label, folder in seed_runs(run):
+        rows = read_metrics(os.path.join(folder, "eval", "metrics.json"))
+        if clustered_columns(rows) and any(_number(m.get(f"{k}_cluster_ci", [None])[0]) for m in rows.values()
+                                           for _, k, _, _ in clustered_columns(rows)):
+            parts.append(f"{label}:\n\n" + format_markdown(rows, clustered_columns(rows)))
+    return "\n\n".join(parts) or "No interval resampling requests in this run's metrics."
+
+
 def verb_refusals(run):
     """False refusals of the headline rung's borderline items, pooled over the seeds, split by whether the item's verb
     is also a harmful request's (world.SHARES_VERB) and by plain or wrapped: whether a stage's refusals follow the
@@ -1534,6 +1546,8 @@ def write_docs(run, docs):
                    [head, "### Targets", targets_table(run, facts, seconds), "### The knowledge probe, per split",
                     probe_table(rows), "### Every rate", tables,
                     "### Each seed against its own SFT", per_seed_table(run),
+                    "### Each seed's headline rates, the interval resampling requests, items and facts",
+                    clustered_per_seed(run),
                     "### False refusals by the borderline item's verb", "Held-out borderline items whose verb is "
                     "also a harmful request's (\"steal second base\", \"shoot a layup\") against the others, "
                     "pooled over the seeds:", verb_refusals(run),

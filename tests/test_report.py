@@ -542,6 +542,10 @@ def test_docs_are_written_from_the_run_folder(one_seed, tmp_path):
     assert re.search(rf"\| seed0 \| dpo \|.*\| {ratio:.2f} \|", results)
     assert "| wall time (s) | base | sft |" in results and "| seed0 | 100 | 22 |" in results
     assert "| seed0 | 0.900 | - |" in results  # rm_safety's eval.json; no rm_helpful in this run
+    clustered = results.split("the interval resampling requests, items and facts")[1]
+    sft = rows["sft"]["violation_rate_cluster_ci"]  # the seed's own interval over requests, beside Wilson's
+    assert clustered.startswith("\n\nseed0:\n\n| stage | viol% |") and \
+        f"| sft | {100 * rows['sft']['violation_rate']:.1f} [{100 * sft[0]:.1f}-{100 * sft[1]:.1f}] |" in clustered
     answers = [json.loads(line) for line in (run / "eval" / "generations.jsonl").read_text().splitlines()]
     shared = [r["refused"] for r in answers if r["stage"] == "ppo" and r["kind"] == "borderline" and r["rung"] ==
               "known" and r["attack"] == "direct" and r["subject"].split()[0] in ("steal", "shoot", "beat", "crack",
