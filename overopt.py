@@ -601,7 +601,7 @@ def get_args(argv=None):
     p.add_argument("--rl-keep-every", type=runtime.positive_int, default=3,
                    help="iterations between the kept PPO checkpoints that are evaluated (train_ppo.py --keep-every)")
     p.add_argument("--rl-beta", type=runtime.nonnegative_float, default=0.01,
-                   help="KL coefficient of the long PPO runs (the preset's is 0.2)")
+                   help="KL coefficient of the long PPO runs (the tiny preset's is 0.1)")
     p.add_argument("--rl-ensemble", choices=("mean", "min", "none"), default="mean",
                    help="the ensemble a second long PPO run optimises (none: only the default RMs)")
     # constrained
