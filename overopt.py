@@ -435,7 +435,8 @@ def fmt_ci(x, ci, digits=3):
 
 
 def fmt_peak(d):
-    return "none (beta <= 0)" if not math.isfinite(d) else f"{d:.2f}"
+    """A fitted peak: none without curvature, flagged where it lies far beyond any d a run reaches (d < 10 here)."""
+    return "none (beta <= 0)" if not math.isfinite(d) else f"{d:.1e} (beyond the data)" if d > 100 else f"{d:.2f}"
 
 
 def bon_tables(bon, rm_accuracy):
@@ -606,7 +607,7 @@ def get_args(argv=None):
                    help="the ensemble a second long PPO run optimises (none: only the default RMs)")
     # constrained
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="PPO seeds of the constrained comparison")
-    p.add_argument("--cost-threshold", type=float, default=-1.5,
+    p.add_argument("--cost-threshold", type=float, default=-0.3,
                    help="PPO-Lagrangian threshold d on E[-r_s] (train_ppo.py --cost-threshold)")
     p.add_argument("--lambda-lr", type=runtime.nonnegative_float, default=0.1, help="train_ppo.py --lambda-lr")
     p.add_argument("--constrained-eval-prompts", type=int, default=-1,
@@ -635,6 +636,7 @@ def check_inputs(args):
         rm_config = json.load(f)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise runtime.UserError(f"--out {args.out} is a file, not a folder")
+    args.from_shown = args.from_dir  # as given, for overopt.md
     args.from_dir, args.out = os.path.abspath(args.from_dir), os.path.abspath(args.out)
     args.from_rm = {"safety": os.path.join(args.from_dir, "rm_safety", "model.pt"),
                     "helpfulness": os.path.join(args.from_dir, "rm_helpful", "model.pt")}
@@ -707,7 +709,7 @@ def main(args):
     results.update(constrained=constrained, lambdas=lambdas, timings_s=timings)
 
     # ------------------------------------------------------------------ tables and plots
-    lines = ["# Reward over-optimisation and constrained RLHF", "", f"From {args.from_dir}; preset {args.preset}.", ""]
+    lines = ["# Reward over-optimisation and constrained RLHF", "", f"From {args.from_shown}; preset {args.preset}.", ""]
     if bon:
         lines += bon_tables(bon, results["rm_accuracy"])
     if rl:
