@@ -250,7 +250,7 @@ def test_rejection_end_to_end_and_exact_resume(micro, tmp_path, monkeypatch):
 
 def test_context_end_to_end_and_ctrl_c_then_resume(micro, tmp_path, monkeypatch, signal_on_call):
     straight = tmp_path / "straight"
-    result = distill.main(micro_args(micro, straight, "context", "--n-prompts", "8"))
+    result = distill.main(micro_args(micro, straight, "context", "--n-prompts", "16"))
     (phase,) = result["history"]
     assert phase["phase"] == "iteration 1" and 0 < phase["kept_share"] <= 1
     samples = read_jsonl(straight / "samples.jsonl")
@@ -263,11 +263,11 @@ def test_context_end_to_end_and_ctrl_c_then_resume(micro, tmp_path, monkeypatch,
     # SIGINT arrives while step 3 computes: the step finishes, then the run stops
     real_loss = signal_on_call(model_lib, "next_token_loss", 3)
     with pytest.raises(SystemExit) as stop:
-        distill.main(micro_args(micro, stopped, "context", "--n-prompts", "8"))
+        distill.main(micro_args(micro, stopped, "context", "--n-prompts", "16"))
     assert stop.value.code == 128 + signal.SIGINT
     assert load_checkpoint(str(stopped / "model.pt"))["distill"]["step"] == 3      # not a --save-every step
     monkeypatch.setattr(model_lib, "next_token_loss", real_loss)
-    resumed = distill.main(micro_args(micro, stopped, "context", "--n-prompts", "8", "--resume"))
+    resumed = distill.main(micro_args(micro, stopped, "context", "--n-prompts", "16", "--resume"))
     a, b = (load_checkpoint(str(d / "model.pt")) for d in (straight, stopped))
     for name, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0, msg=name)
