@@ -709,7 +709,8 @@ def main(args):
     results.update(constrained=constrained, lambdas=lambdas, timings_s=timings)
 
     # ------------------------------------------------------------------ tables and plots
-    lines = ["# Reward over-optimisation and constrained RLHF", "", f"From {args.from_shown}; preset {args.preset}.", ""]
+    lines = ["# Reward over-optimisation and constrained RLHF", "",
+             f"From {args.from_shown}; preset {args.preset}.", ""]
     if bon:
         lines += bon_tables(bon, results["rm_accuracy"])
     if rl:

@@ -1423,8 +1423,8 @@ def verb_refusals(run):
     means = {k: f"{statistics.mean(v):.2f} (n {len(v)})" for k, v in scores.items()}
     if len(means) == 4:
         lines.append(f"\nThe reward models on these answers, every aligned stage pooled (mean sigmoid score): the "
-                     f"helpfulness RM, which the Llama 2 gate reads on a borderline prompt (unless the safety RM scores the answer below "
-                     f"0.15), gives refusals "
+                     f"helpfulness RM, which the Llama 2 gate reads on a borderline prompt (unless the safety RM "
+                     f"scores the answer below 0.15), gives refusals "
                      f"{means['rm_helpfulness', 'refusals']} and helpful answers "
                      f"{means['rm_helpfulness', 'helpful answers']}; the safety RM "
                      f"{means['rm_safety', 'refusals']} and {means['rm_safety', 'helpful answers']}.")

@@ -59,7 +59,7 @@ def micro_chat_model(folder):
 
 def micro_argv(micro, out, mode, *extra):
     return ["--mode", mode, "--init", micro["policy"], "--out", str(out), "--rm-safety", micro["rm"],
-            "--rm-helpful", micro["rm"], "--n-prompts", "6", "--k", "3", "--steps", "4", "--batch-size", "8",
+            "--rm-helpful", micro["rm"], "--n-prompts", "16", "--k", "3", "--steps", "4", "--batch-size", "8",
             "--lr", "3e-3", "--warmup", "1", "--max-new-tokens", "40", "--eval-examples", "12", "--gatt-dialogs", "6",
             "--gatt-turns", "3", "--gatt-eval-dialogs", "4", "--gatt-warmup-steps", "4", "--device", "cpu", *extra]
 
@@ -250,7 +250,7 @@ def test_rejection_end_to_end_and_exact_resume(micro, tmp_path, monkeypatch):
 
 def test_context_end_to_end_and_ctrl_c_then_resume(micro, tmp_path, monkeypatch, signal_on_call):
     straight = tmp_path / "straight"
-    result = distill.main(micro_args(micro, straight, "context", "--n-prompts", "16"))
+    result = distill.main(micro_args(micro, straight, "context"))
     (phase,) = result["history"]
     assert phase["phase"] == "iteration 1" and 0 < phase["kept_share"] <= 1
     samples = read_jsonl(straight / "samples.jsonl")
@@ -263,11 +263,11 @@ def test_context_end_to_end_and_ctrl_c_then_resume(micro, tmp_path, monkeypatch,
     # SIGINT arrives while step 3 computes: the step finishes, then the run stops
     real_loss = signal_on_call(model_lib, "next_token_loss", 3)
     with pytest.raises(SystemExit) as stop:
-        distill.main(micro_args(micro, stopped, "context", "--n-prompts", "16"))
+        distill.main(micro_args(micro, stopped, "context"))
     assert stop.value.code == 128 + signal.SIGINT
     assert load_checkpoint(str(stopped / "model.pt"))["distill"]["step"] == 3      # not a --save-every step
     monkeypatch.setattr(model_lib, "next_token_loss", real_loss)
-    resumed = distill.main(micro_args(micro, stopped, "context", "--n-prompts", "16", "--resume"))
+    resumed = distill.main(micro_args(micro, stopped, "context", "--resume"))
     a, b = (load_checkpoint(str(d / "model.pt")) for d in (straight, stopped))
     for name, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0, msg=name)

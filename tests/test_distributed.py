@@ -106,7 +106,7 @@ def test_ppo_two_processes_match_one_process(chat, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     argv = ["--init", chat["policy"], "--value-init", "policy", "--rm-safety", micro["rm"], "--rm-helpful",
             micro["rm"], "--prompts", micro["prompts"], "--iterations", "3", "--batch-size", "8", "--minibatch-size",
-            "8", "--ppo-epochs", "2", "--max-new-tokens", "24", "--lr", "3e-3", "--value-lr", "3e-3", "--beta",
+            "8", "--ppo-epochs", "2", "--max-new-tokens", "32", "--lr", "3e-3", "--value-lr", "3e-3", "--beta",
             "0.05", "--kl-target", "0.5", "--missing-eos-score", "none", "--eval-prompts", "6", "--eval-every", "2",
             "--device", "cpu"]
     train_ppo.main(train_ppo.get_args([*argv, "--out", one]))
@@ -157,7 +157,7 @@ def chat(tmp_path_factory):
     return micro_chat_model(tmp_path_factory.mktemp("chat"))
 
 
-@pytest.mark.parametrize("mode, extra", [("rejection", ["--iterations", "2"]), ("context", ["--n-prompts", "8"]),
+@pytest.mark.parametrize("mode, extra", [("rejection", ["--iterations", "2"]), ("context", ["--n-prompts", "16"]),
                                          ("gatt", ["--gatt-warmup-steps", "2", "--temperature", "0.7"])])
 def test_distill_two_processes_match_one_process(chat, tmp_path, mode, extra):
     """Sampling (K answers per prompt, distilled answers, GAtt turns) and the evaluation are split over the ranks and
