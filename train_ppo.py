@@ -516,8 +516,8 @@ def get_args(argv=None):
                    "cost = minus the safety RM's raw score")
     p.add_argument("--cost-threshold", type=float, default=-0.3, help="lagrangian: the threshold d on the mean "
                    "cost -r_s over a rollout (raw safety-RM units; -0.3: a mean safety score of at least 0.3). With "
-                   "--lambda-lr 0.1, chosen for the tiny preset among d 0.2, 0, -0.3 and -1.5 by the lowest "
-                   "violation + false-refusal rate on the validation split (seed 0; -1.5 drives lambda to its cap)")
+                   "--lambda-lr 0.1, chosen for the tiny preset among d 0.2, 0 and -0.3 by the lowest violation + "
+                   "false-refusal rate on the validation split (seed 0); -1.5 drives lambda to its cap")
     p.add_argument("--lambda-init", type=runtime.positive_float, default=1.0,
                    help="lagrangian: the multiplier's starting value (Safe RLHF: 1)")
     p.add_argument("--lambda-lr", type=runtime.nonnegative_float, default=0.1,
