@@ -157,7 +157,7 @@ def chat(tmp_path_factory):
     return micro_chat_model(tmp_path_factory.mktemp("chat"))
 
 
-@pytest.mark.parametrize("mode, extra", [("rejection", ["--iterations", "2"]), ("context", ["--n-prompts", "16"]),
+@pytest.mark.parametrize("mode, extra", [("rejection", ["--iterations", "2"]), ("context", []),
                                          ("gatt", ["--gatt-warmup-steps", "2", "--temperature", "0.7"])])
 def test_distill_two_processes_match_one_process(chat, tmp_path, mode, extra):
     """Sampling (K answers per prompt, distilled answers, GAtt turns) and the evaluation are split over the ranks and
