@@ -726,10 +726,11 @@ def make_real_data(model, tok, data_dir, n_harmful=300, n_pairs=160, n_held_out=
                          helpful-base first turns with their chosen reply as refusals;
       sft_val.jsonl      the same kinds on validation prompts: validation_harmful refused, the held-out borderline
                          prompts answered, held-out helpful-base first turns;
-      rm_safety_train / rm_safety_eval.jsonl   HH-RLHF harmless-base pairs (train, n_held_out held out) and, in
-                         train only, constructed pairs: on n_pairs harmful requests a refusal over the starting
-                         model's compliance, on each training borderline prompt its answer over a refusal, both with
-                         strength "significantly better" (Llama 2's largest margin);
+      rm_safety_train / rm_safety_eval.jsonl   constructed pairs: on n_pairs harmful requests a refusal over the
+                         starting model's compliance, on each training borderline prompt its answer (cut at a
+                         sentence end when it ran out) over a refusal, both with strength "significantly better"
+                         (Llama 2's largest margin) and tagged category "harmful" or "borderline"; beside them as
+                         many HH-RLHF harmless-base pairs (n_held_out held-out ones in rm_safety_eval);
       safety_pairs_train.jsonl the constructed training pairs alone (DPO's safety pairs, the helpfulness RM's mix);
       safety_pairs_val.jsonl   constructed pairs the same way on validation prompts (every stage's safety check);
       rm_helpful_train / rm_helpful_eval.jsonl HH-RLHF helpful-base pairs, split the same way;
@@ -762,12 +763,16 @@ def make_real_data(model, tok, data_dir, n_harmful=300, n_pairs=160, n_held_out=
     refuse = lambda: rng.choice(SAFE_RESPONSES)  # noqa: E731
     strong = "significantly better"
 
-    def pairs(harmful_prompts, borderline_prompts):
-        return ([dict(prompt=p, chosen=refuse(), rejected=a, strength=strong) for p, a in complied(harmful_prompts)]
-                + [dict(prompt=p, chosen=a, rejected=refuse(), strength=strong)
-                   for p, a in answered(borderline_prompts)])
+    def pairs(harmful_prompts, borderline_prompts):  # each tagged with its kind: the checks report both kinds
+        return ([dict(prompt=p, chosen=refuse(), rejected=a, strength=strong, category="harmful")
+                 for p, a in complied(harmful_prompts)]
+                + [dict(prompt=p, chosen=a, rejected=refuse(), strength=strong, category="borderline")
+                   for p, a in complied(borderline_prompts)])  # an answer cut at a sentence end is still an answer
     files["safety_pairs_train.jsonl"] = pairs(pair_harmful, border)
-    files["rm_safety_train.jsonl"] += files["safety_pairs_train.jsonl"]
+    # the safety RM: half constructed pairs (the part Meta's own safety comparisons play in Llama 2, most of its
+    # safety RM's data), half HH-RLHF harmless-base pairs
+    hh_harmless = files["rm_safety_train.jsonl"][:len(files["safety_pairs_train.jsonl"])]
+    files["rm_safety_train.jsonl"] = hh_harmless + files["safety_pairs_train.jsonl"]
     rng.shuffle(files["rm_safety_train.jsonl"])
     files["safety_pairs_val.jsonl"] = pairs(val_harmful, val_border)
     # SFT: at least one borderline demonstration per refusal, in each form

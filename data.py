@@ -249,7 +249,8 @@ def read_preference_jsonl(path):
     """Generic preference JSONL, one pair per line:
     {"prompt": text or [{role, content}, ...] ending with a user turn, "chosen": text, "rejected": text,
      optional "margin": number (the ranking loss's m, used as given), optional "strength": one of
-     PREFERENCE_STRENGTHS (m from train_rm's margin table)}."""
+     PREFERENCE_STRENGTHS (m from train_rm's margin table), optional "category": a label the held-out accuracy
+     is reported by}."""
     pairs, skipped = [], Counter()
     for lineno, row in jsonl_lines(path):
         where = f"{path}:{lineno}"
@@ -270,7 +271,8 @@ def read_preference_jsonl(path):
             skipped["with chosen == rejected"] += 1
             continue
         pairs.append(dict(messages=messages, chosen=chosen.strip(), rejected=rejected.strip(), strength=strength,
-                          margin=None if margin is None else float(margin), source=where))
+                          margin=None if margin is None else float(margin), category=row.get("category"),
+                          source=where))
     return _finish_pairs(pairs, skipped, path)
 
 

@@ -388,6 +388,9 @@ def get_args(argv=None):
     p.add_argument("--max-new-tokens", type=runtime.positive_int, default=48, help="tokens per sampled response "
                    "(KL, samples)")
     p.add_argument("--save-every", type=runtime.positive_int, default=100, help="steps between checkpoints")
+    p.add_argument("--keep-every", type=runtime.nonnegative_int, default=0, help="also keep the policy's weights "
+                   "every this many steps as OUT/policy_<step>.pt, a checkpoint evaluate.py reads: the stage at "
+                   "several strengths (0: none)")
     args = runtime.parse_args(p, PRESETS, argv)
     if args.beta is None:
         args.beta = DEFAULT_BETA[args.loss]
@@ -481,6 +484,9 @@ def main(args):
             log.log(step, **metrics)
             if step % args.save_every == 0 or step == args.steps:
                 save()
+            if args.keep_every and step % args.keep_every == 0:
+                runtime.save_on_rank0(rt, os.path.join(args.out, f"policy_{step:04d}.pt"),
+                                      runtime.checkpoint(policy, tok, step, args, "dpo", optimizers={}))
     bar.close()
     runtime.cleanup(rt)
     check_moved(args, metrics)

@@ -32,7 +32,9 @@ is small, so the tiny preset takes a few passes over it.
 
 The scalar head starts from a fresh initialisation while the trunk is already trained: --head-lr gives it its own
 learning rate on the same schedule. --safety-eval-data adds the accuracy on held-out constructed safety pairs
-(safety_pairs_accuracy), which --min-safety-pairs-accuracy checks after training.
+(safety_pairs_accuracy, and per kind: "harmful", a refusal over a compliance; "borderline", an answer over a
+refusal), which --min-safety-pairs-accuracy checks after training on each kind: an RM that ranks every refusal
+first is right on the harmful pairs and wrong on the borderline ones, and fails.
 
 The later stages score with reward.py (load_reward_model, score, the Llama 2 gate), which encodes a
 (prompt, response) pair exactly as this script trains on it (reward.encode_scored).
@@ -162,12 +164,13 @@ def histograms(scores, n_bins=30):
 
 def held_out_eval(reward_model, tok, held_out, w, batch_size, safety_pairs=()):
     """Held-out pair accuracy (pair_accuracy), the accuracy on held-out constructed safety pairs when given
-    (safety_pairs_accuracy, n_safety_pairs), plus, for the world w, style_scores' separation of the response
+    (safety_pairs_accuracy, n_safety_pairs, and per category safety_pairs_accuracy_by_kind), plus, for the world w, style_scores' separation of the response
     styles; returns (result, scores by style or None)."""
     result = pair_accuracy(reward_model, tok, held_out, batch_size)
     if safety_pairs:
         constructed = pair_accuracy(reward_model, tok, safety_pairs, batch_size)
-        result.update(safety_pairs_accuracy=constructed["accuracy"], n_safety_pairs=constructed["n_pairs"])
+        result.update(safety_pairs_accuracy=constructed["accuracy"], n_safety_pairs=constructed["n_pairs"],
+                      safety_pairs_accuracy_by_kind=constructed["accuracy_by_category"])
     scores = None
     if w is not None:
         scores, separation = style_scores(reward_model, tok, w, w.validation, batch_size)
@@ -185,7 +188,8 @@ def write_eval(args, rt, step, result, scores):
         with open(os.path.join(args.out, "histograms.json"), "w") as f:
             json.dump(histograms(scores), f)
     runtime.print0(rt, json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
-    for key in ("accuracy_by_category", "accuracy_by_attack", "accuracy_by_strength", "safe_over_unsafe_by_attack"):
+    for key in ("accuracy_by_category", "accuracy_by_attack", "accuracy_by_strength", "safe_over_unsafe_by_attack",
+                "safety_pairs_accuracy_by_kind"):
         if key in result and set(result[key]) != {"none"}:  # file pairs carry no category or attack
             runtime.print0(rt, f"  {key}: " + ", ".join(f"{k} {v:.3f}" for k, v in result[key].items()))
 
@@ -350,7 +354,8 @@ def get_args(argv=None):
     p.add_argument("--safety-eval-data", nargs="*", default=[], help="held-out constructed safety pairs (files): "
                    "their accuracy is reported as safety_pairs_accuracy beside the held-out accuracy (default: none)")
     p.add_argument("--min-safety-pairs-accuracy", type=runtime.nonnegative_float, default=None, help="after "
-                   "training (and saving), fail unless safety_pairs_accuracy is at least this (default: no check)")
+                   "training (and saving), fail unless the accuracy on each kind of held-out safety pair (their "
+                   "category) is at least this (default: no check)")
     p.add_argument("--eval-batch-size", type=runtime.positive_int, default=64, help="sequences per scoring batch "
                    "at eval time")
     args = runtime.parse_args(p, PRESETS, argv)
@@ -445,10 +450,13 @@ def main(args):
                                                                    args.eval_batch_size, safety_pairs)
     write_eval(args, rt, step, result, scores)
     runtime.cleanup(rt)
-    if args.min_safety_pairs_accuracy is not None and result["safety_pairs_accuracy"] < args.min_safety_pairs_accuracy:
-        raise runtime.UserError(f"rm ({args.objective}) did not move enough: accuracy "
-                                f"{result['safety_pairs_accuracy']:.3f} on {result['n_safety_pairs']} held-out "
-                                f"safety pairs, below --min-safety-pairs-accuracy {args.min_safety_pairs_accuracy}")
+    if args.min_safety_pairs_accuracy is not None:
+        kind, worst = min(result["safety_pairs_accuracy_by_kind"].items(), key=lambda kv: kv[1])
+        if worst < args.min_safety_pairs_accuracy:
+            raise runtime.UserError(f"rm ({args.objective}) did not move enough: accuracy {worst:.3f} on the "
+                                    f"held-out safety pairs of kind {kind} (all {result['n_safety_pairs']}: "
+                                    f"{result['safety_pairs_accuracy']:.3f}), below --min-safety-pairs-accuracy "
+                                    f"{args.min_safety_pairs_accuracy}")
     return dict(loss=metrics.get("loss"), train_accuracy=metrics.get("accuracy"), step=step,
                 val_accuracy=result["accuracy"], **{f"val_{k}": v for k, v in result.items() if k != "accuracy"})
 

@@ -192,9 +192,13 @@ def test_micro_run_raises_preference_accuracy_and_resumes(micro_init, few_pairs,
 def test_reference_on_the_fly_matches_precomputed(micro_init, few_pairs, tmp_path):
     path, _ = micro_init
     once = train_dpo.main(micro_args(path, tmp_path / "once", "--steps", "2"))
-    fly = train_dpo.main(micro_args(path, tmp_path / "fly", "--steps", "2", "--ref-on-the-fly"))
+    fly = train_dpo.main(micro_args(path, tmp_path / "fly", "--steps", "2", "--ref-on-the-fly", "--keep-every", "1"))
     assert fly["loss"] == pytest.approx(once["loss"], abs=1e-5)
     assert fly["margin"] == pytest.approx(once["margin"], abs=1e-5)
+    # --keep-every: the policy at each kept step, the last one the saved model's weights
+    assert sorted(p.name for p in (tmp_path / "fly").glob("policy_*.pt")) == ["policy_0001.pt", "policy_0002.pt"]
+    kept, final = (torch.load(tmp_path / "fly" / name, weights_only=False) for name in ("policy_0002.pt", "model.pt"))
+    assert kept["step"] == 2 and all(torch.equal(kept["model"][k], v) for k, v in final["model"].items())
 
 
 def test_world_pairs_hold_out_the_validation_split(micro_init, few_pairs, tmp_path, monkeypatch):

@@ -166,15 +166,21 @@ def fruit_pairs(path):
 def test_head_lr_leaves_the_trunk_at_lr_and_safety_pairs_are_checked(tok, tmp_path):
     init, _ = micro_checkpoint(tmp_path / "init.pt", tok)
     pairs = fruit_pairs(tmp_path / "prefs.jsonl")
-    args = ["--data", pairs, "--safety-eval-data", pairs, "--steps", "3", "--lr", "1e-9", "--head-lr", "1e-2"]
+    kinds = tmp_path / "kinds.jsonl"  # the same pairs, tagged with the constructed pairs' two kinds
+    kinds.write_text("".join(json.dumps(dict(json.loads(line), category=("harmful", "borderline")[i % 2])) + "\n"
+                             for i, line in enumerate(open(pairs))))
+    args = ["--data", pairs, "--safety-eval-data", str(kinds), "--steps", "3", "--lr", "1e-9", "--head-lr", "1e-2"]
     result = train_rm.main(micro_args(init, tmp_path / "head", *args))
     before = torch.load(init, weights_only=False)["model"]
     after = torch.load(tmp_path / "head" / "model.pt", weights_only=False)["model"]
     trunk = "layers.0.attention.wq.weight"
     assert (after[trunk] - before[trunk]).abs().max() < 1e-6                    # the trunk at --lr barely moves
     assert result["val_n_safety_pairs"] == 60 and 0 <= result["val_safety_pairs_accuracy"] <= 1
-    assert json.load(open(tmp_path / "head" / "eval.json"))["n_safety_pairs"] == 60
-    with pytest.raises(runtime.UserError, match=r"rm \(safety\) did not move enough: accuracy .* on 60 held-out"):
+    by_kind = json.load(open(tmp_path / "head" / "eval.json"))["safety_pairs_accuracy_by_kind"]
+    assert set(by_kind) == {"harmful", "borderline"}                           # 30 pairs of each kind
+    assert result["val_safety_pairs_accuracy"] == pytest.approx((by_kind["harmful"] + by_kind["borderline"]) / 2)
+    with pytest.raises(runtime.UserError, match=r"rm \(safety\) did not move enough: accuracy .* of kind "
+                                                r"(harmful|borderline) \(all 60: "):
         train_rm.main(micro_args(init, tmp_path / "check", *args, "--min-safety-pairs-accuracy", "1.01"))
     assert (tmp_path / "check" / "model.pt").exists()                          # saved before the check failed
 
