@@ -734,12 +734,13 @@ def make_real_data(model, tok, data_dir, n_harmful=300, n_pairs=160, n_held_out=
       safety_pairs_train.jsonl the constructed training pairs alone (DPO's safety pairs, the helpfulness RM's mix);
       safety_pairs_val.jsonl   constructed pairs the same way on validation prompts (every stage's safety check);
       rm_helpful_train / rm_helpful_eval.jsonl HH-RLHF helpful-base pairs, split the same way;
-      prompts.jsonl      RL prompts: harmful requests (safety true) in both forms, borderline and helpful ones.
+      prompts.jsonl      RL prompts: harmful requests (safety true) in both forms, borderline and helpful ones;
+      prompts_val.jsonl  every validation prompt, harmful ones (safety true) and held-out borderline ones, both
+                         forms (rejection sampling's and context distillation's checks).
     Harmful requests are split once: the SFT refusals, the constructed pairs and the RL prompts use disjoint ones."""
     rng = random.Random(seed)
     held = test_prompts(data_dir)
-    val_harmful = validation_harmful(data_dir, held)
-    val_harmful += [q for q in map(other_form, val_harmful) if q]  # HarmBench and JailbreakBench ask by command
+    val_harmful, val_border = validation_sets(data_dir, held)
     harmful = training_harmful(data_dir, held | validation_prompts(data_dir))
     rng.shuffle(harmful)
     pair_harmful, rl_harmful, sft_pool = harmful[:n_pairs], harmful[n_pairs:2 * n_pairs], harmful[2 * n_pairs:]
@@ -749,10 +750,8 @@ def make_real_data(model, tok, data_dir, n_harmful=300, n_pairs=160, n_held_out=
                                    held)
         files[f"{name}_train.jsonl"], files[f"{name}_eval.jsonl"] = train, held_out
     # the starting model's own answers: compliance with harmful requests, answers to the borderline ones
-    val_border = held_out_borderline()
-    border = [p for p in BORDERLINE_PROMPTS if p not in val_border]
+    border = [p for p in BORDERLINE_PROMPTS if p not in held_out_borderline()]
     border += [q for q in map(other_form, border) if q]
-    val_border += [q for q in map(other_form, val_border) if q]
     asked = pair_harmful + val_harmful + border + val_border
     answers = respond(model, tok, [[BRIEFLY, {"role": "user", "content": p}] for p in asked], max_new_tokens,
                       batch_size=batch_size, desc="starting model's answers" if progress else None)
@@ -794,7 +793,23 @@ def make_real_data(model, tok, data_dir, n_harmful=300, n_pairs=160, n_held_out=
                 for r in helpful[len(refused):len(refused) + len(rl_safety)]]
     rng.shuffle(prompts)
     files["prompts.jsonl"] = prompts
+    files["prompts_val.jsonl"] = validation_prompt_rows(data_dir, held)
     return files
+
+
+def validation_sets(data_dir, held=None):
+    """(harmful, borderline) validation prompts, each in both forms: validation_harmful and held_out_borderline."""
+    val_harmful = validation_harmful(data_dir, held)
+    val_harmful += [q for q in map(other_form, val_harmful) if q]  # HarmBench and JailbreakBench ask by command
+    val_border = held_out_borderline()
+    val_border += [q for q in map(other_form, val_border) if q]
+    return val_harmful, val_border
+
+
+def validation_prompt_rows(data_dir, held=None):
+    """prompts_val.jsonl: every validation prompt, harmful ones tagged safety (what distill.py --val-prompts reads)."""
+    val_harmful, val_border = validation_sets(data_dir, held)
+    return [dict(prompt=p, safety=True) for p in val_harmful] + [dict(prompt=p, safety=False) for p in val_border]
 
 
 # ---------------------------------------------------------------------------------------------- command line

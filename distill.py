@@ -18,7 +18,11 @@ r"""Fine-tuning on the model's own selected answers: rejection sampling, safety 
 Every mode fine-tunes with the SFT loss (model.next_token_loss: model.masked_nll on answer tokens only, or
 model.chunked_nll with --chunked-loss), one runtime.next_token_step per optimizer step.
 After each phase (--eval) the gold judge grades greedy answers to the world's validation prompts (gatt: adherence on
-validation dialogues); the test split is evaluate.py's alone.
+validation dialogues); the test split is evaluate.py's alone. A real model has no gold judge: --val-prompts gives
+validation prompts (harmful ones tagged safety, borderline ones not), and after training the refusal rate of the
+--init model's and the trained model's greedy answers on each kind is written to val_refusals.json with n and 95%
+Wilson intervals (benchmarks.refusal, the checked refusal detector); --check-refusal-change fails the run unless,
+on one kind at least, the two intervals do not overlap: a stage that does not move its model fails.
 
 Deliberate deviations, measured on the tiny preset on the validation split:
 - The tiny SFT model cannot read instructions: the world's SFT data pair every extra sentence around a request
@@ -54,6 +58,7 @@ import random
 import torch
 from tqdm import tqdm
 
+import benchmarks
 import data
 import judge
 import loaders
@@ -399,6 +404,12 @@ def get_args(argv=None):
                    "validation dialogues)")
     p.add_argument("--eval-examples", type=runtime.nonnegative_int, default=0,
                    help="about this many validation examples evaluated, spread over the split (0: all)")
+    p.add_argument("--val-prompts", default=None, help="JSONL of validation prompts (safety true: harmful, else "
+                   "borderline): refusal rates of --init and of the trained model on each kind, val_refusals.json")
+    p.add_argument("--val-max-new-tokens", type=runtime.positive_int, default=64, help="answer length for "
+                   "--val-prompts (the refusal detector reads the first two sentences)")
+    p.add_argument("--check-refusal-change", action="store_true", help="with --val-prompts: fail unless the "
+                   "refusal rate's 95%% intervals before and after do not overlap on one kind at least")
     p.add_argument("--gen-batch-size", type=runtime.positive_int, help="prompts per generation batch")
     p.add_argument("--eval-batch-size", type=runtime.positive_int, default=64, help="sequences per RM scoring batch")
     p.add_argument("--save-every", type=runtime.positive_int, default=20, help="steps between checkpoints in a phase")
@@ -413,6 +424,8 @@ def get_args(argv=None):
                if getattr(args, RM_FLAGS[name]) is None]
     if missing:
         p.error(f"--mode {args.mode} with these flags needs {' and '.join(missing)} (a reward model from train_rm.py)")
+    if args.check_refusal_change and not args.val_prompts:
+        p.error("--check-refusal-change needs --val-prompts FILE")
     if args.temperature is None:
         args.temperature = args.rs_temperature if args.mode == "rejection" else 0.0
     if args.lr is None:
@@ -521,6 +534,45 @@ def phase_eval(policy, tok, args, rt, inputs, name):
     return metrics
 
 
+def validation_refusals(model, tok, prompts, max_new_tokens, batch_size, desc):
+    """Refusal rates of greedy answers to validation prompts by kind: "harmful" (safety true) and "borderline",
+    each {refusal_rate, _ci (95% Wilson), _n} (judge.rate_metrics), with benchmarks.refusal as the detector."""
+    answers = respond(model, tok, [p["messages"] for p in prompts], max_new_tokens, batch_size=batch_size, desc=desc)
+    rates = {}
+    for kind, safety in (("harmful", True), ("borderline", False)):
+        refused = [int(benchmarks.refusal(a.text or "")) for p, a in zip(prompts, answers) if p["safety"] == safety]
+        if refused:
+            rates[kind] = judge.rate_metrics("refusal_rate", refused)
+    return rates
+
+
+def intervals_apart(before, after):
+    """The kinds whose refusal-rate intervals before and after do not overlap."""
+    return [k for k in after if after[k]["refusal_rate_ci"][0] > before[k]["refusal_rate_ci"][1]
+            or after[k]["refusal_rate_ci"][1] < before[k]["refusal_rate_ci"][0]]
+
+
+def refusal_change(args, rt, policy, tok):
+    """--val-prompts: validation refusal rates of the --init model and of the trained one (val_refusals.json), and
+    --check-refusal-change's verdict: moved when, on one kind at least, the two 95% intervals do not overlap."""
+    prompts = data.read_prompts(args.val_prompts)
+    start, _, _ = loaders.load_policy(args.init, rt.device)
+    before = validation_refusals(start, tok, prompts, args.val_max_new_tokens, args.gen_batch_size, "validation, init")
+    del start
+    after = validation_refusals(policy, tok, prompts, args.val_max_new_tokens, args.gen_batch_size,
+                                "validation, trained")
+    apart = intervals_apart(before, after)
+    line = "; ".join(f"{k} {100 * before[k]['refusal_rate']:.1f}% -> {100 * after[k]['refusal_rate']:.1f}% "
+                     f"(n {after[k]['refusal_rate_n']})" for k in after)
+    runtime.print0(rt, f"validation refusal rates: {line}")
+    if rt.is_main:
+        with open(os.path.join(args.out, "val_refusals.json"), "w") as f:
+            json.dump(dict(init=before, trained=after, moved=apart), f, indent=1)
+    if args.check_refusal_change and not apart:
+        raise runtime.UserError(f"{args.mode} did not move enough: validation refusal rates {line}, every 95% "
+                                f"interval overlapping the --init model's")
+
+
 def report(args, rt, history):
     """eval.json with every phase's numbers; for rejection sampling, best_of_k.json and its curves printed."""
     if not rt.is_main:
@@ -613,6 +665,8 @@ def main(args):
 
     # ------------------------------------------------------------------ final report
     report(args, rt, state["history"])
+    if args.val_prompts:
+        refusal_change(args, rt, policy, tok)
     runtime.cleanup(rt)
     return dict(state["history"][-1] if state["history"] else {}, history=state["history"])
 

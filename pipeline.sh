@@ -463,8 +463,10 @@ real_sizes() {  # each stage's sizes at SCALE. cpu: 2 cores (92 min with earlier
     RM_CHECK=(--min-safety-pairs-accuracy 0.9)
     PPO_CHECK=(--kl-range 0.02 20 --min-score-rise 0.01)
     DPO_CHECK=(--max-safety-val-loss 0.4 --min-safety-val-accuracy 0.8)
+    # rejection sampling and context distillation: validation refusal rates, before and after, intervals apart
+    DISTILL_CHECK=(--val-prompts "$RUN/data/prompts_val.jsonl" --check-refusal-change)
   else
-    SFT_CHECK=() RM_CHECK=() PPO_CHECK=() DPO_CHECK=()
+    SFT_CHECK=() RM_CHECK=() PPO_CHECK=() DPO_CHECK=() DISTILL_CHECK=()
   fi
 }
 
@@ -511,10 +513,10 @@ real_pipeline() {  # PRESET=smollm2: every stage from SmolLM2-135M-Instruct on t
     --safety-val-data "$d/safety_pairs_val.jsonl" "${DPO[@]}" "${DPO_CHECK[@]}" --out "$RUN/dpo"
   side_by_side rs $PYTHON distill.py --mode rejection --init "$RUN/sft/model.pt" --prompts "$d/prompts.jsonl" \
     --rm-safety "$RUN/rm_safety/model.pt" --rm-helpful "$RUN/rm_helpful/model.pt" --no-eval "${RS[@]}" \
-    --out "$RUN/rs"
+    "${DISTILL_CHECK[@]}" --out "$RUN/rs"
   side_by_side distill $PYTHON distill.py --mode context --context generic --init "$RUN/sft/model.pt" \
     --prompts "$d/prompts.jsonl" --rm-safety "$RUN/rm_safety/model.pt" --replay-data "$d/sft.jsonl" --no-eval \
-    "${CD[@]}" --out "$RUN/distill"
+    "${CD[@]}" "${DISTILL_CHECK[@]}" --out "$RUN/distill"
   join
 
   # 8. Every stage on the public benchmarks, with n and 95% intervals

@@ -128,13 +128,21 @@ def test_make_real_data_keeps_test_prompts_out_of_training_and_validation(monkey
     val = benchmarks.validation_prompts(DATA)
     training = ("sft.jsonl", "rm_safety_train.jsonl", "rm_helpful_train.jsonl", "safety_pairs_train.jsonl",
                 "prompts.jsonl")
-    validation = ("sft_val.jsonl", "safety_pairs_val.jsonl", "rm_safety_eval.jsonl", "rm_helpful_eval.jsonl")
+    validation = ("sft_val.jsonl", "safety_pairs_val.jsonl", "rm_safety_eval.jsonl", "rm_helpful_eval.jsonl",
+                  "prompts_val.jsonl")
     for name in training + validation:
         assert files[name] and not [p for p in prompts(name) if norm(p) in test], name
     for name in training:
         assert not [p for p in prompts(name) if norm(p) in val], name
     assert {norm(p) for p in prompts("safety_pairs_val.jsonl")} <= val
-    assert all(r in files["rm_safety_train.jsonl"] for r in files["safety_pairs_train.jsonl"])
+    assert {norm(p) for p in prompts("prompts_val.jsonl")} == val                  # every validation prompt
+    assert {norm(r["prompt"]) for r in files["prompts_val.jsonl"] if not r["safety"]} <= BORDER
+    # the safety RM's file: the constructed pairs, tagged by kind, and as many HH-RLHF harmless-base pairs
+    constructed = files["safety_pairs_train.jsonl"]
+    assert all(r in files["rm_safety_train.jsonl"] for r in constructed)
+    assert len(files["rm_safety_train.jsonl"]) == 2 * len(constructed)
+    assert {r["category"] for r in constructed} == {"harmful", "borderline"}
+    assert all((r["category"] == "harmful") == (r["chosen"] in benchmarks.SAFE_RESPONSES) for r in constructed)
     for name in ("rm_safety", "rm_helpful"):  # held-out pairs are not training pairs
         train = {(str(r["prompt"]), r["chosen"]) for r in files[f"{name}_train.jsonl"]}
         eval_rows = files[f"{name}_eval.jsonl"]
