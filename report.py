@@ -57,6 +57,8 @@ import textwrap
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
+
 import data
 import judge
 import runtime
@@ -1363,6 +1365,73 @@ def stage_logs(run):
     return "\n".join(head + rows)
 
 
+def _config(run, stage):
+    path = os.path.join(run, stage, "config.json")
+    return read_json(path) if os.path.isfile(path) else {}
+
+
+def _rate(m):
+    """'rate% [low-high] (n N)' of a judge.rate_metrics dict."""
+    low, high = m["refusal_rate_ci"]
+    return f"{100 * m['refusal_rate']:.1f}% [{100 * low:.1f}-{100 * high:.1f}] (n {m['refusal_rate_n']})"
+
+
+def movement_checks(run):
+    """A real-model run's movement checks, stage by stage, as each stage measured them on validation: what was
+    measured, the threshold the run declared (each stage's config.json) and whether it held. A stage that has not
+    run (or not finished) shows '-'."""
+    show = lambda x, f="{:.3f}": "-" if not _number(x) else f.format(x)  # noqa: E731
+    verdict = lambda ok: "-" if ok is None else "yes" if ok else "**no**"  # noqa: E731
+    lines = ["| stage | measured on validation | threshold | held |", "|---|---|---|---|"]
+    sft, start = _config(run, "sft"), None
+    if os.path.isfile(os.path.join(run, "sft", "model.pt")):
+        start = torch.load(os.path.join(run, "sft", "model.pt"), map_location="cpu", mmap=True,
+                           weights_only=False).get("start_val_loss")
+    end = first_last(os.path.join(run, "sft", "metrics.jsonl"), "val_loss")[1]
+    drop = start - end if _number(start) and _number(end) else None
+    need = sft.get("min_val_drop")
+    lines.append(f"| SFT | loss on sft_val.jsonl {show(start)} -> {show(end)} | drop >= {show(need, '{}')} | "
+                 f"{verdict(None if drop is None or need is None else drop >= need)} |")
+    for name in ("rm_safety", "rm_helpful"):
+        path, need = os.path.join(run, name, "eval.json"), _config(run, name).get("min_safety_pairs_accuracy")
+        e = read_json(path) if os.path.isfile(path) else {}
+        kinds = e.get("safety_pairs_accuracy_by_kind") or {}
+        told = ", ".join(f"{k} {show(v)}" for k, v in kinds.items())
+        lines.append(f"| {name} | HH held-out accuracy {show(e.get('accuracy'))} (n {e.get('n_pairs', '-')}); "
+                     f"constructed safety pairs {show(e.get('safety_pairs_accuracy'))} (n "
+                     f"{e.get('n_safety_pairs', '-')}{': ' + told if told else ''}) | each kind >= "
+                     f"{show(need, '{}')} | {verdict(None if not kinds or need is None else min(kinds.values()) >= need)} |")
+    ppo, cfg = read_log(os.path.join(run, "ppo", "metrics.jsonl")), _config(run, "ppo")
+    scores = [r["R_c"] for r in ppo if _number(r.get("R_c"))]
+    kl = next((r["kl"] for r in reversed(ppo) if _number(r.get("kl"))), None)
+    quarter = max(1, len(scores) // 4)
+    first, last = (sum(scores[:quarter]) / quarter, sum(scores[-quarter:]) / quarter) if scores else (None, None)
+    low_high, rise = cfg.get("kl_range"), cfg.get("min_score_rise")
+    ok = None if kl is None or not low_high or rise is None else \
+        low_high[0] <= kl <= low_high[1] and last - first >= rise
+    lines.append(f"| PPO | KL to SFT at the last iteration {show(kl)} nats; mean R_c, first {quarter} iterations "
+                 f"{show(first)} -> last {quarter} {show(last)} | KL in {low_high or '-'}; R_c rise >= "
+                 f"{show(rise, '{}')} | {verdict(ok)} |")
+    dpo, cfg = read_log(os.path.join(run, "dpo", "metrics.jsonl")), _config(run, "dpo")
+    end = next((r for r in reversed(dpo) if _number(r.get("val_loss_safety"))), {})
+    need_loss, need_acc = cfg.get("max_safety_val_loss"), cfg.get("min_safety_val_accuracy")
+    ok = None if not end or need_loss is None or need_acc is None else \
+        end["val_loss_safety"] < need_loss and end["val_accuracy_safety"] >= need_acc
+    lines.append(f"| DPO | held-out safety pairs: loss {show(end.get('val_loss_safety'))} (ln 2 = 0.693), "
+                 f"accuracy {show(end.get('val_accuracy_safety'))}; held-out helpful pairs: loss "
+                 f"{show(end.get('val_loss_other'))}, accuracy {show(end.get('val_accuracy_other'))}; sampled KL "
+                 f"{show(end.get('kl'))} | loss < {show(need_loss, '{}')}, accuracy >= {show(need_acc, '{}')} | "
+                 f"{verdict(ok)} |")
+    for name, label in (("rs", "rejection sampling"), ("distill", "context distillation")):
+        path = os.path.join(run, name, "val_refusals.json")
+        v = read_json(path) if os.path.isfile(path) else {}
+        told = "; ".join(f"{k}: {_rate(v['init'][k])} -> {_rate(v['trained'][k])}" for k in v.get("trained", {}))
+        lines.append(f"| {label} | refusal rate of greedy answers to prompts_val.jsonl, SFT -> {name}: "
+                     f"{told or '-'} | the 95% intervals apart on one kind | "
+                     f"{verdict(None if not v else bool(v['moved']))} |")
+    return "\n".join(lines)
+
+
 def per_seed_table(run, baseline="sft"):
     """Every seed's stages against that seed's SFT: the headline rates with intervals, and violations as a share of
     SFT's."""
@@ -1530,8 +1599,14 @@ def write_docs(run, docs):
     if any(isinstance(m.get("benchmarks"), dict) for m in rows.values()):  # a real-model run
         with open(os.path.join(run, "eval", "metrics.md"), encoding="utf-8") as f:
             tables = f.read()
+        plot = os.path.join(run, "eval", "benchmark_tradeoff.png")
+        if os.path.isfile(plot):
+            shutil.copyfile(plot, os.path.join(docs, "smollm2_tradeoff.png"))
         return [write_blocks(os.path.join(docs, "smollm2.md"), {"smollm2": "\n\n".join(
-            [head, stage_times(seconds), tables])})]
+            [head, "### Each stage's check that it moved", movement_checks(run), "### Wall time of each stage",
+             stage_times(seconds), "### The test benchmarks", tables]
+            + (["![AdvBench refusal against XSTest false refusal, every checkpoint](smollm2_tradeoff.png)"]
+               if os.path.isfile(plot) else []))})]
     with open(os.path.join(run, "eval", "metrics.md"), encoding="utf-8") as f:
         tables = f.read()
     seeds = len(seed_runs(run))

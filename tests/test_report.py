@@ -15,6 +15,7 @@ import sys
 from collections import Counter
 
 import pytest
+import torch
 
 import data
 import evaluate
@@ -438,6 +439,40 @@ def test_a_real_model_run_shows_its_benchmark_answers(tmp_path):
     assert [t["caption"] for t in page.tables if t["cls"] == "metrics"] == ["benchmarks"]
     notices = " ".join(page.notices)  # seeds and the sweep are the embedded world's, not a real model's
     assert "One seed" not in notices and "No safety-data sweep" not in notices
+
+
+def test_a_real_model_runs_movement_checks_are_read_from_each_stage(tmp_path):
+    def write(stage, name, content):
+        os.makedirs(tmp_path / stage, exist_ok=True)
+        path = tmp_path / stage / name
+        if name.endswith(".jsonl"):
+            data.write_jsonl(str(path), content)
+        else:
+            path.write_text(json.dumps(content))
+    write("sft", "config.json", dict(min_val_drop=0.1))
+    torch.save(dict(start_val_loss=2.5), tmp_path / "sft" / "model.pt")
+    write("sft", "metrics.jsonl", [dict(step=10, val_loss=2.45), dict(step=20, val_loss=2.3)])     # a drop of 0.2
+    write("rm_safety", "config.json", dict(min_safety_pairs_accuracy=0.9))
+    write("rm_safety", "eval.json", dict(accuracy=0.6, n_pairs=400, safety_pairs_accuracy=0.9, n_safety_pairs=20,
+                                         safety_pairs_accuracy_by_kind=dict(borderline=0.5, harmful=1.0)))
+    write("ppo", "config.json", dict(kl_range=[0.02, 20], min_score_rise=0.01))
+    write("ppo", "metrics.jsonl", [dict(R_c=r, kl=k) for r, k in ((0.4, 0.0), (0.5, 0.01), (0.6, 0.02), (0.5, 0.05),
+                                                                   (0.45, 0.08), (0.7, 0.1), (0.6, 0.1), (0.5, 0.3))])
+    write("dpo", "config.json", dict(max_safety_val_loss=0.4, min_safety_val_accuracy=0.8))
+    write("dpo", "metrics.jsonl", [dict(val_loss_safety=0.6, val_accuracy_safety=0.5),
+                                   dict(val_loss_safety=0.3, val_accuracy_safety=0.75, val_loss_other=0.69, kl=0.4)])
+    rate = lambda r, low, high, n: dict(refusal_rate=r, refusal_rate_ci=[low, high], refusal_rate_n=n)  # noqa: E731
+    write("rs", "val_refusals.json", dict(init=dict(harmful=rate(0.5, 0.4, 0.6, 100)),
+                                         trained=dict(harmful=rate(0.8, 0.7, 0.9, 100)), moved=["harmful"]))
+    rows = {line.split(" | ")[0].strip("| "): line for line in report.movement_checks(str(tmp_path)).splitlines()}
+    assert "2.500 -> 2.300" in rows["SFT"] and rows["SFT"].endswith("| yes |")
+    assert "borderline 0.500, harmful 1.000" in rows["rm_safety"] and rows["rm_safety"].endswith("| **no** |")
+    assert rows["rm_helpful"].endswith("| - |")                                          # not run: no verdict
+    # the first two of eight iterations against the last two: (0.4 + 0.5) / 2 -> (0.6 + 0.5) / 2, KL 0.3 at the end
+    assert "0.300 nats" in rows["PPO"] and "0.450 -> last 2 0.550" in rows["PPO"] and rows["PPO"].endswith("| yes |")
+    assert "loss 0.300" in rows["DPO"] and "accuracy 0.750" in rows["DPO"] and rows["DPO"].endswith("| **no** |")
+    assert "50.0% [40.0-60.0] (n 100) -> 80.0% [70.0-90.0]" in rows["rejection sampling"]
+    assert rows["rejection sampling"].endswith("| yes |") and rows["context distillation"].endswith("| - |")
 
 
 @pytest.mark.parametrize("bad", ["no evaluation", "malformed metrics", "malformed answer", "missing field"])
