@@ -1297,6 +1297,9 @@ def run_log(run):
                 done, fact = STAGE_DONE.match(line.rstrip("\n")), RUN_FACT.match(line.rstrip("\n"))
                 if done:
                     seconds[done[1]] = int(done[2])
+                elif fact and fact[1] == "commit" and fact[1] in facts:  # resumed at another commit: both
+                    if fact[2] not in facts["commit"].split(", resumed at "):
+                        facts["commit"] += f", resumed at {fact[2]}"
                 elif fact:  # a resumed run logs again: its first start, its last finish
                     facts[fact[1]] = fact[2] if fact[1] == "finished" else facts.get(fact[1], fact[2])
     return facts, seconds
