@@ -1412,9 +1412,9 @@ def movement_checks(run):
     low_high, rise = cfg.get("kl_range"), cfg.get("min_score_rise")
     ok = None if kl is None or not low_high or rise is None else \
         low_high[0] <= kl <= low_high[1] and last - first >= rise
-    lines.append(f"| PPO | KL to SFT at the last iteration {show(kl)} nats; mean R_c, first {quarter} iterations "
-                 f"{show(first)} -> last {quarter} {show(last)} | KL in {low_high or '-'}; R_c rise >= "
-                 f"{show(rise, '{}')} | {verdict(ok)} |")
+    told = f"KL to SFT at the last iteration {show(kl)} nats; mean R_c, first {quarter} iterations {show(first)} " \
+        f"-> last {quarter} {show(last)}" if scores else "not run"
+    lines.append(f"| PPO | {told} | KL in {low_high or '-'}; R_c rise >= {show(rise, '{}')} | {verdict(ok)} |")
     dpo, cfg = read_log(os.path.join(run, "dpo", "metrics.jsonl")), _config(run, "dpo")
     end = next((r for r in reversed(dpo) if _number(r.get("val_loss_safety"))), {})
     need_loss, need_acc = cfg.get("max_safety_val_loss"), cfg.get("min_safety_val_accuracy")
@@ -1429,8 +1429,8 @@ def movement_checks(run):
         path = os.path.join(run, name, "val_refusals.json")
         v = read_json(path) if os.path.isfile(path) else {}
         told = "; ".join(f"{k}: {_rate(v['init'][k])} -> {_rate(v['trained'][k])}" for k in v.get("trained", {}))
-        lines.append(f"| {label} | refusal rate of greedy answers to prompts_val.jsonl, SFT -> {name}: "
-                     f"{told or '-'} | the 95% intervals apart on one kind | "
+        told = f"refusal rate of greedy answers to prompts_val.jsonl, SFT -> {name}: {told}" if told else "not run"
+        lines.append(f"| {label} | {told} | the 95% intervals apart on one kind | "
                      f"{verdict(None if not v else bool(v['moved']))} |")
     return "\n".join(lines)
 

@@ -483,6 +483,7 @@ def test_a_real_model_runs_movement_checks_are_read_from_each_stage(tmp_path):
     assert "loss 0.300" in rows["DPO"] and "accuracy 0.750" in rows["DPO"] and rows["DPO"].endswith("| **no** |")
     assert "50.0% [40.0-60.0] (n 100) -> 80.0% [70.0-90.0]" in rows["rejection sampling"]
     assert rows["rejection sampling"].endswith("| yes |") and rows["context distillation"].endswith("| - |")
+    assert "| context distillation | not run |" in rows["context distillation"]
 
 
 @pytest.mark.parametrize("bad", ["no evaluation", "malformed metrics", "malformed answer", "missing field"])
