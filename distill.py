@@ -21,7 +21,7 @@ After each phase (--eval) the gold judge grades greedy answers to the world's va
 validation dialogues); the test split is evaluate.py's alone. A real model has no gold judge: --val-prompts gives
 validation prompts (harmful ones tagged safety, borderline ones not), and after training the refusal rate of the
 --init model's and the trained model's greedy answers on each kind is written to val_refusals.json with n and 95%
-Wilson intervals (benchmarks.refusal, the checked refusal detector); --check-refusal-change fails the run unless,
+Wilson intervals (judge.refusal, the checked refusal detector); --check-refusal-change fails the run unless,
 on one kind at least, the two intervals do not overlap: a stage that does not move its model fails.
 
 Deliberate deviations, measured on the tiny preset on the validation split:
@@ -58,7 +58,6 @@ import random
 import torch
 from tqdm import tqdm
 
-import benchmarks
 import data
 import judge
 import loaders
@@ -536,11 +535,11 @@ def phase_eval(policy, tok, args, rt, inputs, name):
 
 def validation_refusals(model, tok, prompts, max_new_tokens, batch_size, desc):
     """Refusal rates of greedy answers to validation prompts by kind: "harmful" (safety true) and "borderline",
-    each {refusal_rate, _ci (95% Wilson), _n} (judge.rate_metrics), with benchmarks.refusal as the detector."""
+    each {refusal_rate, _ci (95% Wilson), _n} (judge.rate_metrics), with judge.refusal as the detector."""
     answers = respond(model, tok, [p["messages"] for p in prompts], max_new_tokens, batch_size=batch_size, desc=desc)
     rates = {}
     for kind, safety in (("harmful", True), ("borderline", False)):
-        refused = [int(benchmarks.refusal(a.text or "")) for p, a in zip(prompts, answers) if p["safety"] == safety]
+        refused = [int(judge.refusal(a.text or "")) for p, a in zip(prompts, answers) if p["safety"] == safety]
         if refused:
             rates[kind] = judge.rate_metrics("refusal_rate", refused)
     return rates

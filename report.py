@@ -1400,10 +1400,11 @@ def movement_checks(run):
         e = read_json(path) if os.path.isfile(path) else {}
         kinds = e.get("safety_pairs_accuracy_by_kind") or {}
         told = ", ".join(f"{k} {show(v)}" for k, v in kinds.items())
+        ok = None if not kinds or need is None else min(kinds.values()) >= need
         lines.append(f"| {name} | HH held-out accuracy {show(e.get('accuracy'))} (n {e.get('n_pairs', '-')}); "
                      f"constructed safety pairs {show(e.get('safety_pairs_accuracy'))} (n "
                      f"{e.get('n_safety_pairs', '-')}{': ' + told if told else ''}) | each kind >= "
-                     f"{show(need, '{}')} | {verdict(None if not kinds or need is None else min(kinds.values()) >= need)} |")
+                     f"{show(need, '{}')} | {verdict(ok)} |")
     ppo, cfg = read_log(os.path.join(run, "ppo", "metrics.jsonl")), _config(run, "ppo")
     scores = [r["R_c"] for r in ppo if _number(r.get("R_c"))]
     kl = next((r["kl"] for r in reversed(ppo) if _number(r.get("kl"))), None)

@@ -164,8 +164,8 @@ def histograms(scores, n_bins=30):
 
 def held_out_eval(reward_model, tok, held_out, w, batch_size, safety_pairs=()):
     """Held-out pair accuracy (pair_accuracy), the accuracy on held-out constructed safety pairs when given
-    (safety_pairs_accuracy, n_safety_pairs, and per category safety_pairs_accuracy_by_kind), plus, for the world w, style_scores' separation of the response
-    styles; returns (result, scores by style or None)."""
+    (safety_pairs_accuracy, n_safety_pairs, per category safety_pairs_accuracy_by_kind), plus, for the world w,
+    style_scores' separation of the response styles; returns (result, scores by style or None)."""
     result = pair_accuracy(reward_model, tok, held_out, batch_size)
     if safety_pairs:
         constructed = pair_accuracy(reward_model, tok, safety_pairs, batch_size)
@@ -450,15 +450,21 @@ def main(args):
                                                                    args.eval_batch_size, safety_pairs)
     write_eval(args, rt, step, result, scores)
     runtime.cleanup(rt)
-    if args.min_safety_pairs_accuracy is not None:
-        kind, worst = min(result["safety_pairs_accuracy_by_kind"].items(), key=lambda kv: kv[1])
-        if worst < args.min_safety_pairs_accuracy:
-            raise runtime.UserError(f"rm ({args.objective}) did not move enough: accuracy {worst:.3f} on the "
-                                    f"held-out safety pairs of kind {kind} (all {result['n_safety_pairs']}: "
-                                    f"{result['safety_pairs_accuracy']:.3f}), below --min-safety-pairs-accuracy "
-                                    f"{args.min_safety_pairs_accuracy}")
+    check_moved(args, result)
     return dict(loss=metrics.get("loss"), train_accuracy=metrics.get("accuracy"), step=step,
                 val_accuracy=result["accuracy"], **{f"val_{k}": v for k, v in result.items() if k != "accuracy"})
+
+
+def check_moved(args, result):
+    """The stage's own check (--min-safety-pairs-accuracy): the accuracy on each kind of held-out safety pair."""
+    if args.min_safety_pairs_accuracy is None:
+        return
+    kind, worst = min(result["safety_pairs_accuracy_by_kind"].items(), key=lambda kv: kv[1])
+    if worst < args.min_safety_pairs_accuracy:
+        raise runtime.UserError(f"rm ({args.objective}) did not move enough: accuracy {worst:.3f} on the held-out "
+                                f"safety pairs of kind {kind} (all {result['n_safety_pairs']}: "
+                                f"{result['safety_pairs_accuracy']:.3f}), below --min-safety-pairs-accuracy "
+                                f"{args.min_safety_pairs_accuracy}")
 
 
 if __name__ == "__main__":

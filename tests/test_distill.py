@@ -225,7 +225,8 @@ def test_validation_refusals_before_and_after_and_their_check(micro, tmp_path):
     assert found["moved"] == distill.intervals_apart(found["init"], found["trained"])
     # no training step: the same model twice, the same rates, and the check fails after the model is saved
     with pytest.raises(runtime.UserError, match="rejection did not move enough: validation refusal rates harmful"):
-        distill.main(micro_args(micro, tmp_path / "still", "rejection", *flags, "--steps", "0", "--check-refusal-change"))
+        distill.main(micro_args(micro, tmp_path / "still", "rejection", *flags, "--steps", "0",
+                                "--check-refusal-change"))
     still = json.load(open(tmp_path / "still" / "val_refusals.json"))
     assert still["init"] == still["trained"] and still["moved"] == []
     assert (tmp_path / "still" / "model.pt").exists()

@@ -443,7 +443,8 @@ def test_a_real_model_run_shows_its_benchmark_answers(tmp_path):
 
 def test_the_run_log_names_every_commit_a_resumed_run_ran_at(tmp_path):
     (tmp_path / "pipeline.log").write_text("\n".join([
-        "== command: bash pipeline.sh", "== commit: aaa1111", "== started: 2026-12-07 10:05 UTC", "== sft: done in 479 s",
+        "== command: bash pipeline.sh", "== commit: aaa1111", "== started: 2026-12-07 10:05 UTC",
+        "== sft: done in 479 s",
         "== command: bash pipeline.sh", "== commit: bbb2222", "== started: 2026-12-07 10:37 UTC",
         "== rm_safety: done in 1300 s", "== commit: bbb2222", "== finished: 2026-12-07 11:40 UTC"]) + "\n")
     facts, seconds = report.run_log(str(tmp_path))
