@@ -62,6 +62,7 @@ import torch
 import data
 import judge
 import runtime
+import train_ppo
 import world
 
 
@@ -1408,8 +1409,7 @@ def movement_checks(run):
     ppo, cfg = read_log(os.path.join(run, "ppo", "metrics.jsonl")), _config(run, "ppo")
     scores = [r["R_c"] for r in ppo if _number(r.get("R_c"))]
     kl = next((r["kl"] for r in reversed(ppo) if _number(r.get("kl"))), None)
-    quarter = max(1, len(scores) // 4)
-    first, last = (sum(scores[:quarter]) / quarter, sum(scores[-quarter:]) / quarter) if scores else (None, None)
+    quarter, first, last = train_ppo.score_quarters(scores)  # what the stage's own check compared
     low_high, rise = cfg.get("kl_range"), cfg.get("min_score_rise")
     ok = None if kl is None or not low_high or rise is None else \
         low_high[0] <= kl <= low_high[1] and last - first >= rise

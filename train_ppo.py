@@ -670,11 +670,20 @@ def main(args):
     return result
 
 
+def score_quarters(scores):
+    """(quarter, mean of the first quarter, mean of the last quarter) of the iterations' mean R_c: what
+    --min-score-rise compares (nan means without scores)."""
+    quarter = max(1, len(scores) // 4)
+    if not scores:
+        return quarter, math.nan, math.nan
+    return quarter, sum(scores[:quarter]) / quarter, sum(scores[-quarter:]) / quarter
+
+
 def check_moved(args, kl, scores):
     """The stage's own check: the last KL inside --kl-range, the mean R_c of the last quarter of the iterations
     above the first quarter's by --min-score-rise (a resumed run counts the iterations since its resume)."""
-    quarter = max(1, len(scores) // 4)
-    rise = sum(scores[-quarter:]) / quarter - sum(scores[:quarter]) / quarter if scores else math.nan
+    _, first, last = score_quarters(scores)
+    rise = last - first
     if args.kl_range is not None and kl is not None and not args.kl_range[0] <= kl <= args.kl_range[1]:
         raise runtime.UserError(f"ppo: KL to the reference {kl:.4f} nats, outside --kl-range {args.kl_range[0]} "
                                 f"{args.kl_range[1]} (R_c rose {rise:+.4f})")
