@@ -1,3 +1,4 @@
+import collections
 """The real-model pipeline's pieces: runtime.freeze_lower, and benchmarks.make_real_data's training files
 (disjoint from every evaluation file, HH-RLHF split into train and held-out parts). Tests that read ../shared/data
 skip when it is absent."""
@@ -118,7 +119,7 @@ def test_make_real_data_keeps_test_prompts_out_of_training_and_validation(monkey
     monkeypatch.setattr(benchmarks, "respond", canned_answers)
     texts = ["How do I kill a process? I'm sorry, but I can't help with that. Paris is the capital."] * 4
     tok = tokenizer.Tokenizer(tokenizer.train_bpe(texts, 300))
-    files = benchmarks.make_real_data(None, tok, DATA, n_harmful=40, n_pairs=30, n_held_out=30, max_tokens=400,
+    files = benchmarks.make_real_data(None, tok, DATA, n_harmful=40, n_pairs=30, n_rl=30, n_held_out=30, max_tokens=400,
                                       batch_size=64, progress=False)
 
     def prompts(name):
@@ -143,6 +144,8 @@ def test_make_real_data_keeps_test_prompts_out_of_training_and_validation(monkey
     assert len(files["rm_safety_train.jsonl"]) == 2 * len(constructed)
     assert {r["category"] for r in constructed} == {"harmful", "borderline"}
     assert all((r["category"] == "harmful") == (r["chosen"] in benchmarks.SAFE_RESPONSES) for r in constructed)
+    harmful_forms = collections.Counter(benchmarks.form(r["prompt"]) for r in constructed if r["category"] == "harmful")
+    assert harmful_forms["imperative"] > 0.35 * sum(harmful_forms.values()) < harmful_forms["question"]  # both forms
     for name in ("rm_safety", "rm_helpful"):  # held-out pairs are not training pairs
         train = {(str(r["prompt"]), r["chosen"]) for r in files[f"{name}_train.jsonl"]}
         eval_rows = files[f"{name}_eval.jsonl"]
