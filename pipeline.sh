@@ -528,10 +528,12 @@ real_pipeline() {  # PRESET=smollm2: every stage from SmolLM2-135M-Instruct on t
   for name in sft ppo dpo rs distill; do
     checkpoints+=("$name=$RUN/$name/model.pt") inputs+=("$RUN/$name/model.pt")
   done
-  local kept step
+  local kept step last
+  last=$(sed -n 's/^ *"steps": *\([0-9]*\),*$/\1/p' "$RUN/dpo/config.json" 2>/dev/null)
   for kept in "$RUN"/dpo/policy_*.pt; do  # DPO after fewer steps (--keep-every): its frontier of the two refusals
     [[ -f $kept ]] || continue
     step=${kept##*policy_} step=$((10#${step%.pt}))
+    [[ $step != "$last" ]] || continue  # the last step's policy is dpo's own model.pt, evaluated already
     checkpoints+=("dpo_step$step=$kept") inputs+=("$kept")
   done
   OMP_NUM_THREADS=$ALONE_THREADS evaluate_into "${KEY}eval" "$RUN/eval" "${#inputs[@]}" "${inputs[@]}" \

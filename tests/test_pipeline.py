@@ -360,7 +360,13 @@ def test_sigterm_reaches_the_side_by_side_stages_and_waits_for_their_save(tmp_pa
 
 
 def test_the_real_model_preset_runs_every_stage_from_smollm2_on_the_data_files(tmp_path):
-    calls, result = run_pipeline(tmp_path, args=["--preset", "smollm2", "--data", str(tmp_path / "data")])
+    # DPO keeps its policy every 10 of 40 steps (--keep-every): the last kept one is its model.pt
+    dpo = FAKE_PYTHON.replace("  *) mkdir", """  train_dpo.py) mkdir -p "$out"
+    touch "$out/model.pt" "$out/policy_0010.pt" "$out/policy_0040.pt"
+    printf '{\\n "lr": 5e-05,\\n "steps": 40,\\n "warmup": 4\\n}' > "$out/config.json" ;;
+  *) mkdir""")
+    calls, result = run_pipeline(tmp_path, fake_python=dpo,
+                                 args=["--preset", "smollm2", "--data", str(tmp_path / "data")])
     gguf = ".gl/SmolLM2-135M-Instruct.Q4_1.gguf"
     scripts = [c[0] for c in calls if c[0] != "loaders.py"]  # the fetch runs where the GGUF is missing
     assert scripts == ["benchmarks.py", "train_sft.py", "train_rm.py", "train_rm.py", "train_ppo.py", "train_dpo.py",
@@ -385,7 +391,8 @@ def test_the_real_model_preset_runs_every_stage_from_smollm2_on_the_data_files(t
     assert all(flag(c, "--val-prompts") == f"{data}/prompts_val.jsonl" and "--check-refusal-change" in c
                for c in calls[6:8])
     evaluated = calls[-2][calls[-2].index("--checkpoints") + 1:calls[-2].index("--benchmarks")]
-    assert evaluated == [f"base={gguf}"] + [f"{n}={out}/{n}/model.pt" for n in ("sft", "ppo", "dpo", "rs", "distill")]
+    assert evaluated == [f"base={gguf}"] + [f"{n}={out}/{n}/model.pt" for n in ("sft", "ppo", "dpo", "rs", "distill")] \
+        + [f"dpo_step10={out}/dpo/policy_0010.pt"]
     assert not any(c[:2] == ["evaluate.py", "--audit"] for c in calls)  # the world's corpus audit is not run
     assert "==   distill     trained now" in summary(result)
     assert summary(result).splitlines()[-1] == f"== report: {out}/report.html" and calls[-1] == ["report.py", str(out)]
