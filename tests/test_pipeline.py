@@ -387,7 +387,7 @@ def test_the_real_model_preset_runs_every_stage_from_smollm2_on_the_data_files(t
     assert "--kl-range" in calls[4] and "--min-score-rise" in calls[4] and flag(calls[4], "--lam") == "1.0"
     assert flag(calls[5], "--safety-val-data") == f"{data}/safety_pairs_val.jsonl"
     assert "--max-safety-val-loss" in calls[5] and "--min-safety-val-accuracy" in calls[5]
-    assert flag(calls[5], "--keep-every") == "10" and flag(calls[3], "--mix-fraction") == "0.5"
+    assert flag(calls[5], "--keep-every") == "25" and flag(calls[3], "--mix-fraction") == "0.5"
     assert all(flag(c, "--val-prompts") == f"{data}/prompts_val.jsonl" and "--check-refusal-change" in c
                for c in calls[6:8])
     evaluated = calls[-2][calls[-2].index("--checkpoints") + 1:calls[-2].index("--benchmarks")]
