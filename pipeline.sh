@@ -531,7 +531,7 @@ real_pipeline() {  # PRESET=smollm2: every stage from SmolLM2-135M-Instruct on t
     checkpoints+=("$name=$RUN/$name/model.pt") inputs+=("$RUN/$name/model.pt")
   done
   local kept step last
-  last=$(sed -n 's/^ *"steps": *\([0-9]*\),*$/\1/p' "$RUN/dpo/config.json" 2>/dev/null)
+  last=$(sed -n 's/^ *"steps": *\([0-9]*\),*$/\1/p' "$RUN/dpo/config.json" 2>/dev/null || true)
   for kept in "$RUN"/dpo/policy_*.pt; do  # DPO after fewer steps (--keep-every): its frontier of the two refusals
     [[ -f $kept ]] || continue
     step=${kept##*policy_} step=$((10#${step%.pt}))
