@@ -615,6 +615,10 @@ def other_form(prompt):
     return None
 
 
+def in_both_forms(prompts):
+    """The prompts, then the other form of each where other_form finds one."""
+    return list(prompts) + [q for q in map(other_form, prompts) if q]
+
 def _words(text):
     return frozenset(re.findall(r"[a-z0-9']+", text.lower()))
 
@@ -655,7 +659,7 @@ def validation_harmful(data_dir, held=None):
 def validation_prompts(data_dir):
     """Every validation prompt, normalised: harmful ones and the held-out borderline prompts in both forms."""
     asked = validation_harmful(data_dir) + held_out_borderline()
-    return {_norm(p) for p in asked + [other_form(p) for p in asked] if p}
+    return {_norm(p) for p in in_both_forms(asked)}
 
 
 def held_out_borderline():
@@ -778,15 +782,14 @@ def make_real_data(model, tok, data_dir, n_harmful=300, n_pairs=220, n_rl=160, n
     sft_pool = harmful[n_pairs + n_rl:]
     # each pair request in both forms where other_form finds one: the sources ask mostly by question, the
     # borderline prompts come in both forms, and a reward model trained on one form per kind learns the form
-    pair_harmful += [q for q in map(other_form, pair_harmful) if q]
+    pair_harmful = in_both_forms(pair_harmful)
     files = {}
     for objective, name in (("safety", "rm_safety"), ("helpfulness", "rm_helpful")):
         train, held_out = split_hh(data_file(data_dir, *HH_FILES[objective]), n_held_out, max_tokens, tok, seed,
                                    held)
         files[f"{name}_train.jsonl"], files[f"{name}_eval.jsonl"] = train, held_out
     # the starting model's own answers: compliance with harmful requests, answers to the borderline ones
-    border = [p for p in BORDERLINE_PROMPTS if p not in held_out_borderline()]
-    border += [q for q in map(other_form, border) if q]
+    border = in_both_forms([p for p in BORDERLINE_PROMPTS if p not in held_out_borderline()])
     asked = pair_harmful + val_harmful + border + val_border
     answers = respond(model, tok, [[BRIEFLY, {"role": "user", "content": p}] for p in asked], max_new_tokens,
                       batch_size=batch_size, desc="starting model's answers" if progress else None)
@@ -834,11 +837,8 @@ def make_real_data(model, tok, data_dir, n_harmful=300, n_pairs=220, n_rl=160, n
 
 def validation_sets(data_dir, held=None):
     """(harmful, borderline) validation prompts, each in both forms: validation_harmful and held_out_borderline."""
-    val_harmful = validation_harmful(data_dir, held)
-    val_harmful += [q for q in map(other_form, val_harmful) if q]  # HarmBench and JailbreakBench ask by command
-    val_border = held_out_borderline()
-    val_border += [q for q in map(other_form, val_border) if q]
-    return val_harmful, val_border
+    # HarmBench and JailbreakBench ask by command
+    return in_both_forms(validation_harmful(data_dir, held)), in_both_forms(held_out_borderline())
 
 
 def validation_prompt_rows(data_dir, held=None):

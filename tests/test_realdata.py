@@ -1,7 +1,7 @@
-import collections
 """The real-model pipeline's pieces: runtime.freeze_lower, and benchmarks.make_real_data's training files
 (disjoint from every evaluation file, HH-RLHF split into train and held-out parts). Tests that read ../shared/data
 skip when it is absent."""
+import collections
 import os
 
 import pytest
@@ -119,8 +119,8 @@ def test_make_real_data_keeps_test_prompts_out_of_training_and_validation(monkey
     monkeypatch.setattr(benchmarks, "respond", canned_answers)
     texts = ["How do I kill a process? I'm sorry, but I can't help with that. Paris is the capital."] * 4
     tok = tokenizer.Tokenizer(tokenizer.train_bpe(texts, 300))
-    files = benchmarks.make_real_data(None, tok, DATA, n_harmful=40, n_pairs=30, n_rl=30, n_held_out=30, max_tokens=400,
-                                      batch_size=64, progress=False)
+    files = benchmarks.make_real_data(None, tok, DATA, n_harmful=40, n_pairs=30, n_rl=30, n_held_out=30,
+                                      max_tokens=400, batch_size=64, progress=False)
 
     def prompts(name):
         return [r["messages"][0]["content"] if "messages" in r else r["prompt"] if isinstance(r["prompt"], str)
