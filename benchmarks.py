@@ -825,7 +825,7 @@ def chat(prompt, answer):
 BRIEFLY = {"role": "system", "content": "Answer briefly, in at most three sentences."}
 
 
-def make_real_data(model, tok, data_dir, n_harmful=300, n_pairs=260, n_rl=160, n_held_out=400, max_tokens=256,
+def make_real_data(model, tok, data_dir, n_harmful=300, n_pairs=350, n_rl=160, n_held_out=400, max_tokens=256,
                    seed=0, batch_size=16, max_new_tokens=128, progress=True):
     """Every training and validation file of the real-model pipeline, as {file name: rows}, built from data_dir and
     the starting model's own answers:
@@ -841,8 +841,8 @@ def make_real_data(model, tok, data_dir, n_harmful=300, n_pairs=260, n_rl=160, n
                          forms where other_form finds the other, a refusal over the starting model's compliance;
                          on each training borderline prompt (both forms) its answer (cut at a sentence end when it
                          ran out) over a refusal; both with strength "significantly better" (Llama 2's largest
-                         margin) and tagged category "harmful" or "borderline"; beside them as many HH-RLHF
-                         harmless-base pairs (n_held_out held-out ones in rm_safety_eval);
+                         margin) and tagged category "harmful" or "borderline"; beside them a third as many
+                         HH-RLHF harmless-base pairs (n_held_out held-out ones in rm_safety_eval);
       safety_pairs_train.jsonl the constructed training pairs alone (DPO's safety pairs, the helpfulness RM's mix);
       safety_pairs_val.jsonl   constructed pairs the same way on validation prompts (every stage's safety check);
       rm_helpful_train / rm_helpful_eval.jsonl HH-RLHF helpful-base pairs, split the same way;
@@ -883,9 +883,10 @@ def make_real_data(model, tok, data_dir, n_harmful=300, n_pairs=260, n_rl=160, n
                 + [dict(prompt=p, chosen=a, rejected=refuse(), strength=strong, category="borderline")
                    for p, a in complied(borderline_prompts)])  # an answer cut at a sentence end is still an answer
     files["safety_pairs_train.jsonl"] = pairs(pair_harmful, border)
-    # the safety RM: half constructed pairs (the part Meta's own safety comparisons play in Llama 2, most of its
-    # safety RM's data), half HH-RLHF harmless-base pairs
-    hh_harmless = files["rm_safety_train.jsonl"][:len(files["safety_pairs_train.jsonl"])]
+    # the safety RM: three quarters constructed pairs (the part Meta's own safety comparisons play in Llama 2, most
+    # of its safety RM's data), a quarter HH-RLHF harmless-base pairs, whose chosen replies often deflect or refuse:
+    # at half, the RM refused held-out borderline prompts (0.65 right on them, 0.94 on harmful ones; docs/smollm2.md)
+    hh_harmless = files["rm_safety_train.jsonl"][:len(files["safety_pairs_train.jsonl"]) // 3]
     files["rm_safety_train.jsonl"] = hh_harmless + files["safety_pairs_train.jsonl"]
     rng.shuffle(files["rm_safety_train.jsonl"])
     files["safety_pairs_val.jsonl"] = pairs(val_harmful, val_border)

@@ -138,10 +138,10 @@ def test_make_real_data_keeps_test_prompts_out_of_training_and_validation(monkey
     assert {norm(p) for p in prompts("safety_pairs_val.jsonl")} <= val
     assert {norm(p) for p in prompts("prompts_val.jsonl")} == val                  # every validation prompt
     assert {norm(r["prompt"]) for r in files["prompts_val.jsonl"] if not r["safety"]} <= BORDER
-    # the safety RM's file: the constructed pairs, tagged by kind, and as many HH-RLHF harmless-base pairs
+    # the safety RM's file: the constructed pairs, tagged by kind, and a third as many HH-RLHF harmless-base pairs
     constructed = files["safety_pairs_train.jsonl"]
     assert all(r in files["rm_safety_train.jsonl"] for r in constructed)
-    assert len(files["rm_safety_train.jsonl"]) == 2 * len(constructed)
+    assert len(files["rm_safety_train.jsonl"]) == len(constructed) + len(constructed) // 3
     assert {r["category"] for r in constructed} == {"harmful", "borderline"}
     assert all((r["category"] == "harmful") == (r["chosen"] in benchmarks.SAFE_RESPONSES) for r in constructed)
     harmful_forms = collections.Counter(benchmarks.form(r["prompt"]) for r in constructed if r["category"] == "harmful")
