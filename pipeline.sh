@@ -422,7 +422,8 @@ real_sizes() {  # each stage's sizes at SCALE. cpu: 2 cores (92 min with earlier
       # trunk at 1e-4: at 2e-5 neither RM learnt in 120 steps that a refusal is right on harmful prompts and wrong
       # on borderline ones (held-out constructed pairs, harmful / borderline: safety RM 0.78 / 0.56, helpfulness
       # 0.28 / 0.83); 200 steps, as the constructed pairs doubled (609: both forms, 220 borderline prompts):
-      # helpfulness RM 0.93 / 0.83, safety RM 0.94 / 0.65 (docs/smollm2.md)
+      # helpfulness RM 0.93 / 0.83, safety RM 0.94 / 0.65; with 359 borderline prompts (859 pairs, 365 harmful) and
+      # a quarter harmless-base, safety RM 0.87 / 0.86, helpfulness RM 0.69 / 0.89 (docs/smollm2.md)
       RM=(--steps 200 --batch-size 8 --lr 1e-4 --head-lr 1e-3 --warmup 6 --eval-every 200 --eval-batch-size 16
           "${common[@]}")
       # PPO: 96 tokens hold a refusal and its end token; lambda 1 carries the final score to the first tokens
