@@ -114,7 +114,9 @@ def test_ppo_two_processes_match_one_process(chat, tmp_path):
     rows = [read_metrics(folder) for folder in (one, two)]
     assert [r["step"] for r in rows[0]] == [1, 2, 3, 3] and "eval" in rows[0][1]
     assert len({r["beta"] for r in rows[0][:3]}) == 3                # the controller moved beta every iteration
-    assert all(0 < r["no_eos"] < 1 for r in rows[0][:3])             # responses of different lengths
+    # the first iteration's responses end at different lengths, so the ranks hold different numbers of response
+    # tokens (later ones may all run to --max-new-tokens: on an AMD EPYC the policy stops ending by iteration 2)
+    assert 0 < rows[0][0]["no_eos"] < 1
     assert rows[0][0]["kl"] == 0.0 and rows[0][-2]["kl"] != 0          # the policy moved away from the reference
     # value_clip_frac counts tokens where (V_old + clip(V - V_old) - R)^2 > (V - R)^2: in the first epoch V = V_old
     # up to rounding, so it counts rounding, which differs with the batch's padding; every other number is compared
