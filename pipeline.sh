@@ -418,21 +418,18 @@ real_sizes() {  # each stage's sizes at SCALE. cpu: 2 cores (92 min with earlier
       MAKE_DATA=(--max-tokens 256 --n-harmful 300 --n-held-out 400 --answer-tokens 128)
       # SFT: a short warm-up (10 of 150 steps), not the tiny world's 50
       SFT=(--steps 150 --batch-size 8 --lr 2e-5 --warmup 10 --max-seq-len 256 "${common[@]}")
-      # RM: the fresh scalar head at its own rate (the trunk's rate leaves a zero-initialised head near zero); the
-      # trunk at 1e-4: at 2e-5 neither RM learnt in 120 steps that a refusal is right on harmful prompts and wrong
-      # on borderline ones (held-out constructed pairs, harmful / borderline: safety RM 0.78 / 0.56, helpfulness
-      # 0.28 / 0.83); 200 steps, as the constructed pairs doubled (609: both forms, 220 borderline prompts):
-      # helpfulness RM 0.93 / 0.83, safety RM 0.94 / 0.65; with 359 borderline prompts (859 pairs, 365 harmful) and
-      # a quarter harmless-base, safety RM 0.87 / 0.86, helpfulness RM 0.69 / 0.89 (docs/smollm2.md)
+      # RM: the fresh scalar head at its own rate (the trunk's rate leaves a zero-initialised head near zero), the
+      # trunk at 1e-4 (at 2e-5 neither RM learnt to tell harmful from borderline prompts); at 200 steps, held-out
+      # constructed pairs harmful / borderline: safety RM 0.87 / 0.86, helpfulness RM 0.69 / 0.89 (docs/smollm2.md)
       RM=(--steps 200 --batch-size 8 --lr 1e-4 --head-lr 1e-3 --warmup 6 --eval-every 200 --eval-batch-size 16
           "${common[@]}")
       # PPO: 96 tokens hold a refusal and its end token; lambda 1 carries the final score to the first tokens
       # (16 rollouts an iteration: the score-rise check compares means of 80 rollouts, not 40)
       PPO=(--iterations 20 --batch-size 16 --minibatch-size 8 --ppo-epochs 1 --max-new-tokens 96 --lr 2e-5
            --value-lr 1e-4 --beta 0.05 --gamma 1.0 --lam 1.0 --eval-prompts 0 "${common[@]}")
-      # DPO: three quarters of its pairs constructed safety pairs, a larger rate and beta than the tiny world's;
-      # at half and 40 steps its held-out safety loss stayed at ln 2; at three quarters it was 0.69 after 30 steps
-      # and 0.51 after 60; at 100 steps 0.44, accuracy 0.81 (docs/smollm2.md); the policy kept every 25
+      # DPO: three quarters of its pairs constructed safety pairs (at half its held-out safety loss stayed at ln 2),
+      # a larger rate and beta than the tiny world's (at 1e-4 the held-out loss rose above ln 2); after 100 steps
+      # 0.44, accuracy 0.81 (docs/smollm2.md); the policy kept every 25
       DPO=(--steps 100 --batch-size 8 --lr 5e-5 --warmup 4 --beta 0.2 --safety-fraction 0.75 --eval-every 50
            --val-pairs 64 --keep-every 25 --ref-on-the-fly "${common[@]}")
       RS=(--n-prompts 64 --k 4 --iterations 1 --steps 16 --batch-size 8 --lr 1e-5 --max-new-tokens 128
