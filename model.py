@@ -291,7 +291,7 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=0, top_p=1.0,
-             generator=None, use_cache=True, return_logprobs=False):
+             generator=None, use_cache=True, return_logprobs=False, repetition_penalty=1.0):
     """Sample continuations of a batch of token-id prompts; returns each row's new tokens (EOS included).
 
     The prompts are left-padded into one batch, prefilled once, then extended one token per step through the
@@ -299,6 +299,8 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
     its EOS while the others continue. generator must live on the model's device; a list of one per prompt gives
     each row its own random stream (sample_next). With return_logprobs,
     also returns each new token's log-probability under the model (temperature 1, no top-k/top-p).
+    repetition_penalty > 1 (CTRL, Keskar et al. 2019) makes a token the row has already generated less likely
+    before the choice: its logit divided by the penalty where positive, multiplied where negative.
     """
     device = next(model.parameters()).device
     if not prompts or min(len(p) for p in prompts) == 0:
@@ -318,14 +320,21 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
     logits = model(tokens, mask, cache, last_only=True)[:, -1]            # (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     new_tokens, new_logprobs = [], []
+    seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device) if repetition_penalty != 1.0 else None
     for _ in range(max_new_tokens):
-        next_tok = sample_next(logits.float(), temperature, top_k, top_p, generator)
+        choose_from = logits.float()
+        if seen is not None:
+            penalised = torch.where(choose_from > 0, choose_from / repetition_penalty, choose_from * repetition_penalty)
+            choose_from = torch.where(seen, penalised, choose_from)
+        next_tok = sample_next(choose_from, temperature, top_k, top_p, generator)
         next_tok = next_tok.masked_fill(done, pad_id)                     # finished rows are fed padding
         new_tokens.append(next_tok)
         if return_logprobs:  # only when asked: a log-softmax over the vocabulary at every step is not free
             new_logprobs.append(logits.float().log_softmax(-1).gather(1, next_tok[:, None]).squeeze(1))
         step_mask = (~done).long()[:, None]
         done = done | (next_tok == eos_id)
+        if seen is not None:
+            seen[torch.arange(B, device=device), next_tok] = True
         if done.all() or len(new_tokens) == max_new_tokens:
             break
         if use_cache:
@@ -348,7 +357,7 @@ Answer = namedtuple("Answer", "text prompt tokens finished")
 
 @torch.no_grad()
 def respond(model, tok, conversations, max_new_tokens=64, temperature=0.0, top_p=1.0, batch_size=64,
-            generator=None, prefixes=None, min_room=1, desc=None):
+            generator=None, prefixes=None, min_room=1, desc=None, repetition_penalty=1.0):
     """The one batched generation routine every caller uses: answer each chat conversation (a message list ending
     with a user turn), greedily by default, in batches of similar length through the KV cache.
 
@@ -373,7 +382,8 @@ def respond(model, tok, conversations, max_new_tokens=64, temperature=0.0, top_p
         room = model.config.max_seq_len - max(len(prompts[i]) for i in idx)
         rows_generator = [generator[i] for i in idx] if isinstance(generator, (list, tuple)) else generator
         outs = generate(model, [prompts[i] for i in idx], min(max_new_tokens, room), tok.eos_id, tok.pad_id,
-                        temperature=temperature, top_p=top_p, generator=rows_generator)
+                        temperature=temperature, top_p=top_p, generator=rows_generator,
+                        repetition_penalty=repetition_penalty)
         for i, out in zip(idx, outs):
             text = tok.decode(out)
             answers[i] = Answer(prefixes[i] + text if prefixes[i] else text, prompts[i], out,

@@ -161,6 +161,25 @@ def test_generator_seed_reproduces_samples():
     assert a == b and a != c
 
 
+def test_repetition_penalty_equals_a_hand_loop():
+    """Greedy decoding with the CTRL penalty against a loop that recomputes the whole sequence each step and
+    applies the rule by hand to the row's own earlier answer tokens (not the prompt's)."""
+    model, theta = tiny(vocab_size=256), 1.5
+    out = generate(model, PROMPTS, 10, eos_id=-1, pad_id=0, temperature=0.0, repetition_penalty=theta)
+    for prompt, row in zip(PROMPTS, out):
+        answer = []
+        for _ in range(10):
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + answer]))[0, -1].tolist()
+            for t in set(answer):
+                logits[t] = logits[t] / theta if logits[t] > 0 else logits[t] * theta
+            answer.append(max(range(len(logits)), key=logits.__getitem__))
+        assert row == answer
+    plain = generate(model, PROMPTS, 10, eos_id=-1, pad_id=0, temperature=0.0)
+    assert plain != out and max(row.count(t) for row in out for t in row) < max(row.count(t) for row in plain
+                                                                                for t in row)
+
+
 def test_generate_refuses_to_run_past_max_seq_len():
     with pytest.raises(ValueError, match="max_seq_len"):
         generate(tiny(), [[1] * 60], 10, eos_id=-1, pad_id=0)
