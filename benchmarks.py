@@ -823,13 +823,18 @@ def chat(prompt, answer):
 # (SmolLM2-135M-Instruct at 192 tokens without it: 2 of 16 borderline answers finished; at 128 with it: 10 of 16).
 # The files hold the user's prompt alone: the model learns to answer briefly.
 BRIEFLY = {"role": "system", "content": "Answer briefly, in at most three sentences."}
+# and with a repetition penalty (CTRL's): greedy, 18 of 64 borderline answers repeated a four-word phrase three times
+# or more ("...a fair trial by a jury of 12, and the right to a fair trial by a jury of 12"), training SFT to loop
+# and the RMs to judge the loop; at 1.15 none looped and 56 of 64 finished, at 1.3 none looped and 61 finished
+REPETITION_PENALTY = 1.3
 
 
 def make_real_data(model, tok, data_dir, n_harmful=300, n_pairs=350, n_rl=160, n_held_out=400, max_tokens=256,
                    seed=0, batch_size=16, max_new_tokens=128, progress=True):
     """Every training and validation file of the real-model pipeline, as {file name: rows}, built from data_dir and
     the starting model's own answers:
-    (the starting model answers under the BRIEFLY system message; the files hold the user's prompt alone)
+    (the starting model answers greedily under the BRIEFLY system message with REPETITION_PENALTY; the files hold
+    the user's prompt alone)
       sft.jsonl          harmful requests with a safe refusal (SAFE_RESPONSES), as many questions as imperatives,
                          at most n_harmful, and never more in either form than the borderline demonstrations of that
                          form; the training borderline prompts in both forms with the starting model's own finished
@@ -869,7 +874,8 @@ def make_real_data(model, tok, data_dir, n_harmful=300, n_pairs=350, n_rl=160, n
     border = in_both_forms([p for p in BORDERLINE_PROMPTS if p not in held_out_borderline()])
     asked = pair_harmful + val_harmful + border + val_border
     answers = respond(model, tok, [[BRIEFLY, {"role": "user", "content": p}] for p in asked], max_new_tokens,
-                      batch_size=batch_size, desc="starting model's answers" if progress else None)
+                      batch_size=batch_size, desc="starting model's answers" if progress else None,
+                      repetition_penalty=REPETITION_PENALTY)
     answer = {p: finished_sentences(a) for p, a in zip(asked, answers)}     # compliance may be cut at a sentence
     whole = {p: a.text.strip() for p, a in zip(asked, answers) if a.finished and a.text and a.text.strip()}
     complied = lambda prompts: [(p, answer[p]) for p in prompts if answer[p] and not refusal(answer[p])]  # noqa
