@@ -429,7 +429,7 @@ real_sizes() {  # each stage's sizes at SCALE. cpu: 2 cores (92 min with earlier
            --value-lr 1e-4 --beta 0.05 --gamma 1.0 --lam 1.0 --eval-prompts 0 "${common[@]}")
       # DPO: three quarters of its pairs constructed safety pairs (at half its held-out safety loss stayed at ln 2),
       # a larger rate and beta than the tiny world's (at 1e-4 the held-out loss rose above ln 2); after 100 steps
-      # 0.44, accuracy 0.81 (docs/smollm2.md); the policy kept every 25
+      # 0.64, accuracy 0.68 on the loop-free pairs (docs/smollm2.md); the policy kept every 25
       DPO=(--steps 100 --batch-size 8 --lr 5e-5 --warmup 4 --beta 0.2 --safety-fraction 0.75 --eval-every 50
            --val-pairs 64 --keep-every 25 --ref-on-the-fly "${common[@]}")
       RS=(--n-prompts 64 --k 4 --iterations 1 --steps 16 --batch-size 8 --lr 1e-5 --max-new-tokens 128
