@@ -433,13 +433,15 @@ def main(args):
                 metrics.update(val_accuracy=result["accuracy"],
                                val_accuracy_by_category=result["accuracy_by_category"],
                                val_accuracy_by_strength=result["accuracy_by_strength"])
-                for key in ("safe_over_unsafe", "safety_pairs_accuracy"):
+                for key in ("safe_over_unsafe", "safety_pairs_accuracy", "safety_pairs_accuracy_by_kind"):
                     if key in result:
                         metrics[key] = result[key]
+                kinds = result.get("safety_pairs_accuracy_by_kind", {})  # file pairs without a category: "none"
                 runtime.print0(rt, f"step {step}: loss {loss_value:.4f} held-out accuracy {result['accuracy']:.3f}"
                                    + "".join(f" {key} {result[key]:.3f}" for key in ("safe_over_unsafe",
                                                                                     "safety_pairs_accuracy")
-                                             if key in result))
+                                             if key in result)
+                                   + "".join(f" {kind} {acc:.3f}" for kind, acc in kinds.items() if kind != "none"))
             log.log(step, **metrics)
             if step % args.save_every == 0 or step == args.steps:
                 save()

@@ -179,6 +179,8 @@ def test_head_lr_leaves_the_trunk_at_lr_and_safety_pairs_are_checked(tok, tmp_pa
     by_kind = json.load(open(tmp_path / "head" / "eval.json"))["safety_pairs_accuracy_by_kind"]
     assert set(by_kind) == {"harmful", "borderline"}                           # 30 pairs of each kind
     assert result["val_safety_pairs_accuracy"] == pytest.approx((by_kind["harmful"] + by_kind["borderline"]) / 2)
+    logged = [json.loads(line) for line in open(tmp_path / "head" / "metrics.jsonl")]
+    assert [r["safety_pairs_accuracy_by_kind"] for r in logged if "val_accuracy" in r] == [by_kind]  # in the log too
     with pytest.raises(runtime.UserError, match=r"rm \(safety\) did not move enough: accuracy .* of kind "
                                                 r"(harmful|borderline) \(all 60: "):
         train_rm.main(micro_args(init, tmp_path / "check", *args, "--min-safety-pairs-accuracy", "1.01"))
