@@ -180,7 +180,19 @@ def test_help_shows_every_default_and_errors_are_one_line(capsys):
 
 
 def run_args(out, **kw):
-    return argparse.Namespace(**{**dict(out=str(out), resume=False, overwrite=False, seed=0, device="cpu"), **kw})
+    return argparse.Namespace(**{**dict(out=str(out), resume=False, overwrite=False, seed=0, device="cpu", cpu_bf16=False), **kw})
+
+
+def test_cpu_bf16_autocasts_the_cpu_only_when_asked(tmp_path):
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    rt, _, _ = runtime.start(run_args(tmp_path / "run"))
+    with runtime.autocast(rt):
+        assert (a @ b).dtype == torch.float32                          # float32 by default
+    rt, _, _ = runtime.start(run_args(tmp_path / "run", cpu_bf16=True))
+    with runtime.autocast(rt):
+        product = a @ b
+    assert rt.cpu_bf16 and product.dtype == torch.bfloat16
+    torch.testing.assert_close(product.float(), a @ b, rtol=0.02, atol=0.05)
 
 
 def test_start_enforces_the_run_folder_rules(tmp_path):

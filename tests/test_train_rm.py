@@ -156,6 +156,18 @@ def test_micro_run_lowers_loss_and_raises_accuracy(tok, tmp_path):
     assert result["n_pairs"] == len(held_out)
 
 
+def test_cpu_bf16_run_learns_like_float32(tok, tmp_path):
+    init, _ = micro_checkpoint(tmp_path / "init.pt", tok)
+    results = {}
+    for name, flags in (("fp32", ()), ("bf16", ("--cpu-bf16",))):
+        results[name] = train_rm.main(micro_args(init, tmp_path / name, "--steps", "25", *flags))
+        losses = [json.loads(line)["loss"] for line in open(tmp_path / name / "metrics.jsonl")]
+        assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2, name
+    assert json.load(open(tmp_path / "bf16" / "config.json"))["cpu_bf16"] is True
+    # bf16's rounding changes the weights a little, not what the RM learnt
+    assert abs(results["bf16"]["val_accuracy"] - results["fp32"]["val_accuracy"]) < 0.1, results
+
+
 def fruit_pairs(path):
     rows = [{"prompt": f"Is {x} a fruit?", "chosen": f"Yes, {x} is a fruit.", "rejected": "No. I can't say."}
             for x in ("apple", "pear", "plum", "fig", "lime", "kiwi", "mango", "grape", "lemon", "peach")] * 6
