@@ -415,24 +415,30 @@ real_sizes() {  # each stage's sizes at SCALE. cpu: 2 cores (92 min with earlier
   local common
   case $SCALE in
     cpu) common=(--freeze-layers 20)
+      # bf16 matrix products under autocast where the CPU has bf16 instructions: about half a training step
+      bf16=() && grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && bf16=(--cpu-bf16) common+=(--cpu-bf16)
       MAKE_DATA=(--max-tokens 256 --n-harmful 300 --n-held-out 400 --answer-tokens 128)
       # SFT: a short warm-up (10 of 150 steps), not the tiny world's 50
       SFT=(--steps 150 --batch-size 8 --lr 2e-5 --warmup 10 --max-seq-len 256 "${common[@]}")
       # RM: the fresh scalar head at its own rate (the trunk's rate leaves a zero-initialised head near zero), the
-      # trunk at 1e-4 (at 2e-5 neither RM learnt to tell harmful from borderline prompts); at 200 steps, held-out
-      # constructed pairs harmful / borderline: safety RM 0.90 / 0.82, helpfulness RM 0.86 / 0.78 (docs/smollm2.md);
-      # with 20 blocks trained (--freeze-layers 10) the safety RM passes (0.96 / 0.97) at about twice the time a step
+      # trunk at 1e-4 (at 2e-5 neither RM learnt to tell harmful from borderline prompts); 20 of 30 blocks trained:
+      # with 10 trained, held-out constructed pairs harmful / borderline after 200 steps were safety RM 0.90 / 0.82,
+      # helpfulness RM 0.86 / 0.78; with 20 the safety RM 0.96 / 0.97 (docs/smollm2.md), on the constructed pairs
+      # alone (harmless-base held-out 0.50: a third as many harmless-base pairs as constructed ones is unmeasured
+      # with 20 blocks; with 10 it pulled the borderline pairs down, 0.82 against 0.86)
+      SAFETY_RM_DATA=safety_pairs_train.jsonl
       RM=(--steps 200 --batch-size 8 --lr 1e-4 --head-lr 1e-3 --warmup 6 --eval-every 200 --eval-batch-size 16
-          "${common[@]}")
+          --freeze-layers 10 "${bf16[@]}")
       # PPO: 96 tokens hold a refusal and its end token; lambda 1 carries the final score to the first tokens
       # (16 rollouts an iteration: the score-rise check compares means of 80 rollouts, not 40)
       PPO=(--iterations 20 --batch-size 16 --minibatch-size 8 --ppo-epochs 1 --max-new-tokens 96 --lr 2e-5
            --value-lr 1e-4 --beta 0.05 --gamma 1.0 --lam 1.0 --eval-prompts 0 "${common[@]}")
       # DPO: three quarters of its pairs constructed safety pairs (at half its held-out safety loss stayed at ln 2),
-      # a larger rate and beta than the tiny world's (at 1e-4 the held-out loss rose above ln 2); after 100 steps
-      # 0.64, accuracy 0.68 on the loop-free pairs (docs/smollm2.md); the policy kept every 25
-      DPO=(--steps 100 --batch-size 8 --lr 5e-5 --warmup 4 --beta 0.2 --safety-fraction 0.75 --eval-every 50
-           --val-pairs 64 --keep-every 25 --ref-on-the-fly "${common[@]}")
+      # a larger rate and beta than the tiny world's (at 1e-4 the held-out loss rose above ln 2); 20 blocks trained,
+      # as the RMs (with 10, after 100 steps: held-out safety loss 0.64, accuracy 0.68; docs/smollm2.md); the
+      # policy kept every 50 steps, three strengths of one stage for the frontier of the two refusal rates
+      DPO=(--steps 150 --batch-size 8 --lr 5e-5 --warmup 4 --beta 0.2 --safety-fraction 0.75 --eval-every 50
+           --val-pairs 64 --keep-every 50 --ref-on-the-fly --freeze-layers 10 "${bf16[@]}")
       RS=(--n-prompts 64 --k 4 --iterations 1 --steps 16 --batch-size 8 --lr 1e-5 --max-new-tokens 128
           "${common[@]}")
       CD=(--n-prompts 96 --steps 30 --batch-size 8 --lr 1e-5 --max-new-tokens 128 "${common[@]}")
@@ -441,6 +447,7 @@ real_sizes() {  # each stage's sizes at SCALE. cpu: 2 cores (92 min with earlier
     gpu) common=(--device cuda)
       MAKE_DATA=(--max-tokens 512 --n-harmful 400 --n-held-out 500 --device cuda)
       SFT=(--steps 400 --batch-size 32 --lr 1e-5 --max-seq-len 512 "${common[@]}")
+      SAFETY_RM_DATA=rm_safety_train.jsonl  # Llama 2's mix: constructed safety pairs beside harmless-base ones
       RM=(--steps 300 --batch-size 32 --lr 1e-5 --eval-every 100 "${common[@]}")
       PPO=(--iterations 40 --batch-size 64 --minibatch-size 32 --ppo-epochs 1 --max-new-tokens 96 --lr 2e-6
            --value-lr 1e-5 --beta 0.05 --eval-prompts 0 "${common[@]}")
@@ -453,6 +460,7 @@ real_sizes() {  # each stage's sizes at SCALE. cpu: 2 cores (92 min with earlier
     micro) common=(--freeze-layers 28) CHECKS=0  # a few steps move nothing measurable: the checks are off
       MAKE_DATA=(--max-tokens 128 --n-harmful 16 --n-held-out 16)
       SFT=(--steps 2 --batch-size 2 --lr 2e-5 --max-seq-len 128 "${common[@]}")
+      SAFETY_RM_DATA=rm_safety_train.jsonl
       RM=(--steps 2 --batch-size 2 --lr 2e-5 --max-train-pairs 8 --max-eval-pairs 8 "${common[@]}")
       PPO=(--iterations 1 --batch-size 2 --minibatch-size 2 --ppo-epochs 1 --max-new-tokens 8 --eval-prompts 0
            "${common[@]}")
@@ -494,10 +502,11 @@ real_pipeline() {  # PRESET=smollm2: every stage from SmolLM2-135M-Instruct on t
   OMP_NUM_THREADS=$ALONE_THREADS stage sft $PYTHON train_sft.py --stage sft --init "$SMOLLM2" \
     --data "$d/sft.jsonl" --val-data "$d/sft_val.jsonl" "${SFT[@]}" "${SFT_CHECK[@]}" --out "$RUN/sft"
 
-  # 3. Reward models on HH-RLHF (harmless-base for safety, with the constructed pairs; helpful-base with 10% of the
-  #    constructed pairs), held-out accuracy on each file's held-out part and on held-out constructed safety pairs
+  # 3. Reward models: safety on the constructed pairs (at the GPU scale beside harmless-base pairs) with 10%
+  #    helpful-base mixed in; helpfulness on helpful-base with as many constructed pairs; held-out accuracy on each
+  #    file's held-out part and on held-out constructed safety pairs
   side_by_side rm_safety $PYTHON train_rm.py --objective safety --init "$RUN/sft/model.pt" \
-    --data "$d/rm_safety_train.jsonl" --mix-data "$d/rm_helpful_train.jsonl" --eval-data "$d/rm_safety_eval.jsonl" \
+    --data "$d/$SAFETY_RM_DATA" --mix-data "$d/rm_helpful_train.jsonl" --eval-data "$d/rm_safety_eval.jsonl" \
     --safety-eval-data "$d/safety_pairs_val.jsonl" "${RM[@]}" "${RM_CHECK[@]}" --out "$RUN/rm_safety"
   #    (the helpfulness RM: as many helpful-base pairs as constructed pairs, half and half; with a fifth of its
   #    pairs constructed it preferred compliance on 72% of the held-out harmful pairs)

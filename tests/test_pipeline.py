@@ -3,6 +3,7 @@ when a checkpoint is newer than its metrics; several seeds and their aggregate, 
 line, the progress of side-by-side stages and the closing summary. The Python scripts are replaced by a stand-in that
 records its arguments and writes the files each stage leaves, so each run takes a fraction of a second."""
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -379,7 +380,11 @@ def test_the_real_model_preset_runs_every_stage_from_smollm2_on_the_data_files(t
     assert flag(calls[2], "--eval-data") == f"{data}/rm_safety_eval.jsonl"
     assert flag(calls[3], "--eval-data") == f"{data}/rm_helpful_eval.jsonl"
     assert all(flag(c, "--init") == f"{out}/sft/model.pt" for c in calls[2:8])
-    assert all(flag(c, "--freeze-layers") == "20" for c in calls[1:8])  # the CPU scale, by default
+    # the CPU scale, by default: 20 of 30 blocks trained in the RMs and DPO, 10 elsewhere; bf16 where the CPU has it
+    assert [flag(c, "--freeze-layers") for c in calls[1:8]] == ["20", "10", "10", "20", "10", "20", "20"]
+    cpu_bf16 = os.path.exists("/proc/cpuinfo") and re.search(r"avx512_bf16|amx_bf16", open("/proc/cpuinfo").read())
+    assert all(("--cpu-bf16" in c) == bool(cpu_bf16) for c in calls[1:8])
+    assert flag(calls[2], "--data") == f"{data}/safety_pairs_train.jsonl"  # the constructed pairs alone
     # every stage reads validation files and checks there that it moved
     assert flag(calls[1], "--val-data") == f"{data}/sft_val.jsonl" and "--min-val-drop" in calls[1]
     assert all(flag(c, "--safety-eval-data") == f"{data}/safety_pairs_val.jsonl" and "--head-lr" in c
@@ -387,7 +392,7 @@ def test_the_real_model_preset_runs_every_stage_from_smollm2_on_the_data_files(t
     assert "--kl-range" in calls[4] and "--min-score-rise" in calls[4] and flag(calls[4], "--lam") == "1.0"
     assert flag(calls[5], "--safety-val-data") == f"{data}/safety_pairs_val.jsonl"
     assert "--max-safety-val-loss" in calls[5] and "--min-safety-val-accuracy" in calls[5]
-    assert flag(calls[5], "--keep-every") == "25" and flag(calls[3], "--mix-fraction") == "0.5"
+    assert flag(calls[5], "--keep-every") == "50" and flag(calls[3], "--mix-fraction") == "0.5"
     assert all(flag(c, "--val-prompts") == f"{data}/prompts_val.jsonl" and "--check-refusal-change" in c
                for c in calls[6:8])
     evaluated = calls[-2][calls[-2].index("--checkpoints") + 1:calls[-2].index("--benchmarks")]
@@ -406,4 +411,5 @@ def test_the_gpu_scale_puts_every_real_model_step_on_cuda(tmp_path):
     calls, _ = run_pipeline(tmp_path, args=["--preset", "smollm2", "--scale", "gpu"])
     calls = [c for c in calls if c[0] not in ("loaders.py", "report.py")]  # the report needs no device
     assert len(calls) == 9 and all(c[c.index("--device") + 1] == "cuda" for c in calls)
-    assert not any("--freeze-layers" in c for c in calls)
+    assert not any("--freeze-layers" in c or "--cpu-bf16" in c for c in calls)
+    assert calls[2][calls[2].index("--data") + 1].endswith("/rm_safety_train.jsonl")  # beside harmless-base pairs

@@ -180,7 +180,8 @@ def test_help_shows_every_default_and_errors_are_one_line(capsys):
 
 
 def run_args(out, **kw):
-    return argparse.Namespace(**{**dict(out=str(out), resume=False, overwrite=False, seed=0, device="cpu", cpu_bf16=False), **kw})
+    defaults = dict(out=str(out), resume=False, overwrite=False, seed=0, device="cpu", cpu_bf16=False)
+    return argparse.Namespace(**{**defaults, **kw})
 
 
 def test_cpu_bf16_autocasts_the_cpu_only_when_asked(tmp_path):
