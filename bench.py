@@ -123,12 +123,13 @@ def train_step(loss_fn, model, optimizer):
 
 
 def bench_train(config, batch_size, seq_len, steps, device, attention="causal", bf16=True, compile=False,
-                warmup_steps=2, peak=None, seed=0, loss="full"):
+                warmup_steps=2, peak=None, seed=0, loss="full", cpu_bf16=False):
     """Training throughput of full optimizer steps on random tokens (B = batch_size, T = seq_len).
 
     attention="causal" passes no mask (SDPA's is_causal path); "masked" passes an all-ones attention mask, which
     the model turns into the explicit (B, 1, T, T) mask that padded batches need. loss="full" is masked_nll on the
-    logits, "chunked" the model's chunked_nll (--chunked-loss). Returns tokens/s, seconds per step, FLOPs per
+    logits, "chunked" the model's chunked_nll (--chunked-loss). bf16 autocast on CUDA, on the CPU with cpu_bf16
+    (the training scripts' --cpu-bf16). Returns tokens/s, seconds per step, FLOPs per
     token, achieved FLOP/s, and MFU when the peak is known.
     """
     if attention not in ("causal", "masked"):
@@ -145,7 +146,7 @@ def bench_train(config, batch_size, seq_len, steps, device, attention="causal", 
     tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), generator=generator).to(device)
     loss_mask = torch.ones(batch_size, seq_len, dtype=torch.long, device=device)
     attention_mask = loss_mask if attention == "masked" else None
-    amp = runtime.autocast(runtime.Runtime(device)) if bf16 else nullcontext()
+    amp = runtime.autocast(runtime.Runtime(device, cpu_bf16=cpu_bf16)) if bf16 else nullcontext()
 
     def next_token_loss():
         with amp:
@@ -168,7 +169,7 @@ def bench_train(config, batch_size, seq_len, steps, device, attention="causal", 
     tokens_per_s = batch_size * seq_len * steps / seconds
     fpt = flops_per_token(config, seq_len)
     result = dict(params=num_params(model), batch_size=batch_size, seq_len=seq_len, steps=steps,
-                  attention=attention, loss=loss, bf16=bool(bf16 and device.type == "cuda"), compile=compile,
+                  attention=attention, loss=loss, bf16=bf16 and (device.type == "cuda" or cpu_bf16), compile=compile,
                   fused_adamw=bool(optimizer.defaults.get("fused")),
                   step_s=seconds / steps, tokens_per_s=tokens_per_s, flops_per_token=fpt,
                   achieved_tflops=tokens_per_s * fpt / 1e12, mfu=tokens_per_s * fpt / peak if peak else None)
@@ -684,6 +685,8 @@ def get_args(argv=None):
                    "32000 larger)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for the training steps")
     p.add_argument("--no-bf16", action="store_true", help="on CUDA: float32 instead of bf16 autocast")
+    p.add_argument("--cpu-bf16", action="store_true", help="on the CPU: the training steps under bf16 autocast, as the "
+                   "training scripts' --cpu-bf16 (float32 without it)")
     p.add_argument("--peak-tflops", type=runtime.positive_float, default=None, help="peak bf16 TFLOP/s for MFU "
                    "(default: by GPU name)")
     # generation
@@ -780,9 +783,11 @@ def main(args):
         for attention, loss in [(a, l) for a in args.attention for l in args.losses]:
             r = bench_train(config, args.train_batch or sizes["train_batch"].get(name, 1),
                             args.seq_len or sizes["seq_len"].get(name, 256), args.steps or sizes["steps"].get(name, 1),
-                            device, attention, bf16, args.compile, args.warmup_steps, peak, args.seed, loss)
+                            device, attention, bf16, args.compile, args.warmup_steps, peak, args.seed, loss,
+                            args.cpu_bf16)
             report["train"][name].append(r)
-            print(f"train {name:6s} {r['params'] / 1e6:7.1f}M  {attention:6s} {loss:7s} batch {r['batch_size']:3d} x "
+            dtype = "bf16" if r["bf16"] else "fp32"
+            print(f"train {name:6s} {r['params'] / 1e6:7.1f}M  {attention:6s} {loss:7s} {dtype} batch {r['batch_size']:3d} x "
                   f"{r['seq_len']:4d}  {fmt(r['tokens_per_s'])} tokens/s  {r['step_s'] * 1e3:,.0f} ms/step  "
                   f"{r['achieved_tflops']:.3f} TFLOP/s  MFU {fmt(r['mfu'] and 100 * r['mfu'], 1)}%", flush=True)
 

@@ -27,6 +27,11 @@ def test_bench_train_counts(attention, loss):
     assert r["params"] == sum(p.numel() for p in bench.Transformer(MICRO).parameters())
 
 
+def test_bench_train_on_the_cpu_in_bf16_when_asked():
+    r = bench.bench_train(MICRO, batch_size=2, seq_len=8, steps=1, device=CPU, warmup_steps=0, cpu_bf16=True)
+    assert r["bf16"] is True and r["step_s"] > 0
+
+
 def test_model_loss_is_the_same_mean_either_way():
     model = bench.Transformer(MICRO)
     tokens = torch.randint(0, MICRO.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
