@@ -427,7 +427,7 @@ real_sizes() {  # each stage's sizes at SCALE. cpu: 2 cores (92 min with earlier
       # alone (harmless-base held-out 0.50: a third as many harmless-base pairs as constructed ones is unmeasured
       # with 20 blocks; with 10 it pulled the borderline pairs down, 0.82 against 0.86)
       SAFETY_RM_DATA=safety_pairs_train.jsonl
-      RM=(--steps 200 --batch-size 8 --lr 1e-4 --head-lr 1e-3 --warmup 6 --eval-every 200 --eval-batch-size 16
+      RM=(--steps 200 --batch-size 8 --lr 1e-4 --head-lr 1e-3 --warmup 6 --eval-every 100 --eval-batch-size 16
           --freeze-layers 10 "${bf16[@]}")
       # PPO: 96 tokens hold a refusal and its end token; lambda 1 carries the final score to the first tokens
       # (16 rollouts an iteration: the score-rise check compares means of 80 rollouts, not 40)
@@ -505,17 +505,18 @@ real_pipeline() {  # PRESET=smollm2: every stage from SmolLM2-135M-Instruct on t
   # 3. Reward models: safety on the constructed pairs (at the GPU scale beside harmless-base pairs) with 10%
   #    helpful-base mixed in; helpfulness on helpful-base with as many constructed pairs; held-out accuracy on each
   #    file's held-out part and on held-out constructed safety pairs
-  side_by_side rm_safety $PYTHON train_rm.py --objective safety --init "$RUN/sft/model.pt" \
+  #    (one after the other, every core each: side by side, one thread each, two took 55 min against 40)
+  OMP_NUM_THREADS=$ALONE_THREADS stage rm_safety $PYTHON train_rm.py --objective safety --init "$RUN/sft/model.pt" \
     --data "$d/$SAFETY_RM_DATA" --mix-data "$d/rm_helpful_train.jsonl" --eval-data "$d/rm_safety_eval.jsonl" \
     --safety-eval-data "$d/safety_pairs_val.jsonl" "${RM[@]}" "${RM_CHECK[@]}" --out "$RUN/rm_safety"
   #    (the helpfulness RM: as many helpful-base pairs as constructed pairs, half and half; with a fifth of its
   #    pairs constructed it preferred compliance on 72% of the held-out harmful pairs)
-  side_by_side rm_helpful $PYTHON train_rm.py --objective helpfulness --init "$RUN/sft/model.pt" \
+  OMP_NUM_THREADS=$ALONE_THREADS stage rm_helpful $PYTHON train_rm.py --objective helpfulness \
+    --init "$RUN/sft/model.pt" \
     --data "$d/rm_helpful_train.jsonl" --mix-data "$d/safety_pairs_train.jsonl" --mix-fraction 0.5 \
     --max-train-pairs "$(wc -l < "$d/safety_pairs_train.jsonl")" \
     --eval-data "$d/rm_helpful_eval.jsonl" --safety-eval-data "$d/safety_pairs_val.jsonl" "${RM[@]}" "${RM_CHECK[@]}" \
     --out "$RUN/rm_helpful"
-  join
 
   # 4-7. PPO with the Llama 2 gate, DPO (constructed safety pairs beside helpful-base; held out: validation pairs of
   #    both), rejection sampling, safety context distillation
