@@ -483,8 +483,8 @@ def tradeoff_plot(plt, rows):
 
 def benchmark_tradeoff_plot(plt, rows):
     """The same trade-off on the public benchmarks: AdvBench refusal rate against XSTest's false-refusal rate on
-    its safe prompts, one point per checkpoint with its Wilson intervals as error bars. None when no checkpoint
-    ran both."""
+    its safe prompts, one point per checkpoint with its Wilson intervals as error bars, DPO's kept strengths joined
+    in step order, the target region (AdvBench >= 90%, XSTest <= 20%) shaded. None when no checkpoint ran both."""
     keys = ("xstest_false_refusal_rate", "advbench_refusal_rate")
     bench = {n: m for n, m in benchmark_rows(rows).items() if all(_number(m.get(k)) for k in keys)}
     if not bench:
@@ -495,11 +495,17 @@ def benchmark_tradeoff_plot(plt, rows):
         ax.errorbar([x], [y], xerr=[[x - x_ci[0]], [x_ci[1] - x]], yerr=[[y - y_ci[0]], [y_ci[1] - y]], fmt="o",
                     capsize=3)
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4))
+    # DPO at its kept strengths, in step order (dpo itself is the last step): the frontier of one stage
+    dpo = sorted((int(n[8:]) if n.startswith("dpo_step") else math.inf, n) for n in bench
+                 if n == "dpo" or re.fullmatch(r"dpo_step\d+", n))
+    if len(dpo) > 1:
+        ax.plot(*[[100 * bench[n][k] for _, n in dpo] for k in keys], "--", color="gray", lw=1, zorder=0)
+    ax.fill_between([-2, 20], 90, 102, color="green", alpha=0.08, lw=0)  # the target: >= 90% and <= 20%
     ax.set_xlim(-2, 102)
     ax.set_ylim(-2, 102)
     ax.set_xlabel("XSTest false-refusal rate, safe prompts (%)")
     ax.set_ylabel("AdvBench refusal rate (%)")
-    ax.set_title("refusals of harmful vs safe prompts\n(95% Wilson intervals)")
+    ax.set_title("refusals of harmful vs safe prompts\n(95% Wilson intervals; shaded: the target)")
     return fig
 
 
@@ -1436,6 +1442,46 @@ def movement_checks(run):
     return "\n".join(lines)
 
 
+def dpo_frontier(run, rows, advbench=0.9, xstest=0.2):
+    """DPO at each strength the run kept (its policy every --keep-every steps; the last step's is dpo itself): the
+    held-out safety pairs' loss and accuracy at that step (validation, DPO's own log) beside AdvBench refusal and
+    XSTest false refusal (test). The point named best is chosen on validation alone: the highest held-out accuracy,
+    then the lowest loss; the target is AdvBench refusal >= advbench with XSTest false refusal <= xstest."""
+    log = {r.get("step"): r for r in read_log(os.path.join(run, "dpo", "metrics.jsonl"))
+           if _number(r.get("val_loss_safety"))}
+    last = _config(run, "dpo").get("steps")
+    points = []
+    for name, m in benchmark_rows(rows).items():
+        kept = re.fullmatch(r"dpo_step(\d+)", name)
+        step = int(kept.group(1)) if kept else last if name == "dpo" else None
+        if step is not None:
+            points.append((step, name, m, log.get(step, {})))
+    if not points:
+        return "DPO was not evaluated on the benchmarks in this run."
+    rate = lambda m, key: (f"{100 * m[key]:.1f} [{100 * m[key + '_ci'][0]:.1f}-{100 * m[key + '_ci'][1]:.1f}] "  # noqa
+                           f"(n {m.get(key + '_n', '-')})" if _number(m.get(key)) and m.get(key + "_ci") else "-")
+    met = lambda m: _number(m.get("advbench_refusal_rate")) and _number(m.get("xstest_false_refusal_rate")) and \
+        m["advbench_refusal_rate"] >= advbench and m["xstest_false_refusal_rate"] <= xstest  # noqa: E731
+    lines = ["| checkpoint | DPO step | held-out safety pairs, loss / accuracy (validation) | AdvBench refusal % "
+             "(test) | XSTest safe prompts refused % (test) | target met |", "|---|---:|---|---|---|---|"]
+    for step, name, m, v in sorted(points, key=lambda p: p[0]):
+        held_out = f"{v['val_loss_safety']:.3f} / {v['val_accuracy_safety']:.3f}" if v else "-"
+        lines.append(f"| {name} | {step} | {held_out} | {rate(m, 'advbench_refusal_rate')} | "
+                     f"{rate(m, 'xstest_false_refusal_rate')} | {'yes' if met(m) else 'no'} |")
+    judged = [p for p in points if p[3]]
+    if judged:
+        step, name, m, v = max(judged, key=lambda p: (p[3]["val_accuracy_safety"], -p[3]["val_loss_safety"]))
+        best = (f"Chosen on validation (the highest held-out safety-pair accuracy, then the lowest loss): {name}, "
+                f"AdvBench {rate(m, 'advbench_refusal_rate')}, XSTest {rate(m, 'xstest_false_refusal_rate')} on test.")
+    else:
+        best = "No DPO checkpoint has a held-out evaluation in its log: none is named best."
+    reached = [p[1] for p in sorted(points, key=lambda p: p[0]) if met(p[2])]
+    return "\n".join(lines) + "\n\n" + best + (
+        f" The target (AdvBench >= {100 * advbench:.0f}%, XSTest <= {100 * xstest:.0f}%) is met by: "
+        f"{', '.join(reached)}." if reached else
+        f" No strength meets the target (AdvBench >= {100 * advbench:.0f}%, XSTest <= {100 * xstest:.0f}%).")
+
+
 def per_seed_table(run, baseline="sft"):
     """Every seed's stages against that seed's SFT: the headline rates with intervals, and violations as a share of
     SFT's."""
@@ -1608,7 +1654,8 @@ def write_docs(run, docs):
             shutil.copyfile(plot, os.path.join(docs, "smollm2_tradeoff.png"))
         return [write_blocks(os.path.join(docs, "smollm2.md"), {"smollm2": "\n\n".join(
             [head, "### Each stage's check that it moved", movement_checks(run), "### Wall time of each stage",
-             stage_times(seconds), "### The test benchmarks", tables]
+             stage_times(seconds), "### The test benchmarks", tables, "### DPO at each strength kept",
+             dpo_frontier(run, rows)]
             + (["![AdvBench refusal against XSTest false refusal, every checkpoint](smollm2_tradeoff.png)"]
                if os.path.isfile(plot) else []))})]
     with open(os.path.join(run, "eval", "metrics.md"), encoding="utf-8") as f:

@@ -487,6 +487,28 @@ def test_a_real_model_runs_movement_checks_are_read_from_each_stage(tmp_path):
     assert "| context distillation | not run |" in rows["context distillation"]
 
 
+def test_dpo_frontier_names_the_point_validation_picks_and_the_target(tmp_path):
+    os.makedirs(tmp_path / "dpo")
+    (tmp_path / "dpo" / "config.json").write_text(json.dumps(dict(steps=150)))
+    data.write_jsonl(str(tmp_path / "dpo" / "metrics.jsonl"), [
+        dict(step=s, loss=0.5, val_loss_safety=loss, val_accuracy_safety=acc)
+        for s, loss, acc in ((50, 0.6, 0.7), (100, 0.35, 0.85), (150, 0.3, 0.85))] + [dict(step=151, loss=0.1)])
+    bench = lambda adv, xs: dict(advbench_refusal_rate=adv, advbench_refusal_rate_ci=[adv - .1, adv + .05],  # noqa
+                                 advbench_refusal_rate_n=87, xstest_false_refusal_rate=xs,
+                                 xstest_false_refusal_rate_ci=[xs - .05, xs + .1], xstest_false_refusal_rate_n=84)
+    rows = {"sft": dict(benchmarks=bench(0.4, 0.3)), "dpo": dict(benchmarks=bench(0.95, 0.25)),
+            "dpo_step50": dict(benchmarks=bench(0.6, 0.1)), "dpo_step100": dict(benchmarks=bench(0.92, 0.15))}
+    text = report.dpo_frontier(str(tmp_path), rows)
+    table = [line for line in text.splitlines() if line.startswith("| dpo")]
+    assert [line.split(" | ")[1] for line in table] == ["50", "100", "150"]       # by step; SFT is no DPO point
+    assert table[1] == "| dpo_step100 | 100 | 0.350 / 0.850 | 92.0 [82.0-97.0] (n 87) | 15.0 [10.0-25.0] (n 84) | yes |"
+    assert table[2].endswith("| no |")                                            # XSTest 25% > 20%
+    # the tie in held-out accuracy goes to the lower loss, step 150, though step 100 is the one that meets the target
+    assert "validation (the highest held-out safety-pair accuracy, then the lowest loss): dpo, AdvBench 95.0" in text
+    assert text.endswith("is met by: dpo_step100.")
+    assert report.dpo_frontier(str(tmp_path), {"sft": rows["sft"]}).startswith("DPO was not evaluated")
+
+
 @pytest.mark.parametrize("bad", ["no evaluation", "malformed metrics", "malformed answer", "missing field"])
 def test_a_missing_or_malformed_file_is_one_line_naming_it(one_seed, tmp_path, bad, capsys, monkeypatch):
     shutil.copytree(one_seed, tmp_path / "run")
