@@ -15,7 +15,7 @@
 #   --out DIR      OUT=DIR       run folder (default out); a relative path is taken from the folder you run this in
 #   --preset NAME  PRESET=NAME   tiny (default), small or 1b: every script's --preset; or smollm2: the real-model
 #                                pipeline below
-#   --scale NAME   SCALE=NAME    smollm2 only: cpu (default; 2 cores, 92 min with earlier, smaller schedules), gpu
+#   --scale NAME   SCALE=NAME    smollm2 only: cpu (default; 2 cores, about 3.5 h as its stages add up), gpu
 #                                (bf16 on one CUDA GPU, sized for 15 minutes on an H100, not yet run) or micro (a few
 #                                steps of each stage: a check of the wiring)
 #   --data DIR     DATA=DIR      smollm2 only: the real data folder (default ../shared/data; see the README)
@@ -409,7 +409,7 @@ write_report() {  # the run in one page, OUT/report.html, once there is an evalu
 # ---------------------------------------------------------------------------------------------- the real model
 SMOLLM2=.gl/SmolLM2-135M-Instruct.Q4_1.gguf
 
-real_sizes() {  # each stage's sizes at SCALE. cpu: 2 cores (92 min with earlier schedules), most blocks frozen
+real_sizes() {  # each stage's sizes at SCALE. cpu: 2 cores (about 3.5 h, stage by stage), most blocks frozen
   # (--freeze-layers), sequences of 256 tokens; gpu: bf16 on one CUDA GPU, every block trained, sequences of 512;
   # micro: a few steps of everything, to check the wiring
   local common
