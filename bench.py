@@ -788,7 +788,8 @@ def main(args):
             report["train"][name].append(r)
             dtype = "bf16" if r["bf16"] else "fp32"
             print(f"train {name:6s} {r['params'] / 1e6:7.1f}M  {attention:6s} {loss:7s} {dtype} batch "
-                  f"{r['batch_size']:3d} x {r['seq_len']:4d}  {fmt(r['tokens_per_s'])} tokens/s  {r['step_s'] * 1e3:,.0f} ms/step  "
+                  f"{r['batch_size']:3d} x {r['seq_len']:4d}  {fmt(r['tokens_per_s'])} tokens/s  "
+                  f"{r['step_s'] * 1e3:,.0f} ms/step  "
                   f"{r['achieved_tflops']:.3f} TFLOP/s  MFU {fmt(r['mfu'] and 100 * r['mfu'], 1)}%", flush=True)
 
     for name in gen_presets:
