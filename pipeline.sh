@@ -190,9 +190,7 @@ side_by_side() {  # side_by_side NAME COMMAND...: stage NAME in the background w
     stage "$@" > "$log" 2>&1 &
   fi
   pids+=($!) names+=("$KEY$1") logs+=("$log")
-  if (( ${#pids[@]} >= JOBS )); then
-    join
-  fi
+  (( ${#pids[@]} < JOBS )) || join $((JOBS - 1))  # the next stage starts as soon as one of these ends
 }
 
 latest() {  # latest LOG: LOG's last progress line (tqdm redraws its bar after a \r), at most 150 characters
@@ -200,20 +198,21 @@ latest() {  # latest LOG: LOG's last progress line (tqdm redraws its bar after a
     | grep -v -e '^$' -e '^== ' | tail -n 1 | cut -c 1-150 || true
 }
 
-join() {  # wait for the stages started side by side, with their progress every PROGRESS s; stop if one failed
-  local i line failed=0 next=$((SECONDS + PROGRESS))
-  while (( ${#pids[@]} > 0 )); do
+join() {  # join [N]: wait until at most N (default 0) of the stages started side by side still run, with their
+  # progress every PROGRESS s; when one failed, wait for them all, then stop
+  local i line failed=0 keep=${1:-0} next=$((SECONDS + PROGRESS))
+  while (( ${#pids[@]} > keep )); do
     for i in "${!pids[@]}"; do
       kill -0 "${pids[$i]}" 2>/dev/null && continue
       if wait "${pids[$i]}"; then
         tr '\r' '\n' < "${logs[$i]}" | grep "^== ${names[$i]}: done" | tail -n 1 || true
       else
         echo "== ${names[$i]}: failed, see ${logs[$i]}" >&2
-        failed=1
+        failed=1 keep=0
       fi
       unset "pids[$i]" "names[$i]" "logs[$i]"
     done
-    (( ${#pids[@]} > 0 )) || break
+    (( ${#pids[@]} > keep )) || break
     sleep 0.1
     if (( SECONDS >= next )); then
       for i in "${!pids[@]}"; do
@@ -223,7 +222,7 @@ join() {  # wait for the stages started side by side, with their progress every 
       next=$((SECONDS + PROGRESS))
     fi
   done
-  pids=() names=() logs=()
+  (( ${#pids[@]} > 0 )) || pids=() names=() logs=()
   (( failed == 0 )) || exit 1
 }
 

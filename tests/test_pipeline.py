@@ -121,6 +121,16 @@ def test_side_by_side_stages_wait_for_what_they_read(tmp_path):
     assert result.stdout.count("reusing") == 9
 
 
+def test_a_side_by_side_stage_starts_as_soon_as_a_slot_frees(tmp_path):
+    slow_ppo = FAKE_PYTHON.replace('case "$1" in', 'case "$1" in\n  train_ppo.py) sleep 2; mkdir -p "$out" && '
+                                   'touch "$out/model.pt"; echo ppo-ended >> "$CALLS" ;;')
+    calls, _ = run_pipeline(tmp_path, jobs=2, fake_python=slow_ppo)
+    order = [c[2] if c[0] == "distill.py" else "eval" if c[:2] == ["evaluate.py", "--checkpoints"] else c[0]
+             for c in calls]
+    # DPO ends at once: rejection sampling, then distillation, take its slot while PPO still runs
+    assert order.index("rejection") < order.index("context") < order.index("ppo-ended") < order.index("eval")
+
+
 def test_a_failed_side_by_side_stage_stops_the_pipeline(tmp_path):
     run_pipeline(tmp_path, jobs=2)
     (tmp_path / "out" / "dpo" / "model.pt").unlink()                 # DPO must run again, and this time it fails
