@@ -222,7 +222,6 @@ join() {  # join [N]: wait until at most N (default 0) of the stages started sid
       next=$((SECONDS + PROGRESS))
     fi
   done
-  (( ${#pids[@]} > 0 )) || pids=() names=() logs=()
   (( failed == 0 )) || exit 1
 }
 
@@ -413,9 +412,9 @@ real_sizes() {  # each stage's sizes at SCALE. cpu: 2 cores (about 3.5 h, stage 
   # micro: a few steps of everything, to check the wiring
   local common
   case $SCALE in
-    cpu) common=(--freeze-layers 20)
-      # bf16 matrix products under autocast where the CPU has bf16 instructions: about half a training step
-      bf16=() && grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && bf16=(--cpu-bf16) common+=(--cpu-bf16)
+    cpu) bf16=()  # bf16 matrix products under autocast where the CPU has bf16 instructions: half a training step
+      if grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then bf16=(--cpu-bf16); fi
+      common=(--freeze-layers 20 "${bf16[@]}")
       MAKE_DATA=(--max-tokens 256 --n-harmful 300 --n-held-out 400 --answer-tokens 128)
       # SFT: a short warm-up (10 of 150 steps), not the tiny world's 50
       SFT=(--steps 150 --batch-size 8 --lr 2e-5 --warmup 10 --max-seq-len 256 "${common[@]}")

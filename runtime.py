@@ -435,7 +435,7 @@ def add_run_arguments(p, outputs, seed_help="random seed"):
     p.add_argument("--compile", action="store_true", help="torch.compile the trained model(s)")
     p.add_argument("--cpu-bf16", action="store_true", help="on the CPU, compute the training steps' matrix products "
                    "in bf16 under autocast as CUDA always does (weights, optimizer and the output head stay float32): "
-                   "about half the step time on a CPU with AVX512-BF16 or AMX, slower on one without (bench.py)")
+                   "about half the step time on a CPU with AVX512-BF16 or AMX (docs/smollm2.md), slower on one without")
     p.add_argument("--freeze-layers", type=nonnegative_int, default=0, help="freeze the token embedding and this "
                    "many lowest blocks of the trained model(s) (0: train everything); a CPU budget for real models")
 
