@@ -1415,13 +1415,14 @@ def movement_checks(run):
     ppo, cfg = read_log(os.path.join(run, "ppo", "metrics.jsonl")), _config(run, "ppo")
     scores = [r["R_c"] for r in ppo if _number(r.get("R_c"))]
     kl = next((r["kl"] for r in reversed(ppo) if _number(r.get("kl"))), None)
-    quarter, first, last = train_ppo.score_quarters(scores)  # what the stage's own check compared
+    quarter, first, last, noise = train_ppo.score_quarters(scores)  # what the stage's own check compared
     low_high, rise = cfg.get("kl_range"), cfg.get("min_score_rise")
     ok = None if kl is None or not low_high or rise is None else \
-        low_high[0] <= kl <= low_high[1] and last - first >= rise
+        low_high[0] <= kl <= low_high[1] and last - first >= rise and last - first > noise
     told = f"KL to SFT at the last iteration {show(kl)} nats; mean R_c, first {quarter} iterations {show(first)} " \
-        f"-> last {quarter} {show(last)}" if scores else "not run"
-    lines.append(f"| PPO | {told} | KL in {low_high or '-'}; R_c rise >= {show(rise, '{}')} | {verdict(ok)} |")
+        f"-> last {quarter} {show(last)} (noise of the rise ±{show(noise)})" if scores else "not run"
+    lines.append(f"| PPO | {told} | KL in {low_high or '-'}; R_c rise >= {show(rise, '{}')} and beyond its noise | "
+                 f"{verdict(ok)} |")
     dpo, cfg = read_log(os.path.join(run, "dpo", "metrics.jsonl")), _config(run, "dpo")
     end = next((r for r in reversed(dpo) if _number(r.get("val_loss_safety"))), {})
     need_loss, need_acc = cfg.get("max_safety_val_loss"), cfg.get("min_safety_val_accuracy")

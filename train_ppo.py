@@ -52,6 +52,7 @@ batch, and each response's sampling stream is set by its place in it, so N ranks
 """
 import math
 import os
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -565,7 +566,7 @@ def get_args(argv=None):
                    "per response) lies in [LOW, HIGH] (default: no check)")
     p.add_argument("--min-score-rise", type=float, default=None, help="after training, fail unless the mean "
                    "gated RM score R_c of the last quarter of the iterations exceeds the first quarter's by this "
-                   "much (default: no check)")
+                   "much and by more than 1.96 standard errors of that difference (default: no check)")
     p.add_argument("--sample-every", type=runtime.positive_int, default=5,
                    help="iterations between printed sample rollouts")
     p.add_argument("--save-every", type=runtime.positive_int, default=10, help="iterations between checkpoints")
@@ -671,25 +672,30 @@ def main(args):
 
 
 def score_quarters(scores):
-    """(quarter, mean of the first quarter, mean of the last quarter) of the iterations' mean R_c: what
-    --min-score-rise compares (nan means without scores)."""
+    """(quarter, mean of the first quarter, mean of the last quarter, noise) of the iterations' mean R_c: what
+    --min-score-rise compares (nan means without scores). noise: 1.96 standard errors of the difference of the two
+    means, from the spread of the iterations within each quarter (0 with one iteration a quarter)."""
     quarter = max(1, len(scores) // 4)
     if not scores:
-        return quarter, math.nan, math.nan
-    return quarter, sum(scores[:quarter]) / quarter, sum(scores[-quarter:]) / quarter
+        return quarter, math.nan, math.nan, math.nan
+    first, last = scores[:quarter], scores[-quarter:]
+    noise = 1.96 * math.sqrt((statistics.variance(first) + statistics.variance(last)) / quarter) if quarter > 1 else 0.0
+    return quarter, sum(first) / quarter, sum(last) / quarter, noise
 
 
 def check_moved(args, kl, scores):
     """The stage's own check: the last KL inside --kl-range, the mean R_c of the last quarter of the iterations
-    above the first quarter's by --min-score-rise (a resumed run counts the iterations since its resume)."""
-    _, first, last = score_quarters(scores)
+    above the first quarter's by --min-score-rise and by more than the noise of that difference (a resumed run
+    counts the iterations since its resume)."""
+    _, first, last, noise = score_quarters(scores)
     rise = last - first
     if args.kl_range is not None and kl is not None and not args.kl_range[0] <= kl <= args.kl_range[1]:
         raise runtime.UserError(f"ppo: KL to the reference {kl:.4f} nats, outside --kl-range {args.kl_range[0]} "
                                 f"{args.kl_range[1]} (R_c rose {rise:+.4f})")
-    if args.min_score_rise is not None and not rise >= args.min_score_rise:
+    if args.min_score_rise is not None and not (rise >= args.min_score_rise and rise > noise):
         raise runtime.UserError(f"ppo did not move: mean R_c rose {rise:+.4f} from the first quarter of the "
-                                f"iterations to the last, below --min-score-rise {args.min_score_rise}")
+                                f"iterations to the last, asked at least --min-score-rise {args.min_score_rise} and "
+                                f"more than its noise {noise:.4f} (1.96 standard errors)")
 
 
 if __name__ == "__main__":

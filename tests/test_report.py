@@ -468,7 +468,7 @@ def test_a_real_model_runs_movement_checks_are_read_from_each_stage(tmp_path):
                                          safety_pairs_accuracy_by_kind=dict(borderline=0.5, harmful=1.0)))
     write("ppo", "config.json", dict(kl_range=[0.02, 20], min_score_rise=0.01))
     write("ppo", "metrics.jsonl", [dict(R_c=r, kl=k) for r, k in ((0.4, 0.0), (0.5, 0.01), (0.6, 0.02), (0.5, 0.05),
-                                                                   (0.45, 0.08), (0.7, 0.1), (0.6, 0.1), (0.5, 0.3))])
+                                                                   (0.45, 0.08), (0.7, 0.1), (0.7, 0.1), (0.8, 0.3))])
     write("dpo", "config.json", dict(max_safety_val_loss=0.4, min_safety_val_accuracy=0.8))
     write("dpo", "metrics.jsonl", [dict(val_loss_safety=0.6, val_accuracy_safety=0.5),
                                    dict(val_loss_safety=0.3, val_accuracy_safety=0.75, val_loss_other=0.69, kl=0.4)])
@@ -479,8 +479,10 @@ def test_a_real_model_runs_movement_checks_are_read_from_each_stage(tmp_path):
     assert "2.500 -> 2.300" in rows["SFT"] and rows["SFT"].endswith("| yes |")
     assert "borderline 0.500, harmful 1.000" in rows["rm_safety"] and rows["rm_safety"].endswith("| **no** |")
     assert rows["rm_helpful"].endswith("| - |")                                          # not run: no verdict
-    # the first two of eight iterations against the last two: (0.4 + 0.5) / 2 -> (0.6 + 0.5) / 2, KL 0.3 at the end
-    assert "0.300 nats" in rows["PPO"] and "0.450 -> last 2 0.550" in rows["PPO"] and rows["PPO"].endswith("| yes |")
+    # the first two of eight iterations against the last two: (0.4 + 0.5) / 2 -> (0.7 + 0.8) / 2, KL 0.3 at the end;
+    # noise 1.96 * sqrt((0.005 + 0.005) / 2) = 0.139, below the rise of 0.3
+    assert "0.300 nats" in rows["PPO"] and "0.450 -> last 2 0.750 (noise of the rise ±0.139)" in rows["PPO"]
+    assert rows["PPO"].endswith("| yes |")
     assert "loss 0.300" in rows["DPO"] and "accuracy 0.750" in rows["DPO"] and rows["DPO"].endswith("| **no** |")
     assert "50.0% [40.0-60.0] (n 100) -> 80.0% [70.0-90.0]" in rows["rejection sampling"]
     assert rows["rejection sampling"].endswith("| yes |") and rows["context distillation"].endswith("| - |")

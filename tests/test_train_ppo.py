@@ -287,6 +287,9 @@ def test_the_stage_check_reads_the_kl_range_and_the_score_rise():
         train_ppo.check_moved(args, 0.003, scores)
     with pytest.raises(runtime.UserError, match=r"ppo did not move: mean R_c rose \+0.0100"):
         train_ppo.check_moved(args, 1.0, [0.3, 0.3, 0.31, 0.31])
+    # a rise of 0.1 inside its noise: quarters [0.3, 0.5] -> [0.5, 0.5], variances 0.02 and 0, noise 1.96 * 0.1
+    with pytest.raises(runtime.UserError, match=r"rose \+0.1000 .* more than its noise 0.1960"):
+        train_ppo.check_moved(args, 1.0, [0.3, 0.5, 0.4, 0.4, 0.4, 0.4, 0.5, 0.5])
     train_ppo.check_moved(train_ppo.get_args(["--init", "x", "--rm-safety", "x", "--rm-helpful", "x", "--out", "o"]),
                           0.0, [0.3, 0.2])                               # no check asked
 
