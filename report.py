@@ -1418,7 +1418,7 @@ def movement_checks(run):
     quarter, first, last, noise = train_ppo.score_quarters(scores)  # what the stage's own check compared
     low_high, rise = cfg.get("kl_range"), cfg.get("min_score_rise")
     ok = None if kl is None or not low_high or rise is None else \
-        low_high[0] <= kl <= low_high[1] and last - first >= rise and last - first > noise
+        low_high[0] <= kl <= low_high[1] and train_ppo.score_rose(first, last, noise, rise)
     told = f"KL to SFT at the last iteration {show(kl)} nats; mean R_c, first {quarter} iterations {show(first)} " \
         f"-> last {quarter} {show(last)} (noise of the rise ±{show(noise)})" if scores else "not run"
     lines.append(f"| PPO | {told} | KL in {low_high or '-'}; R_c rise >= {show(rise, '{}')} and beyond its noise | "

@@ -683,6 +683,11 @@ def score_quarters(scores):
     return quarter, sum(first) / quarter, sum(last) / quarter, noise
 
 
+def score_rose(first, last, noise, min_rise):
+    """--min-score-rise's rule: the last quarter's mean R_c above the first's by min_rise and by more than noise."""
+    return last - first >= min_rise and last - first > noise
+
+
 def check_moved(args, kl, scores):
     """The stage's own check: the last KL inside --kl-range, the mean R_c of the last quarter of the iterations
     above the first quarter's by --min-score-rise and by more than the noise of that difference (a resumed run
@@ -692,7 +697,7 @@ def check_moved(args, kl, scores):
     if args.kl_range is not None and kl is not None and not args.kl_range[0] <= kl <= args.kl_range[1]:
         raise runtime.UserError(f"ppo: KL to the reference {kl:.4f} nats, outside --kl-range {args.kl_range[0]} "
                                 f"{args.kl_range[1]} (R_c rose {rise:+.4f})")
-    if args.min_score_rise is not None and not (rise >= args.min_score_rise and rise > noise):
+    if args.min_score_rise is not None and not score_rose(first, last, noise, args.min_score_rise):
         raise runtime.UserError(f"ppo did not move: mean R_c rose {rise:+.4f} from the first quarter of the "
                                 f"iterations to the last, asked at least --min-score-rise {args.min_score_rise} and "
                                 f"more than its noise {noise:.4f} (1.96 standard errors)")
